@@ -1,0 +1,23 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="minimaml",
+    version="0.1.0",
+    description="A small, exact NumPy/CuPy implementation of MAML (Finn, Abbeel & Levine, 2017).",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["minimaml", "minimaml.*"]),
+    install_requires=[
+        "numpy>=1.24",
+        "scipy>=1.10",
+        "matplotlib>=3.7",
+        "pillow>=9.0",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "hypothesis>=6.80"],
+        "gpu": ["cupy-cuda12x>=13"],
+        "mujoco": ["mujoco>=3.1", "gymnasium>=1.0"],
+    },
+)
