@@ -1,0 +1,27 @@
+"""A small reverse-mode autodiff tape over NumPy/CuPy arrays, differentiable to any order.
+
+    from minimaml import autodiff as ad
+    x = ad.Tensor(np.array([1.0, 2.0]), requires_grad=True)
+    (g,) = ad.grad(ad.sum(ad.tanh(x) ** 2), [x])
+"""
+
+from . import ops
+from .check import GradCheckError, GradCheckReport, check_grads
+from .nnops import (col2im, conv2d, im2col, log_softmax, logsumexp, max_pool2x2, mse, one_hot,
+                    same_padding, softmax_cross_entropy)
+from .ops import (ShapeError, abs, add, as_tensor, broadcast_to, concatenate, divide, exp, getitem,
+                  log, matmul, max, maximum, mean, multiply, negative, power, relu, reshape,
+                  scatter_add, sigmoid, sqrt, stack, subtract, sum, swapaxes, tanh, transpose, where)
+from .tensor import Tensor, grad, is_recording, no_grad
+
+
+def hvp(f, params, vector):
+    """Exact Hessian-vector product H v of the scalar ``f(*params)`` (reverse over reverse):
+    H v = grad_x <grad_x f(x), v>, with v held constant. ``params``, ``vector``: lists of arrays.
+    Returns a list of arrays."""
+    leaves = [Tensor(p, requires_grad=True) for p in params]
+    grads = grad(f(*leaves), leaves, create_graph=True)
+    inner = sum(multiply(grads[0], Tensor(vector[0])))
+    for g, v in zip(grads[1:], vector[1:]):
+        inner = inner + sum(multiply(g, Tensor(v)))
+    return [h.data for h in grad(inner, leaves)]

@@ -1,0 +1,189 @@
+"""The tape: a ``Tensor`` that remembers how it was computed, and the reverse pass over that record.
+
+Every operation (in ``ops.py`` and ``nnops.py``) computes its result on raw arrays and, when gradients
+are being recorded, returns a Tensor that holds
+
+- ``parents``: the input Tensors, and
+- ``vjp``: a function from the output's cotangent ``g`` to one cotangent per parent
+  (``None`` for a parent that needs no gradient), written with the tape's own operations.
+
+Because ``vjp`` uses tape operations, running the reverse pass while recording (``create_graph=True``)
+records the reverse pass itself, so a gradient is again a differentiable function of the inputs:
+that is how second-order MAML, Hessian-vector products and third-order checks come out of one tape.
+
+There is no global tape object: the graph is the web of ``parents`` links, and it is freed by Python's
+reference counting as soon as the output is dropped (closures never refer to their own output, so the
+graph has no reference cycles).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from .. import backend
+
+_recording = True  # False inside ``no_grad()``: operations then record nothing
+
+
+@contextlib.contextmanager
+def no_grad():
+    """Within this block operations record nothing (their results have no parents)."""
+    global _recording
+    previous, _recording = _recording, False
+    try:
+        yield
+    finally:
+        _recording = previous
+
+
+@contextlib.contextmanager
+def _recording_if(flag: bool):
+    global _recording
+    previous, _recording = _recording, flag
+    try:
+        yield
+    finally:
+        _recording = previous
+
+
+def is_recording() -> bool:
+    return _recording
+
+
+class Tensor:
+    """An array plus, when it was computed from tensors that need gradients, how it was computed.
+
+    ``data``: the NumPy or CuPy array. ``requires_grad``: whether gradients flow to this tensor.
+    ``parents`` and ``vjp``: set by operations (see the module docstring); empty for leaves and constants.
+    """
+
+    __slots__ = ("data", "requires_grad", "parents", "vjp", "__weakref__")
+    __array_priority__ = 1000  # make ``ndarray + Tensor`` call Tensor.__radd__
+
+    def __init__(self, data, requires_grad: bool = False, parents: tuple = (), vjp=None):
+        if isinstance(data, Tensor):
+            raise TypeError("Tensor(data): data is already a Tensor; use it directly or .detach() it")
+        if not hasattr(data, "dtype"):
+            data = backend.xp().asarray(data)
+        self.data = data
+        self.requires_grad = requires_grad
+        self.parents = parents
+        self.vjp = vjp
+
+    # --- array-like properties -------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple:
+        return self.data.shape
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.data.ndim
+
+    @property
+    def size(self) -> int:
+        return self.data.size
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __repr__(self) -> str:
+        flag = ", requires_grad=True" if self.requires_grad else ""
+        return f"Tensor({self.data!r}{flag})"
+
+    def item(self) -> float:
+        return self.data.item()
+
+    def numpy(self):
+        """A host NumPy copy of the data."""
+        return backend.to_numpy(self.data)
+
+    def detach(self) -> "Tensor":
+        """The same values as a constant: gradients do not flow through it."""
+        return Tensor(self.data)
+
+
+def record(data, parents: tuple, vjp) -> Tensor:
+    """The result of an operation: a recorded node if any parent needs a gradient, else a constant."""
+    if _recording:
+        for parent in parents:
+            if parent.requires_grad:
+                return Tensor(data, True, parents, vjp)
+    return Tensor(data)
+
+
+def _nodes_between(output: Tensor, inputs) -> list:
+    """The recorded nodes on some path from ``inputs`` to ``output``, parents before children.
+
+    An iterative depth-first search (graphs of many inner steps are deep): a node is kept when it is
+    one of the inputs or one of its parents was kept.
+    """
+    input_ids = {id(x) for x in inputs}
+    kept = {}  # id(node) -> bool, once the node's parents have all been visited
+    order = []
+    stack = [(output, False)]
+    while stack:
+        node, parents_done = stack.pop()
+        key = id(node)
+        if key in kept:
+            continue
+        if parents_done:
+            keep = key in input_ids or any(kept.get(id(p), False) for p in node.parents)
+            kept[key] = keep
+            if keep:
+                order.append(node)
+            continue
+        stack.append((node, True))
+        for parent in node.parents:
+            if parent.requires_grad and id(parent) not in kept:
+                stack.append((parent, False))
+    return order
+
+
+def grad(output: Tensor, inputs, create_graph: bool = False) -> list:
+    """Gradients of the scalar ``output`` with respect to each tensor in ``inputs``.
+
+    Reverse accumulation: visit the recorded nodes from ``output`` back towards ``inputs``; each node
+    hands its cotangent to its parents through its ``vjp``, and cotangents arriving at the same tensor
+    from several uses are summed. With ``create_graph=True`` that pass is recorded, so the returned
+    gradients can be differentiated again; otherwise they are constants. An input that ``output``
+    does not depend on gets a zero gradient.
+    """
+    inputs = list(inputs)
+    for i, x in enumerate(inputs):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"grad: inputs[{i}] is a {type(x).__name__}, expected a Tensor")
+        if not x.requires_grad:
+            raise ValueError(f"grad: inputs[{i}] (shape {x.shape}) does not require grad")
+    if not isinstance(output, Tensor):
+        raise TypeError(f"grad: output is a {type(output).__name__}, expected a Tensor")
+    if output.size != 1:
+        raise ValueError(f"grad: output must be a scalar, got shape {output.shape}")
+
+    xp = backend.array_namespace(output.data)
+    cotangents = {id(output): Tensor(xp.ones_like(output.data))}
+    input_ids = {id(x) for x in inputs}
+    results = {}
+    with _recording_if(create_graph):
+        for node in reversed(_nodes_between(output, inputs)):
+            g = cotangents.pop(id(node), None)
+            if g is None:
+                continue
+            if id(node) in input_ids:
+                results[id(node)] = g
+            if not node.parents:
+                continue
+            for parent, parent_g in zip(node.parents, node.vjp(g)):
+                if parent_g is None or not parent.requires_grad:
+                    continue
+                key = id(parent)
+                previous = cotangents.get(key)
+                cotangents[key] = parent_g if previous is None else previous + parent_g
+    out = []
+    for x in inputs:
+        g = results.get(id(x))
+        out.append(g if g is not None else Tensor(backend.array_namespace(x.data).zeros_like(x.data)))
+    return out
