@@ -1,0 +1,175 @@
+"""The meta-training loop on a noisy linear regression (plain NumPy gradients): exact resume,
+checkpoint format and atomicity, the NaN guard, logging."""
+
+import os
+
+import numpy
+import pytest
+
+from minimaml import train
+from minimaml.optim import SGD, Adam
+from minimaml.train import NonFiniteError, load_checkpoint, meta_train, save_checkpoint
+
+TRUE_W = numpy.array([[1.5], [-2.0], [0.5]])
+
+
+def init_params():
+    return {"w": numpy.zeros((3, 1)), "b": numpy.zeros(1)}
+
+
+def regression_step(params, rng, iteration):
+    """MSE of y = x w + b + noise on a fresh batch; exact gradients."""
+    x = rng.normal(size=(16, 3))
+    y = x @ TRUE_W + 0.3 + 0.1 * rng.normal(size=(16, 1))
+    residual = x @ params["w"] + params["b"] - y
+    loss = float(numpy.mean(residual**2))
+    grads = {"w": 2 * x.T @ residual / len(x), "b": 2 * residual.mean(axis=0)}
+    return loss, grads, {"grad_norm": float(numpy.sqrt(sum(numpy.sum(g**2) for g in grads.values())))}
+
+
+def run(tmp_path, n_iterations, name="ckpt.npz", step_fn=regression_step, **kwargs):
+    kwargs.setdefault("progress", False)
+    return meta_train(init_params(), Adam(lr=0.05), step_fn, n_iterations, seed=7,
+                      checkpoint_path=tmp_path / name, **kwargs)
+
+
+def assert_bitwise_equal(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and numpy.array_equal(a[k], b[k]), k
+
+
+def test_training_reduces_the_loss_and_logs():
+    records = []
+    result = meta_train(init_params(), Adam(lr=0.05), regression_step, 300, seed=0, log_every=100,
+                        progress=False, logger=records.append)
+    assert [r["iteration"] for r in result.history] == [0, 100, 200]
+    assert set(result.history[0]) == {"iteration", "loss", "grad_norm"}
+    assert records == result.history
+    assert result.history[-1]["loss"] < 0.1 * result.history[0]["loss"]
+    numpy.testing.assert_allclose(result.params["w"], TRUE_W, atol=0.1)
+    assert int(result.opt_state["step"]) == 300
+
+
+def test_each_iteration_gets_the_generator_of_seed_and_iteration():
+    seen = []
+
+    def step(params, rng, iteration):
+        seen.append((iteration, rng.random()))
+        return regression_step(params, rng, iteration)
+
+    meta_train(init_params(), SGD(0.01), step, 3, seed=5, progress=False)
+    assert seen == [(i, numpy.random.default_rng([5, i]).random()) for i in range(3)]
+
+
+@pytest.mark.parametrize("checkpoint_every", [1, 3, 100])
+def test_stopped_then_resumed_run_is_bitwise_identical(tmp_path, checkpoint_every):
+    full = run(tmp_path, 15, name="full.npz", log_every=2)
+    # Stop after 7 of 15 iterations (the final checkpoint is written at 7), then resume.
+    run(tmp_path, 7, checkpoint_every=checkpoint_every, log_every=2)
+    assert load_checkpoint(tmp_path / "ckpt.npz").iteration == 7
+    resumed = run(tmp_path, 15, checkpoint_every=checkpoint_every, log_every=2, resume=True)
+    assert_bitwise_equal(resumed.params, full.params)
+    assert_bitwise_equal(resumed.opt_state, full.opt_state)
+    assert resumed.history == full.history
+
+
+def test_crashed_then_resumed_run_is_bitwise_identical(tmp_path):
+    full = run(tmp_path, 15, name="full.npz")
+
+    def crashing_step(params, rng, iteration):
+        if iteration == 8:
+            raise KeyboardInterrupt
+        return regression_step(params, rng, iteration)
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, 15, step_fn=crashing_step, checkpoint_every=3)
+    assert load_checkpoint(tmp_path / "ckpt.npz").iteration == 6
+    resumed = run(tmp_path, 15, checkpoint_every=3, resume=True)
+    assert_bitwise_equal(resumed.params, full.params)
+    assert load_checkpoint(tmp_path / "ckpt.npz").iteration == 15
+
+
+def test_resume_without_a_checkpoint_starts_fresh(tmp_path):
+    fresh = run(tmp_path, 5, name="a.npz")
+    resumed = run(tmp_path, 5, name="b.npz", resume=True)
+    assert_bitwise_equal(resumed.params, fresh.params)
+
+
+def test_resume_with_another_seed_or_model_is_an_error(tmp_path):
+    run(tmp_path, 3)
+    with pytest.raises(ValueError, match="seed 7.*seed 8"):
+        meta_train(init_params(), Adam(0.05), regression_step, 5, seed=8, checkpoint_path=tmp_path / "ckpt.npz",
+                   resume=True, progress=False)
+    with pytest.raises(ValueError, match="do not match"):
+        meta_train({"w": numpy.zeros((4, 1)), "b": numpy.zeros(1)}, Adam(0.05), regression_step, 5, seed=7,
+                   checkpoint_path=tmp_path / "ckpt.npz", resume=True, progress=False)
+
+
+def test_checkpoint_format_is_a_plain_npz(tmp_path):
+    result = run(tmp_path, 4, log_every=2)
+    with numpy.load(tmp_path / "ckpt.npz", allow_pickle=False) as data:
+        assert set(data.files) == {
+            "iteration", "seed", "param/w", "param/b", "opt/step", "opt/m/w", "opt/v/w", "opt/m/b", "opt/v/b",
+            "history/iteration", "history/loss", "history/grad_norm",
+        }
+        assert int(data["iteration"]) == 4 and int(data["seed"]) == 7
+        numpy.testing.assert_array_equal(data["history/iteration"], [0, 2])
+        numpy.testing.assert_array_equal(data["param/w"], result.params["w"])
+    ckpt = load_checkpoint(tmp_path / "ckpt.npz")
+    assert ckpt.history == result.history
+    assert_bitwise_equal(ckpt.opt_state, result.opt_state)
+
+
+@pytest.mark.parametrize("bad", ["loss", "grad"])
+def test_non_finite_values_stop_the_run_and_keep_the_last_checkpoint(tmp_path, bad):
+    def step(params, rng, iteration):
+        loss, grads, metrics = regression_step(params, rng, iteration)
+        if iteration == 5:
+            if bad == "loss":
+                loss = float("inf")
+            else:
+                grads["b"] = numpy.array([numpy.nan])
+        return loss, grads, metrics
+
+    with pytest.raises(NonFiniteError, match="iteration 5" + (": loss is inf" if bad == "loss" else ".*'b'")):
+        run(tmp_path, 10, step_fn=step, checkpoint_every=2)
+    ckpt = load_checkpoint(tmp_path / "ckpt.npz")
+    assert ckpt.iteration == 4
+    assert all(numpy.all(numpy.isfinite(p)) for p in ckpt.params.values())
+    assert os.listdir(tmp_path) == ["ckpt.npz"]  # no temporary file left behind
+
+
+def test_a_failed_write_leaves_the_old_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.npz"
+    params = init_params()
+    save_checkpoint(path, params, {"step": numpy.asarray(1)}, 1, 0, [])
+
+    def broken_savez(file, **arrays):
+        file.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(train.numpy, "savez", broken_savez)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, {"w": numpy.ones((3, 1)), "b": numpy.ones(1)}, {"step": numpy.asarray(2)}, 2, 0, [])
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["ckpt.npz"]
+    ckpt = load_checkpoint(path)
+    assert ckpt.iteration == 1
+    assert_bitwise_equal(ckpt.params, params)
+
+
+def test_changing_metric_names_is_an_error():
+    def step(params, rng, iteration):
+        loss, grads, _ = regression_step(params, rng, iteration)
+        return loss, grads, {f"metric{iteration}": 1.0}
+
+    with pytest.raises(ValueError, match="same metrics"):
+        meta_train(init_params(), SGD(0.01), step, 3, seed=0, log_every=1, progress=False)
+
+
+def test_unreadable_checkpoint_names_the_path(tmp_path):
+    path = tmp_path / "ckpt.npz"
+    path.write_bytes(b"not an npz")
+    with pytest.raises(ValueError, match="ckpt.npz"):
+        load_checkpoint(path)
