@@ -1,0 +1,89 @@
+"""Batched rollouts: T tasks x B trajectories stepped together, the policy called once per time step.
+
+Environment i = t * B + b runs trajectory b of task t. Actions are Gaussian,
+
+    a = mean(obs) + exp(log_std) * eps,    eps ~ N(0, I) from a seeded numpy Generator,
+
+and are stored as sampled (the environment clips them), so their log-probabilities can be recomputed.
+``advantages`` turns a batch into the REINFORCE inner step's advantages: GAE with a linear baseline
+fitted per task, optionally centred per task.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from minimaml.backend import to_numpy
+from minimaml.rl.baseline import fit_linear_baseline
+from minimaml.rl.returns import discounted_returns, gae
+
+
+def sample_trajectories(env, policy, tasks, n_traj: int, rng: np.random.Generator, horizon: int | None = None):
+    """Roll out ``n_traj`` trajectories of each task with ``policy``.
+
+    env: a vectorised env (``reset(tasks (N, ...)) -> obs (N, obs_dim)``, ``step(actions (N, act_dim))
+    -> obs, reward (N,), done (N,)``); policy: ``obs (T, B, obs_dim) float32 -> (mean (T, B, act_dim),
+    log_std (act_dim,) or (T, act_dim))``, NumPy or CuPy; tasks: (T, ...) from ``env.sample_tasks``.
+
+    Returns a dict of NumPy arrays: ``obs (T, B, H, obs_dim)``, ``actions (T, B, H, act_dim)``,
+    ``rewards (T, B, H)``, ``mask (T, B, H)`` (1 while the episode is alive; float32), and
+    ``episode_returns (T, B)``, the undiscounted sum of rewards.
+    """
+    tasks = np.asarray(tasks)
+    n_tasks, horizon = len(tasks), horizon or env.horizon
+    if tasks.shape[1:] != tuple(env.task_shape):
+        raise ValueError(f"sample_trajectories: tasks must be (T,) + {tuple(env.task_shape)}, got {tasks.shape}")
+    shape = (n_tasks, n_traj)
+    obs_dim, act_dim = env.obs_dim, env.act_dim
+    out = {
+        "obs": np.zeros(shape + (horizon, obs_dim), dtype=np.float32),
+        "actions": np.zeros(shape + (horizon, act_dim), dtype=np.float32),
+        "rewards": np.zeros(shape + (horizon,), dtype=np.float32),
+        "mask": np.zeros(shape + (horizon,), dtype=np.float32),
+    }
+    obs = env.reset(np.repeat(tasks, n_traj, axis=0)).reshape(shape + (obs_dim,)).astype(np.float32)
+    alive = np.ones(shape, dtype=bool)
+    for h in range(horizon):
+        mean, log_std = policy(obs)
+        mean, std = to_numpy(mean), np.exp(to_numpy(log_std))
+        if mean.shape != shape + (act_dim,) or std.shape not in ((act_dim,), (n_tasks, act_dim)):
+            raise ValueError(
+                f"sample_trajectories: policy must return mean {shape + (act_dim,)} and log_std ({act_dim},) "
+                f"or ({n_tasks}, {act_dim}); got mean {mean.shape}, log_std {std.shape}"
+            )
+        if std.ndim == 2:
+            std = std[:, None, :]
+        actions = mean + std * rng.standard_normal(mean.shape)
+        out["obs"][:, :, h] = obs
+        out["actions"][:, :, h] = actions
+        out["mask"][:, :, h] = alive
+        next_obs, reward, done = env.step(actions.reshape(-1, act_dim))
+        out["rewards"][:, :, h] = reward.reshape(shape) * alive
+        alive &= ~done.reshape(shape)
+        if not alive.any():
+            break
+        obs = next_obs.reshape(shape + (obs_dim,)).astype(np.float32)
+    out["episode_returns"] = out["rewards"].sum(axis=-1, dtype=np.float64)
+    return out
+
+
+def advantages(
+    batch, discount: float = 0.99, gae_lambda: float = 1.0, center: bool = True, reg_coeff: float = 1e-5
+):
+    """Advantages for the policy gradient: GAE against a linear baseline fitted to each task's returns.
+
+        R = discounted_returns(rewards),  V = linear baseline fitted per task to R,  A = GAE(rewards, V)
+        centred (if ``center``): A <- (A - mean_i) / (std_i + 1e-8) over task i's valid steps
+
+    batch: a dict from ``sample_trajectories`` -> advantages (T, B, H) float32, 0 on masked steps.
+    """
+    rewards, mask = batch["rewards"], batch["mask"]
+    returns = discounted_returns(rewards, mask, discount)
+    values = fit_linear_baseline(batch["obs"], returns, mask, reg_coeff)
+    adv = gae(rewards, values, mask, discount, gae_lambda)
+    if center:
+        count = mask.sum(axis=(1, 2), keepdims=True)
+        mean = adv.sum(axis=(1, 2), keepdims=True) / count
+        std = np.sqrt((np.square(adv - mean) * mask).sum(axis=(1, 2), keepdims=True) / count)
+        adv = (adv - mean) / (std + 1e-8) * mask
+    return adv.astype(np.float32)
