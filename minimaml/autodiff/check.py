@@ -83,7 +83,7 @@ def check_grads(f, inputs, order: int = 2, rtol: float = 1e-6, atol: float = 1e-
     def random_like(x):
         return xp.asarray(rng.standard_normal(x.shape))
 
-    output_shape = f(*[Tensor(x) for x in inputs]).shape
+    output_shape = f(*[Tensor(x, requires_grad=True) for x in inputs]).shape
     u = xp.asarray(rng.standard_normal(output_shape))
 
     def scalar_fn(k: int):

@@ -1,0 +1,76 @@
+"""Shared pieces of the meta-step benchmarks: the peers' inputs, timing, the reference check, and
+running a peer implementation from ``../shared/bench`` in its own process, alternately with minimaml.
+
+Environment: ``BENCH_DATA`` (the folder ``gen_data.py`` wrote: W1.npz, W2.npz, ref_<W>.npz),
+``BENCH_PYTHON`` (the Python of the peers' virtual environment) and ``BENCH_PEERS`` (``peers.py``).
+See ``../shared/bench/README.md`` for setting them up.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import time
+
+import numpy
+
+DATA = os.environ.get("BENCH_DATA", "/tmp/bench-data")
+PEERS = os.environ.get("BENCH_PEERS", os.path.join(os.path.dirname(__file__), "..", "..", "shared",
+                                                   "bench", "peers.py"))
+PEER_PYTHON = os.environ.get("BENCH_PYTHON", "/tmp/benchvenv/bin/python")
+
+
+def load_workload(name: str) -> dict:
+    """The seeded arrays of ``W1.npz`` or ``W2.npz`` (``W1b`` reuses W1's, ``W2fo`` W2's)."""
+    path = os.path.join(DATA, f"{name}.npz")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing: run ../shared/bench/gen_data.py with BENCH_DATA set "
+                                f"(see ../shared/bench/README.md)")
+    with numpy.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def load_reference(workload: str) -> list:
+    """The float64 reference meta-gradient (``ref_<W>.npz``), in the peers' parameter order."""
+    path = os.path.join(DATA, f"ref_{workload}.npz")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing: run peers.py --impl jax64 --save-ref for {workload}")
+    with numpy.load(path) as z:
+        return [z[f"arr_{i}"] for i in range(len(z.files))]
+
+
+def max_rel_diff(grads: list, reference: list) -> float:
+    """max over arrays of ||g - g_ref||_inf / ||g_ref||_inf, as peers.py checks."""
+    return max(float(numpy.max(numpy.abs(numpy.asarray(g, numpy.float64) - r)) / numpy.max(numpy.abs(r)))
+               for g, r in zip(grads, reference))
+
+
+def time_calls(fn, repeats: int, warmup: int = 2) -> list:
+    """Milliseconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - start))
+    return times
+
+
+def run_peer(impl: str, workload: str, repeats: int):
+    """(median_ms, min_ms) of a peer from ``peers.py``, or None when the peers are not set up."""
+    if not (os.path.exists(PEER_PYTHON) and os.path.exists(PEERS)):
+        return None
+    env = dict(os.environ, BENCH_DATA=DATA)
+    out = subprocess.run([PEER_PYTHON, PEERS, "--workload", workload, "--impl", impl,
+                          "--repeats", str(repeats)], capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        print(f"# peer {impl} {workload} failed: {out.stderr.strip().splitlines()[-1:]}")
+        return None
+    _, _, median, best = out.stdout.split()
+    return float(median), float(best)
+
+
+def summary(times: list) -> tuple:
+    return statistics.median(times), min(times)
