@@ -1,0 +1,97 @@
+"""Where datasets and their preprocessed caches live, and how caches are written.
+
+- Data (read-only is fine): the explicit ``data_dir`` argument, else ``$MINIMAML_DATA``, else
+  ``~/.cache/minimaml``. Each dataset is a folder below it: ``<data>/omniglot/``, ``<data>/miniimagenet/``.
+- Caches (preprocessed ``.npz``): the explicit ``cache_dir`` argument, else ``$MINIMAML_CACHE``, else
+  ``~/.cache/minimaml``. Never inside a data folder, which may be read-only.
+- Writes are atomic: a temporary file in the target folder, then ``os.replace``; a failure leaves nothing.
+- Caches hold plain arrays only (``np.savez``) and are read with ``allow_pickle=False``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_DIR = Path("~/.cache/minimaml")
+
+
+class DataError(RuntimeError):
+    """A dataset is missing or malformed; the message names the file or folder and what was expected."""
+
+
+def data_root(data_dir: str | os.PathLike | None = None) -> Path:
+    """The data root: ``data_dir``, else ``$MINIMAML_DATA``, else ``~/.cache/minimaml``."""
+    chosen = data_dir if data_dir is not None else os.environ.get("MINIMAML_DATA") or DEFAULT_DIR
+    return Path(chosen).expanduser()
+
+
+def dataset_dir(name: str, data_dir: str | os.PathLike | None = None) -> Path:
+    """The folder of one dataset, e.g. ``dataset_dir("omniglot")`` -> ``<data>/omniglot``."""
+    return data_root(data_dir) / name
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The cache folder: ``cache_dir``, else ``$MINIMAML_CACHE``, else ``~/.cache/minimaml``."""
+    chosen = cache_dir if cache_dir is not None else os.environ.get("MINIMAML_CACHE") or DEFAULT_DIR
+    return Path(chosen).expanduser()
+
+
+def fingerprint(*parts) -> str:
+    """A short hex digest of JSON-serialisable ``parts`` (source file stats, settings): the cache key."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def file_stat(path: Path) -> list:
+    """``[name, size, mtime_ns]`` of a file: changes when the file is replaced or edited."""
+    stat = path.stat()
+    return [path.name, stat.st_size, stat.st_mtime_ns]
+
+
+def atomic_write(path: Path, write) -> None:
+    """Create ``path`` by calling ``write(tmp_path)`` on a temporary file beside it, then renaming it.
+
+    If ``write`` raises, the temporary file is removed and ``path`` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_npz(path: Path, **arrays: np.ndarray) -> None:
+    """Write ``arrays`` to ``path`` as an uncompressed ``.npz``, atomically. No object arrays (no pickle)."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a bare name
+            np.savez(f, **arrays)
+
+    atomic_write(path, write)
+
+
+def load_npz(path: Path, **shapes: tuple[int, ...]) -> dict[str, np.ndarray] | None:
+    """The arrays of a cache file, or ``None`` (then the cache is rebuilt) when it is absent, unreadable,
+    or lacks an array named in ``shapes`` with that shape, e.g. ``load_npz(path, images=(5, 20, 28, 28))``.
+    """
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return None
+    if any(key not in arrays or arrays[key].shape != shape for key, shape in shapes.items()):
+        return None
+    return arrays
