@@ -1,0 +1,73 @@
+"""What every experiment shares: profiles, confidence intervals, atomic result files, markdown tables."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import tempfile
+
+import numpy
+
+PROFILES = ("quick", "full")
+
+
+def mean_ci95(values) -> tuple:
+    """Mean and 95% confidence half-width 1.96 sd / sqrt(n) (the paper's evaluation)."""
+    values = numpy.asarray(values, dtype=numpy.float64)
+    return float(values.mean()), float(1.96 * values.std() / numpy.sqrt(len(values)))
+
+
+def write_atomic(path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: never half-written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json(path, data) -> None:
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def markdown_table(header: list, rows: list) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def config_parser(config_class, description: str) -> argparse.ArgumentParser:
+    """A command line with ``--profile`` and one ``--flag`` per field of the config dataclass
+    (overriding the profile's value)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--profile", choices=PROFILES, default="quick",
+                        help="quick: minutes on 2 CPU cores; full: the paper's scale")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for field in dataclasses.fields(config_class):
+        if field.name in ("profile",):
+            continue
+        kind = field.type if isinstance(field.type, type) else eval(field.type)  # noqa: S307 - dataclass annotations
+        flag = "--" + field.name.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=None,
+                                metavar="BOOL", help=f"(default from the profile)")
+        elif kind in (int, float, str):
+            parser.add_argument(flag, type=kind, default=None, help="(default from the profile)")
+    return parser
+
+
+def config_from_args(config_class, args) -> object:
+    """The profile's config with the command line's overrides applied."""
+    config = config_class.for_profile(args.profile)
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)
+                 if getattr(args, f.name, None) is not None and f.name != "profile"}
+    return dataclasses.replace(config, **overrides)

@@ -1,0 +1,98 @@
+"""Reproduce the paper at a scale that fits the machine, with one command.
+
+    python run_all.py                      # quick profile: derivative report + every experiment
+    python run_all.py --profile full       # the paper's scale (hours)
+    python run_all.py --only sinusoid      # a subset of the experiments
+
+1. The derivative verification report (``minimaml.verify``): every primitive of the tape against
+   finite differences at first and second order. A failure stops here with exit status 1.
+2. Each experiment's ``run(config)`` at the chosen profile; each writes its results and figures in
+   its ``out_dir`` (``runs/...``).
+3. ``docs/results.md`` collects every experiment's table beside the paper's numbers, and its figures
+   are copied to ``docs/figures/``. Each (experiment, profile) section is replaced on its own, so a
+   quick run keeps the full-profile sections written earlier.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import sys
+import time
+
+from minimaml import verify
+from minimaml.experiments import common, sinusoid
+
+EXPERIMENTS = {"sinusoid": sinusoid}
+ROOT = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(ROOT, "docs", "results.md")
+FIGURES = os.path.join(ROOT, "docs", "figures")
+
+RESULTS_HEADER = """# Results
+
+Written by `python run_all.py` (each section by the profile named in its title). Every number here was
+measured by this repository's code; the paper's numbers stand beside them for comparison.
+"""
+
+
+def update_section(text: str, key: str, body: str) -> str:
+    """Replace (or append) the section between ``<!-- begin KEY -->`` and ``<!-- end KEY -->``."""
+    block = f"<!-- begin {key} -->\n{body.rstrip()}\n<!-- end {key} -->\n"
+    pattern = re.compile(rf"<!-- begin {re.escape(key)} -->.*?<!-- end {re.escape(key)} -->\n", re.S)
+    if pattern.search(text):
+        return pattern.sub(lambda _: block, text)
+    return text.rstrip() + "\n\n" + block
+
+
+def publish_figures(out_dir: str, prefix: str) -> list:
+    """Copy the experiment's PNG figures to docs/figures; return their paths relative to docs/."""
+    os.makedirs(FIGURES, exist_ok=True)
+    published = []
+    for name in sorted(os.listdir(out_dir)):
+        if name.endswith(".png"):
+            target = f"{prefix}-{name}"
+            shutil.copyfile(os.path.join(out_dir, name), os.path.join(FIGURES, target))
+            published.append(f"figures/{target}")
+    return published
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", choices=common.PROFILES, default="quick")
+    parser.add_argument("--only", default=",".join(EXPERIMENTS),
+                        help=f"comma-separated experiments (default: all of {', '.join(EXPERIMENTS)})")
+    parser.add_argument("--resume", action="store_true", help="continue each experiment from its checkpoints")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    names = [n for n in args.only.split(",") if n]
+    unknown = [n for n in names if n not in EXPERIMENTS]
+    if unknown:
+        parser.error(f"unknown experiments {unknown}: choose from {list(EXPERIMENTS)}")
+
+    print("== derivative verification report ==")
+    if not verify.report():
+        print("derivative checks failed: not running the experiments", file=sys.stderr)
+        return 1
+
+    text = open(RESULTS, encoding="utf-8").read() if os.path.exists(RESULTS) else RESULTS_HEADER
+    for name in names:
+        module = EXPERIMENTS[name]
+        config = module.Config.for_profile(args.profile)
+        print(f"\n== {name} ({args.profile} profile) ==", flush=True)
+        start = time.time()
+        results = module.run(config, resume=args.resume, progress=not args.no_progress)
+        table = module.results_markdown(results)
+        print(table)
+        print(f"{name}: {time.time() - start:.0f} s", flush=True)
+        figures = publish_figures(config.out_dir, f"{name}-{args.profile}")
+        body = table + "\n" + "\n".join(f"![{os.path.basename(f)}]({f})" for f in figures) + "\n"
+        text = update_section(text, f"{name}/{args.profile}", body)
+        common.write_atomic(RESULTS, text)
+    print(f"\nwrote {os.path.relpath(RESULTS, ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
