@@ -71,7 +71,7 @@ def check_grads(f, inputs, order: int = 2, rtol: float = 1e-6, atol: float = 1e-
 
     ``f``: a function of Tensors (one per input) returning a Tensor of any shape.
     ``inputs``: arrays (float64; other float dtypes are refused, since finite differences need float64).
-    ``step``: the finite-difference step h, relative to each input's scale.
+    ``step``: the finite-difference step h, relative to each input's scale (at least 1).
     Returns a ``GradCheckReport`` (printable); raises ``GradCheckError`` on failure unless
     ``raise_on_failure=False``.
     """
@@ -110,7 +110,7 @@ def check_grads(f, inputs, order: int = 2, rtol: float = 1e-6, atol: float = 1e-
         for i, x in enumerate(inputs):
             v = random_like(x)
             scale = float(xp.max(xp.abs(x))) if x.size else 1.0
-            h = step * (scale if scale > 0 else 1.0)
+            h = step * max(scale, 1.0)
 
             def at(t):
                 shifted = list(inputs)
