@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numbers
 
+import numpy
+
 from .. import backend
 from .tensor import Tensor, record
 
@@ -147,12 +149,17 @@ def power(x, exponent) -> Tensor:
     """x ** p for a constant number p. VJP: g * p * x^(p-1). (For a Tensor exponent use exp(p log x).)"""
     x = as_tensor(x)
     if isinstance(exponent, Tensor):
+        x, exponent = _operands("power", x, exponent)
         return exp(multiply(exponent, log(x)))
     if not isinstance(exponent, numbers.Number):
         raise TypeError(f"power: exponent must be a number or a Tensor, got {type(exponent).__name__}")
-    p = exponent
+    p = exponent.item() if hasattr(exponent, "item") else exponent  # a NumPy scalar would upcast
 
     def vjp(g):
+        if p == 0:
+            return (None,)
+        if p == 1:  # stop here: x ** 0 and x ** -1 would make 0 * inf = nan at x = 0
+            return (g,)
         return (multiply(g, multiply(power(x, p - 1), p)),)
 
     return record(x.data ** p, (x,), vjp)
@@ -236,7 +243,11 @@ def relu(x) -> Tensor:
 def maximum(a, b) -> Tensor:
     """Elementwise max(a, b) = where(a >= b, a, b) (ties go to ``a``)."""
     a, b = _operands("maximum", a, b)
-    return where(a.data >= b.data, a, b)
+    try:
+        a_wins = a.data >= b.data
+    except ValueError as err:
+        raise _broadcast_error("maximum", a, b) from err
+    return where(a_wins, a, b)
 
 
 def abs(x) -> Tensor:  # noqa: A001 - the array-API name
@@ -397,6 +408,8 @@ def concatenate(tensors, axis: int = 0) -> Tensor:
     for t in tensors[1:]:
         if t.dtype != first.dtype:
             raise TypeError(f"concatenate: dtypes {first.dtype} and {t.dtype} differ")
+        if backend.is_gpu_array(t.data) != backend.is_gpu_array(first.data):
+            raise TypeError("concatenate: tensors live on different devices (NumPy and CuPy arrays)")
     xp = backend.array_namespace(first.data)
     try:
         out = xp.concatenate([t.data for t in tensors], axis=axis)
@@ -419,6 +432,11 @@ def concatenate(tensors, axis: int = 0) -> Tensor:
 def stack(tensors, axis: int = 0) -> Tensor:
     """Stack equal-shaped tensors along a new ``axis`` (expand each, then ``concatenate``)."""
     tensors = [as_tensor(t) for t in tensors]
+    if not tensors:
+        raise ShapeError("stack: needs at least one tensor")
+    for t in tensors[1:]:
+        if t.dtype != tensors[0].dtype:
+            raise TypeError(f"stack: dtypes {tensors[0].dtype} and {t.dtype} differ")
     ndim = tensors[0].ndim + 1
     axis = axis % ndim
     expanded = [reshape(t, t.shape[:axis] + (1,) + t.shape[axis:]) for t in tensors]
@@ -439,7 +457,7 @@ def matmul(a, b) -> Tensor:
     if a.shape[-1] != b.shape[-2]:
         raise ShapeError(f"matmul: inner dimensions differ: {a.shape} @ {b.shape}")
     try:
-        out = a.data @ b.data
+        out = _matmul_arrays(a.data, b.data)
     except ValueError as err:
         raise ShapeError(f"matmul: batch dimensions do not broadcast: {a.shape} @ {b.shape}") from err
 
@@ -448,6 +466,30 @@ def matmul(a, b) -> Tensor:
                 _unbroadcast(matmul(swapaxes(a, -1, -2), g), b.shape) if _need(b) else None)
 
     return record(out, (a, b), vjp)
+
+
+def _matmul_arrays(a, b):
+    """``a @ b`` on raw arrays, fast on NumPy too.
+
+    NumPy's stacked matmul is slow on a CPU: it falls back to a loop without BLAS when a batch operand
+    is a transposed view or broadcast (stride 0), and even on contiguous operands it is slower than
+    one 2-D BLAS call per batch entry. So on NumPy a batch that ``b`` does not vary over is folded into
+    the rows of a single 2-D product, and any other batch runs as a loop of 2-D products. CuPy's
+    batched GEMM is used as it is.
+    """
+    if backend.is_gpu_array(a) or b.ndim == 2 and a.ndim == 2:
+        return a @ b
+    batch = numpy.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    b_is_shared = all(stride == 0 for stride in b.strides[:-2])
+    if b_is_shared and a.shape[:-2] == batch:
+        b2 = b[(0,) * (b.ndim - 2)]
+        return (a.reshape(-1, a.shape[-1]) @ b2).reshape(*a.shape[:-1], b.shape[-1])
+    a = numpy.broadcast_to(a, batch + a.shape[-2:])
+    b = numpy.broadcast_to(b, batch + b.shape[-2:])
+    out = numpy.empty(batch + (a.shape[-2], b.shape[-1]), dtype=numpy.result_type(a, b))
+    for index in numpy.ndindex(*batch):
+        numpy.matmul(a[index], b[index], out=out[index])
+    return out
 
 
 # --- operators on Tensor --------------------------------------------------------------------------
