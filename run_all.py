@@ -6,8 +6,8 @@
 
 1. The derivative verification report (``minimaml.verify``): every primitive of the tape against
    finite differences at first and second order. A failure stops here with exit status 1.
-2. Each experiment's ``run(config)`` at the chosen profile; each writes its results and figures in
-   its ``out_dir`` (``runs/...``).
+2. Each experiment's ``run_profile(profile)``; each writes its results and figures under
+   ``runs/<profile>/``.
 3. ``docs/results.md`` collects every experiment's table beside the paper's numbers, and its figures
    are copied to ``docs/figures/``. Each (experiment, profile) section is replaced on its own, so a
    quick run keeps the full-profile sections written earlier.
@@ -23,9 +23,9 @@ import sys
 import time
 
 from minimaml import verify
-from minimaml.experiments import common, sinusoid
+from minimaml.experiments import common, omniglot, sinusoid
 
-EXPERIMENTS = {"sinusoid": sinusoid}
+EXPERIMENTS = {"sinusoid": sinusoid, "omniglot": omniglot}
 ROOT = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(ROOT, "docs", "results.md")
 FIGURES = os.path.join(ROOT, "docs", "figures")
@@ -78,15 +78,14 @@ def main(argv=None) -> int:
 
     text = open(RESULTS, encoding="utf-8").read() if os.path.exists(RESULTS) else RESULTS_HEADER
     for name in names:
-        module = EXPERIMENTS[name]
-        config = module.Config.for_profile(args.profile)
         print(f"\n== {name} ({args.profile} profile) ==", flush=True)
         start = time.time()
-        results = module.run(config, resume=args.resume, progress=not args.no_progress)
-        table = module.results_markdown(results)
+        table, folders = EXPERIMENTS[name].run_profile(args.profile, resume=args.resume,
+                                                       progress=not args.no_progress)
         print(table)
         print(f"{name}: {time.time() - start:.0f} s", flush=True)
-        figures = publish_figures(config.out_dir, f"{name}-{args.profile}")
+        figures = [f for folder in folders
+                   for f in publish_figures(folder, f"{args.profile}-{os.path.basename(folder)}")]
         body = table + "\n" + "\n".join(f"![{os.path.basename(f)}]({f})" for f in figures) + "\n"
         text = update_section(text, f"{name}/{args.profile}", body)
         common.write_atomic(RESULTS, text)

@@ -42,14 +42,14 @@ class Config:
     n_test_tasks: int = 600
     eval_steps: int = 10
     seed: int = 0
-    out_dir: str = "runs/sinusoid"
+    out_dir: str = "runs/quick/sinusoid"
     checkpoint_every: int = 2_000
 
     @classmethod
     def for_profile(cls, profile: str) -> "Config":
         if profile == "full":
-            return cls(profile="full", n_iterations=70_000, out_dir="runs/sinusoid-full")
-        return cls(profile="quick")
+            return cls(profile="full", n_iterations=70_000, out_dir="runs/full/sinusoid")
+        return cls(profile="quick", out_dir="runs/quick/sinusoid")
 
 
 def _mse_loss(prediction, target):
@@ -204,6 +204,12 @@ def plot_curves(results: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def run_profile(profile: str, resume: bool = False, progress: bool = True) -> tuple:
+    """run_all's entry: (markdown table, [output folder])."""
+    config = Config.for_profile(profile)
+    return results_markdown(run(config, resume=resume, progress=progress)), [config.out_dir]
 
 
 def main(argv=None):

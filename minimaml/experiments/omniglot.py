@@ -1,0 +1,85 @@
+"""Omniglot few-shot classification (paper Table 1): 5-way and 20-way, 1- and 5-shot, conv and "no conv".
+
+The paper's hyper-parameters (PROTOCOL.md): 5-way: 1 inner step, alpha 0.4, meta-batch 32, 3 steps at
+test; 20-way: 5 inner steps, alpha 0.1, meta-batch 16, 5 steps at test; 60,000 meta-iterations, Adam
+1e-3, 15 query images per class in training. The data: ``MINIMAML_DATA/omniglot`` (see docs/data.md).
+
+    python -m minimaml.experiments.omniglot --n-way 5 --k-shot 1 --profile quick
+    python -m minimaml.experiments.omniglot --n-way 20 --k-shot 5 --profile full --resume
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from . import classification
+from .classification import ClassificationConfig
+
+PAPER = {"omniglot-5way-1shot": "98.7 ± 0.4", "omniglot-5way-5shot": "99.9 ± 0.1",
+         "omniglot-20way-1shot": "95.8 ± 0.3", "omniglot-20way-5shot": "98.9 ± 0.2",
+         "omniglot-mlp-5way-1shot": "89.7 ± 1.1", "omniglot-mlp-5way-5shot": "97.5 ± 0.6",
+         "omniglot-5way-1shot-fo": "98.3 (FOMAML, follow-up)"}
+
+# The profiles: "full" is the paper's schedule; "quick" is 5-way 1-shot in about 10 minutes on 2 cores
+# (8 tasks per meta-batch and 5 query images per class instead of 32 and 15; the authors' Omniglot code
+# itself used K query images per class).
+QUICK = dict(n_iterations=4_000, meta_batch_size=8, q_train=5, val_every=500, n_val_tasks=100,
+             n_test_tasks=600)
+FULL_SETTINGS = [(5, 1, "conv"), (5, 5, "conv"), (20, 1, "conv"), (20, 5, "conv"), (5, 1, "mlp"),
+                 (5, 5, "mlp")]
+
+
+def config(n_way: int = 5, k_shot: int = 1, model: str = "conv", profile: str = "quick",
+           **overrides) -> ClassificationConfig:
+    """The paper's hyper-parameters for one setting, at a profile, with overrides."""
+    paper = (dict(inner_lr=0.4, inner_steps=1, meta_batch_size=32, eval_steps=3) if n_way <= 5 else
+             dict(inner_lr=0.1, inner_steps=5, meta_batch_size=16, eval_steps=5))
+    settings = dict(dataset="omniglot", model=model, n_way=n_way, k_shot=k_shot, profile=profile,
+                    n_iterations=60_000, **paper)
+    if profile == "quick":
+        settings.update(QUICK)
+    cfg = dataclasses.replace(ClassificationConfig(**settings), **overrides)
+    if "out_dir" not in overrides:
+        cfg = dataclasses.replace(cfg, out_dir=f"runs/{profile}/{cfg.key}")
+    return cfg
+
+
+def run_profile(profile: str, resume: bool = False, progress: bool = True) -> tuple:
+    """run_all's entry: quick = 5-way 1-shot; full = every Table 1 Omniglot setting.
+    Returns (markdown, [output folders])."""
+    settings = [(5, 1, "conv")] if profile == "quick" else FULL_SETTINGS
+    results, folders = [], []
+    for n_way, k_shot, model in settings:
+        cfg = config(n_way, k_shot, model, profile)
+        results.append(classification.run(cfg, resume=resume, progress=progress))
+        folders.append(cfg.out_dir)
+    title = f"Omniglot ({profile} profile)"
+    return classification.results_table(results, PAPER, title), folders
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n-way", type=int, default=5)
+    parser.add_argument("--k-shot", type=int, default=1)
+    parser.add_argument("--model", choices=("conv", "mlp"), default="conv")
+    parser.add_argument("--profile", choices=("quick", "full"), default="quick")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--no-progress", action="store_true")
+    for field in ("n_iterations", "meta_batch_size", "q_train", "inner_steps", "eval_steps", "val_every",
+                  "n_test_tasks", "seed", "checkpoint_every"):
+        parser.add_argument("--" + field.replace("_", "-"), type=int)
+    for field in ("inner_lr", "meta_lr"):
+        parser.add_argument("--" + field.replace("_", "-"), type=float)
+    parser.add_argument("--mode", choices=("second_order", "hvp", "first_order"))
+    parser.add_argument("--out-dir")
+    args = parser.parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items()
+                 if v is not None and k not in ("n_way", "k_shot", "model", "profile", "resume", "no_progress")}
+    cfg = config(args.n_way, args.k_shot, args.model, args.profile, **overrides)
+    results = classification.run(cfg, resume=args.resume, progress=not args.no_progress)
+    print(classification.results_table([results], PAPER, f"Omniglot ({args.profile} profile)"))
+
+
+if __name__ == "__main__":
+    main()
