@@ -1,0 +1,111 @@
+"""Gaussian MLP policy for MAML-RL: obs -> 100 -> 100 -> act (ReLU), state-independent log-std.
+
+    mean = W2 relu(W1 relu(W0 o + b0) + b1) + b2,    pi(a | o) = N(a; mean, diag(exp(log_std))^2)
+
+Parameters are a dict ``layer{i}.w (in, out)``, ``layer{i}.b (out,)``, ``log_std (act_dim,)``.
+A *batched* dict carries a leading task axis T on every entry (``(T, in, out)``, ``(T, out)``,
+``(T, act_dim)``): the T per-task adapted policies of MAML then run in one call on obs ``(T, N, obs_dim)``
+or ``(T, B, H, obs_dim)``. Entries may be arrays or tape Tensors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from minimaml import autodiff as ad
+from minimaml import backend
+
+
+def init(rng: np.random.Generator, obs_dim: int, act_dim: int, hidden=(100, 100), dtype=np.float32) -> dict:
+    """Glorot-uniform weights W ~ U[-s, s], s = sqrt(6 / (fan_in + fan_out)), zero biases and
+    log_std = 0 (std 1), as rllab's ``GaussianMLPPolicy``. Drawn on the host from ``rng``, then moved to
+    the default device (so a seed gives the same policy on every backend)."""
+    sizes = (obs_dim, *hidden, act_dim)
+    params = {}
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        scale = math.sqrt(6.0 / (fan_in + fan_out))
+        params[f"layer{i}.w"] = rng.uniform(-scale, scale, size=(fan_in, fan_out))
+        params[f"layer{i}.b"] = np.zeros(fan_out)
+    params["log_std"] = np.zeros(act_dim)
+    return {k: backend.asarray(v, dtype=dtype) for k, v in params.items()}
+
+
+def n_layers(params: dict) -> int:
+    return sum(1 for k in params if k.endswith(".w"))
+
+
+def is_batched(params: dict) -> bool:
+    """True when the parameters carry a leading task axis (``layer0.w`` is (T, in, out))."""
+    return params["layer0.w"].ndim == 3
+
+
+def apply(params: dict, obs):
+    """The policy's Gaussian: ``(mean, log_std)`` as Tensors.
+
+    Unbatched params: obs (..., obs_dim) -> mean (..., act_dim), log_std (act_dim,).
+    Batched params (task axis T): obs (T, ..., obs_dim) -> mean (T, ..., act_dim), log_std (T, act_dim).
+    """
+    p = {k: ad.as_tensor(v) for k, v in params.items()}
+    x = ad.as_tensor(obs)
+    lead = x.shape[:-1]
+    # rows flattened: (T, N, d) so each task's weights meet its own rows, or (N, d) for one policy
+    x = ad.reshape(x, ((lead[0], -1) if is_batched(params) else (-1,)) + x.shape[-1:])
+    n = n_layers(params)
+    for i in range(n):
+        w, b = p[f"layer{i}.w"], p[f"layer{i}.b"]
+        if b.ndim == 2:
+            b = ad.reshape(b, (b.shape[0], 1, b.shape[1]))
+        x = ad.add(ad.matmul(x, w), b)
+        if i < n - 1:
+            x = ad.relu(x)
+    return ad.reshape(x, lead + (x.shape[-1],)), p["log_std"]
+
+
+def _expand_log_std(log_std, ndim: int):
+    """log_std (act_dim,) or (T, act_dim) shaped to broadcast against a mean of ``ndim`` axes."""
+    if log_std.ndim == 1:
+        return log_std
+    return ad.reshape(log_std, (log_std.shape[0],) + (1,) * (ndim - 2) + (log_std.shape[1],))
+
+
+def gaussian_log_prob(mean, log_std, actions):
+    """log N(a; mean, diag(sigma^2)) = -sum_d [ (a_d - mean_d)^2 / (2 sigma_d^2) + log sigma_d ]
+    - (d / 2) log(2 pi). mean, actions: (..., act_dim) -> (...,)."""
+    log_std = _expand_log_std(log_std, mean.ndim)
+    z = ad.multiply(ad.subtract(actions, mean), ad.exp(ad.negative(log_std)))
+    per_dim = ad.add(ad.multiply(ad.multiply(z, z), 0.5), log_std)
+    act_dim = mean.shape[-1]
+    return ad.subtract(ad.negative(ad.sum(per_dim, axis=-1)), 0.5 * act_dim * math.log(2 * math.pi))
+
+
+def log_prob(params: dict, obs, actions):
+    """log pi_params(a | o): obs (..., obs_dim), actions (..., act_dim) -> (...,) (task axis first if
+    batched)."""
+    mean, log_std = apply(params, obs)
+    return gaussian_log_prob(mean, log_std, ad.as_tensor(actions))
+
+
+def gaussian_kl(old_mean, old_log_std, mean, log_std):
+    """KL(N_old || N) between diagonal Gaussians, summed over action dims: (..., act_dim) -> (...,).
+
+        KL = sum_d [ log sigma_d - log sigma_old_d + (sigma_old_d^2 + (mean_old_d - mean_d)^2)
+                     / (2 sigma_d^2) - 1/2 ]
+    """
+    old_log_std = _expand_log_std(ad.as_tensor(old_log_std), mean.ndim)
+    log_std = _expand_log_std(log_std, mean.ndim)
+    inv_var = ad.exp(ad.multiply(log_std, -2.0))
+    diff = ad.subtract(ad.as_tensor(old_mean), mean)
+    spread = ad.add(ad.exp(ad.multiply(old_log_std, 2.0)), ad.multiply(diff, diff))
+    per_dim = ad.add(ad.subtract(log_std, old_log_std), ad.multiply(ad.multiply(spread, inv_var), 0.5))
+    return ad.subtract(ad.sum(per_dim, axis=-1), 0.5 * mean.shape[-1])
+
+
+def sampler_policy(params: dict):
+    """The policy as the sampler wants it: ``obs (T, B, obs_dim) -> (mean, log_std)`` arrays, no tape."""
+    def policy(obs):
+        with ad.no_grad():
+            mean, log_std = apply(params, backend.asarray(obs, dtype=params["log_std"].dtype))
+        return mean.data, log_std.data
+    return policy

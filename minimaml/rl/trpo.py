@@ -1,0 +1,137 @@
+"""TRPO (Schulman et al. 2015) as the MAML-RL meta-optimizer, with exact Fisher-vector products.
+
+One step, for a surrogate loss L(theta) and the mean KL divergence D(theta) = KL(pi_old || pi_theta)
+(``objective(params, create_graph) -> (L, D)``, both scalar Tensors, "old" frozen at theta_old):
+
+    g     = grad L(theta_old)
+    F v   = grad_theta < grad_theta D(theta), v >  at theta_old    (+ damping * v)
+    x     ~ F^-1 g                               conjugate gradient, 10 iterations
+    s     = sqrt(2 delta / x^T F x) x            the step that reaches KL ~ delta to second order
+    theta = theta_old - 0.8^k s                  smallest k in 0..14 with L < L_old and D <= delta;
+                                                 theta_old when there is none (rllab's rule)
+
+F is the Hessian of D at theta_old, computed exactly by reverse-over-reverse on the tape. In MAML-RL,
+D depends on theta through the inner update theta'_i(theta), so F v needs third derivatives of the
+policy; equivalently F = J^T F' J with J = I - alpha H_inner (D has zero gradient at theta_old, so
+the curvature of theta' drops out). The paper used finite differences of grad D instead.
+
+CG and the line search work on flat float64 host vectors (``flatten`` / ``unflatten``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from minimaml import autodiff as ad
+from minimaml import backend
+
+
+def flatten(arrays) -> np.ndarray:
+    """Arrays or Tensors (any device, dtype) -> one float64 host vector."""
+    return np.concatenate([backend.to_numpy(a.data if isinstance(a, ad.Tensor) else a).astype(np.float64).ravel()
+                           for a in arrays])
+
+
+def unflatten(vector: np.ndarray, like) -> list:
+    """The inverse of ``flatten``: arrays shaped, typed and placed like ``like``."""
+    out, start = [], 0
+    for a in like:
+        a = a.data if isinstance(a, ad.Tensor) else a
+        piece = vector[start:start + a.size].reshape(a.shape)
+        out.append(backend.array_namespace(a).asarray(piece, dtype=a.dtype))
+        start += a.size
+    if start != vector.size:
+        raise ValueError(f"unflatten: vector has {vector.size} entries, the arrays {start}")
+    return out
+
+
+def conjugate_gradient(matvec, b: np.ndarray, iters: int = 10, residual_tol: float = 1e-10) -> np.ndarray:
+    """Approximately solve A x = b for a symmetric positive-definite A given as ``matvec(v) = A v``
+    (rllab's ``krylov.cg``: x_0 = 0, stop after ``iters`` steps or when |r|^2 < residual_tol)."""
+    x = np.zeros_like(b)
+    r = b.copy()
+    p = b.copy()
+    rr = r @ r
+    for _ in range(iters):
+        if rr < residual_tol:
+            break
+        ap = matvec(p)
+        step = rr / (p @ ap)
+        x += step * p
+        r -= step * ap
+        rr_new = r @ r
+        p = r + (rr_new / rr) * p
+        rr = rr_new
+    return x
+
+
+def fisher_vector_product(kl, leaves: list, damping: float = 1e-5):
+    """v -> (Hessian of ``kl`` w.r.t. ``leaves``) v + damping v, flat float64 vectors.
+
+    ``kl`` must be recorded from ``leaves`` with every inner gradient built with ``create_graph=True``.
+    grad D is recorded once; each product is one more reverse pass through it.
+    """
+    kl_grads = ad.grad(kl, leaves, create_graph=True)
+
+    def fvp(v: np.ndarray) -> np.ndarray:
+        directions = unflatten(v, leaves)
+        inner = ad.sum(ad.multiply(kl_grads[0], directions[0]))
+        for g, d in zip(kl_grads[1:], directions[1:]):
+            inner = ad.add(inner, ad.sum(ad.multiply(g, d)))
+        return flatten(ad.grad(inner, leaves)) + damping * v
+
+    return fvp
+
+
+def line_search(evaluate, theta: np.ndarray, step: np.ndarray, loss_before: float, max_kl: float,
+                backtrack_ratio: float = 0.8, max_backtracks: int = 15):
+    """Backtrack theta - ratio^k step, k = 0, 1, ...: accept the first candidate whose loss improves on
+    ``loss_before`` with KL <= ``max_kl`` (both finite). ``evaluate(flat) -> (loss, kl)`` floats.
+
+    Returns (theta_new, info): theta itself and ``accepted=False`` when no candidate qualifies.
+    """
+    for k in range(max_backtracks):
+        candidate = theta - backtrack_ratio**k * step
+        loss, kl = evaluate(candidate)
+        if math.isfinite(loss) and math.isfinite(kl) and loss < loss_before and kl <= max_kl:
+            return candidate, {"accepted": True, "backtracks": k, "loss_after": loss, "kl": kl}
+    return theta, {"accepted": False, "backtracks": max_backtracks, "loss_after": loss_before, "kl": 0.0}
+
+
+def trpo_step(objective, params: dict, max_kl: float = 0.01, cg_iters: int = 10, damping: float = 1e-5,
+              backtrack_ratio: float = 0.8, max_backtracks: int = 15):
+    """One TRPO update of ``params`` (dict of arrays); returns (new params dict, stats).
+
+    ``objective(params: dict of Tensors, create_graph: bool) -> (loss, mean_kl)`` scalar Tensors; with
+    ``create_graph=False`` it only needs values. Stats: loss before/after, kl, line-search outcome and the
+    seconds spent on the gradient (``time_gradient``), CG (``time_cg``) and line search.
+    """
+    names = list(params)
+    start = time.perf_counter()
+    leaves = [ad.Tensor(params[k], requires_grad=True) for k in names]
+    loss, kl = objective(dict(zip(names, leaves)), create_graph=True)
+    g = flatten(ad.grad(loss, leaves))
+    fvp = fisher_vector_product(kl, leaves, damping)
+    time_gradient = time.perf_counter() - start
+
+    start = time.perf_counter()
+    x = conjugate_gradient(fvp, g, cg_iters)
+    step = math.sqrt(2 * max_kl / (x @ fvp(x) + 1e-8)) * x
+    time_cg = time.perf_counter() - start
+
+    def evaluate(flat):
+        candidate = [ad.Tensor(a, requires_grad=True) for a in unflatten(flat, leaves)]
+        loss_c, kl_c = objective(dict(zip(names, candidate)), create_graph=False)
+        return loss_c.item(), kl_c.item()
+
+    start = time.perf_counter()
+    theta, info = line_search(evaluate, flatten(leaves), step, loss.item(), max_kl, backtrack_ratio, max_backtracks)
+    time_line_search = time.perf_counter() - start
+
+    new_params = dict(zip(names, unflatten(theta, leaves))) if info["accepted"] else dict(params)
+    stats = {"loss_before": loss.item(), **info, "grad_norm": float(np.linalg.norm(g)),
+             "time_gradient": time_gradient, "time_cg": time_cg, "time_line_search": time_line_search}
+    return new_params, stats

@@ -1,0 +1,234 @@
+"""MAML-TRPO: the inner REINFORCE step, the meta-gradient through it, exact Fisher-vector products
+(checked three ways), conjugate gradient and the KL-constrained line search. Float64, tiny policy."""
+
+import numpy as np
+import pytest
+
+from minimaml import autodiff as ad
+from minimaml.nn import policy as pol
+from minimaml.rl import trpo
+from minimaml.rl.maml_rl import MamlRLConfig, meta_iteration, meta_objective
+from minimaml.rl.reinforce import adapt, evaluation_step_sizes, inner_losses, masked_task_mean
+
+T, B, H, OBS_DIM, ACT_DIM = 3, 4, 5, 2, 2
+ALPHA = 0.5
+
+
+def _data(rng):
+    """Fixed synthetic trajectories (T, B, H, ...) with some masked (finished) steps."""
+    mask = np.ones((T, B, H))
+    mask[0, 1, 3:] = 0
+    mask[2, 0, 2:] = 0
+    return {"obs": rng.standard_normal((T, B, H, OBS_DIM)), "actions": rng.standard_normal((T, B, H, ACT_DIM)),
+            "mask": mask, "advantages": rng.standard_normal((T, B, H)) * mask}
+
+
+@pytest.fixture(scope="module")
+def problem():
+    """theta, pre- and post-update data, and the meta-objective with pi_old = theta'(theta)."""
+    rng = np.random.default_rng(0)
+    params = pol.init(rng, OBS_DIM, ACT_DIM, hidden=(8, 8), dtype=np.float64)
+    params = {k: v + 0.1 * rng.standard_normal(v.shape) for k, v in params.items()}
+    pre, post = _data(rng), _data(rng)
+    old = adapt(params, pre, ALPHA, create_graph=False)
+    return params, pre, post, {k: v.data for k, v in old.items()}, meta_objective(pre, post, old, ALPHA)
+
+
+def _kl_grad(objective, names, values):
+    leaves = [ad.Tensor(v, requires_grad=True) for v in values]
+    _, kl = objective(dict(zip(names, leaves)), create_graph=True)
+    return trpo.flatten(ad.grad(kl, leaves))
+
+
+def _fvp_at(objective, params):
+    names = list(params)
+    leaves = [ad.Tensor(params[k], requires_grad=True) for k in names]
+    _, kl = objective(dict(zip(names, leaves)), create_graph=True)
+    return trpo.fisher_vector_product(kl, leaves, damping=0.0)
+
+
+def test_adapt_is_one_reinforce_step_per_task(problem):
+    params, pre, _, old, _ = problem
+    names = list(params)
+    for t in range(T):
+        task = {k: v[t:t + 1] for k, v in pre.items()}
+        leaves = [ad.Tensor(params[k], requires_grad=True) for k in names]
+        loss = ad.sum(inner_losses({k: ad.reshape(x, (1,) + x.shape) for k, x in zip(names, leaves)}, task))
+        for k, g in zip(names, ad.grad(loss, leaves)):
+            np.testing.assert_allclose(old[k][t], params[k] - ALPHA * g.data, rtol=1e-12, atol=1e-14)
+
+
+def test_inner_loss_is_masked_mean():
+    x = ad.Tensor(np.arange(2 * 2 * 3, dtype=np.float64).reshape(2, 2, 3))
+    mask = np.ones((2, 2, 3))
+    mask[1, :, 1:] = 0
+    np.testing.assert_allclose(masked_task_mean(x, mask).data, [np.arange(6).mean(), (6 + 9) / 2])
+
+
+def test_meta_gradient_matches_finite_differences(problem):
+    """The surrogate's gradient through the inner step (second order) against finite differences, and
+    its Hessian (third order) too."""
+    params, _, _, _, objective = problem
+    names = list(params)
+    ad.check_grads(lambda *v: objective(dict(zip(names, v)), True)[0], [params[k] for k in names], order=2)
+
+
+def test_at_theta_old_ratio_is_one_and_kl_is_flat(problem):
+    params, _, post, _, objective = problem
+    names = list(params)
+    leaves = [ad.Tensor(params[k], requires_grad=True) for k in names]
+    loss, kl = objective(dict(zip(names, leaves)), create_graph=True)
+    expected = -masked_task_mean(ad.Tensor(post["advantages"]), post["mask"]).data.mean()
+    assert loss.item() == pytest.approx(expected, rel=1e-12) and abs(kl.item()) < 1e-14
+    assert np.abs(trpo.flatten(ad.grad(kl, leaves))).max() < 1e-12
+
+
+def test_fisher_vector_product_matches_finite_differences(problem):
+    """(a) F v (reverse over reverse through the inner step) = d/dh grad D(theta + h v), central FD."""
+    params, _, _, _, objective = problem
+    names = list(params)
+    v = np.random.default_rng(1).standard_normal(trpo.flatten(params.values()).size)
+    h = 1e-5
+    theta = trpo.flatten(params.values())
+    plus = _kl_grad(objective, names, trpo.unflatten(theta + h * v, params.values()))
+    minus = _kl_grad(objective, names, trpo.unflatten(theta - h * v, params.values()))
+    np.testing.assert_allclose(_fvp_at(objective, params)(v), (plus - minus) / (2 * h), rtol=1e-6, atol=1e-10)
+
+
+def test_fisher_vector_product_equals_jt_fprime_j(problem):
+    """(b) F v = J^T F' J v with J = I - alpha H_inner, from exact Hessian-vector products (ad.hvp):
+    per task, u_i = v - alpha H_i v; w_i = F'_i u_i at theta'_i; F v = sum_i (w_i - alpha H_i w_i)."""
+    params, pre, post, old, objective = problem
+    names = list(params)
+    rng = np.random.default_rng(2)
+    v = {k: rng.standard_normal(params[k].shape) for k in names}
+    per_task = [np.broadcast_to(params[k], (T,) + params[k].shape).copy() for k in names]
+
+    def inner(*values):
+        return ad.sum(inner_losses(dict(zip(names, values)), pre))
+
+    def inner_jacobian(vectors):  # (J_i x_i)_i = x_i - alpha H_i x_i, H block-diagonal over tasks
+        return [x - ALPHA * hx for x, hx in zip(vectors, ad.hvp(inner, per_task, vectors))]
+
+    with ad.no_grad():
+        old_mean, old_log_std = pol.apply(old, post["obs"])
+
+    def kl_adapted(*values):  # D as a function of the adapted (batched) parameters theta'
+        mean, log_std = pol.apply(dict(zip(names, values)), post["obs"])
+        return ad.mean(masked_task_mean(pol.gaussian_kl(old_mean, old_log_std, mean, log_std), post["mask"]))
+
+    u = inner_jacobian([np.broadcast_to(v[k], (T,) + v[k].shape) for k in names])
+    w = ad.hvp(kl_adapted, [old[k] for k in names], u)
+    explicit = [x.sum(axis=0) for x in inner_jacobian(w)]
+    fvp = _fvp_at(objective, params)(trpo.flatten(v[k] for k in names))
+    np.testing.assert_allclose(fvp, trpo.flatten(explicit), rtol=1e-9, atol=1e-12)
+
+
+def test_kl_hessian_check_grads_to_second_order(problem):
+    """(c) ``check_grads`` on D up to order 2: the tape's reverse-over-reverse pass through the inner
+    step (third derivatives of the policy) against finite differences along random directions."""
+    params, _, _, _, objective = problem
+    names = list(params)
+    ad.check_grads(lambda *v: objective(dict(zip(names, v)), True)[1], [params[k] for k in names], order=2)
+
+
+def test_conjugate_gradient_solves_spd_system():
+    rng = np.random.default_rng(3)
+    m = rng.standard_normal((6, 6))
+    a = m @ m.T + 6 * np.eye(6)
+    b = rng.standard_normal(6)
+    np.testing.assert_allclose(trpo.conjugate_gradient(lambda x: a @ x, b, iters=6), np.linalg.solve(a, b),
+                               rtol=1e-8)
+
+
+def _toy_objective(center, quartic):
+    """loss = <c, theta>, KL = 1/2 |theta - theta0|^2 + quartic |theta - theta0|^4 (theta0 = center)."""
+    c = np.array([1.0, -2.0, 0.5])
+
+    def objective(params, create_graph):
+        d = ad.subtract(params["theta"], center)
+        sq = ad.sum(ad.multiply(d, d))
+        kl = ad.add(ad.multiply(sq, 0.5), ad.multiply(ad.multiply(sq, sq), quartic))
+        return ad.sum(ad.multiply(params["theta"], c)), kl
+
+    return objective
+
+
+def test_trpo_step_on_quadratic_kl_takes_the_full_step():
+    center = np.array([0.3, 0.1, -0.2])
+    new, stats = trpo.trpo_step(_toy_objective(center, 0.0), {"theta": center.copy()}, max_kl=0.01)
+    assert stats["accepted"] and stats["backtracks"] == 0
+    np.testing.assert_allclose(stats["kl"], 0.01, rtol=1e-4)  # sqrt(2 delta / x^T F x) reaches delta exactly
+    direction = -np.array([1.0, -2.0, 0.5]) / np.linalg.norm([1.0, -2.0, 0.5])
+    np.testing.assert_allclose(new["theta"] - center, np.sqrt(0.02) * direction, rtol=1e-4)
+
+
+def test_line_search_backtracks_until_kl_constraint_holds():
+    center = np.zeros(3)
+    new, stats = trpo.trpo_step(_toy_objective(center, 50.0), {"theta": center.copy()}, max_kl=0.01)
+    assert stats["accepted"] and stats["backtracks"] > 0
+    assert stats["kl"] <= 0.01 and stats["loss_after"] < stats["loss_before"]
+    d = new["theta"] - center
+    assert 0.5 * d @ d + 50.0 * (d @ d) ** 2 <= 0.01
+
+
+def test_line_search_rejects_when_nothing_qualifies():
+    theta = np.array([1.0, 2.0])
+    evaluated = []
+
+    def evaluate(flat):
+        evaluated.append(flat)
+        return 0.0, 1.0  # never improves, always too far
+
+    out, info = trpo.line_search(evaluate, theta, np.ones(2), loss_before=0.0, max_kl=0.01)
+    assert not info["accepted"] and np.array_equal(out, theta) and len(evaluated) == 15
+    np.testing.assert_allclose(evaluated[1], theta - 0.8)
+
+
+def test_trpo_step_on_meta_objective_improves_within_trust_region(problem):
+    params, _, _, _, objective = problem
+    new, stats = trpo.trpo_step(objective, params, max_kl=0.01)
+    assert stats["accepted"] and stats["loss_after"] < stats["loss_before"] and 0 < stats["kl"] <= 0.01
+    names = list(params)
+    loss, kl = objective({k: ad.Tensor(new[k], requires_grad=True) for k in names}, create_graph=False)
+    assert kl.item() == pytest.approx(stats["kl"]) and new["layer0.w"].dtype == np.float64
+
+
+def test_flatten_roundtrip():
+    arrays = [np.arange(6, dtype=np.float32).reshape(2, 3), np.ones(4, dtype=np.float32)]
+    flat = trpo.flatten(arrays)
+    assert flat.dtype == np.float64 and flat.shape == (10,)
+    back = trpo.unflatten(flat, arrays)
+    assert all(a.dtype == b.dtype and np.array_equal(a, b) for a, b in zip(arrays, back))
+
+
+def test_evaluation_step_sizes_halve_after_first():
+    assert evaluation_step_sizes(0.5, 3) == [0.5, 0.25, 0.25]
+
+
+class _Corridor:
+    """A tiny 1-task-parameter env for a smoke test of the whole meta-iteration: move towards goal g."""
+
+    obs_dim, act_dim, task_shape, horizon = 2, 2, (2,), 4
+
+    def sample_tasks(self, rng, n):
+        return rng.uniform(-1, 1, size=(n, 2))
+
+    def reset(self, goals):
+        self.goals, self.pos = goals, np.zeros_like(goals)
+        return self.pos.copy()
+
+    def step(self, actions):
+        self.pos = self.pos + np.clip(actions, -0.1, 0.1)
+        return self.pos.copy(), -np.linalg.norm(self.pos - self.goals, axis=1), np.zeros(len(actions), bool)
+
+
+def test_meta_iteration_runs_and_reports_stats():
+    rng = np.random.default_rng(0)
+    params = pol.init(rng, 2, 2, hidden=(8, 8))
+    cfg = MamlRLConfig(meta_batch_size=3, n_traj=4, inner_lr=0.5)
+    new, stats = meta_iteration(_Corridor(), params, rng, cfg)
+    assert set(new) == set(params) and all(new[k].dtype == np.float32 for k in new)
+    for key in ("pre_return", "post_return", "time_sampling", "time_inner", "time_cg", "time_line_search"):
+        assert np.isfinite(stats[key])
+    assert stats["kl"] <= cfg.max_kl
