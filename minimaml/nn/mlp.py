@@ -1,0 +1,51 @@
+"""The paper's sinusoid regressor: a multilayer perceptron 1-40-40-1 with ReLU.
+
+``init(rng) -> params`` and ``apply(params, x)``. Parameters are named ``layer{i}.w`` ``(in, out)`` and
+``layer{i}.b`` ``(out,)``; with a leading task axis, ``(T, in, out)`` and ``(T, out)`` and the input
+``(T, N, in)``, all T tasks run in one batched call.
+"""
+
+from __future__ import annotations
+
+import numpy
+
+from .. import autodiff as ad
+from .. import backend
+from .init import fan_in_uniform, truncated_normal
+from .layers import linear
+
+PAPER_SIZES = (1, 40, 40, 1)
+
+
+def init(rng, sizes=PAPER_SIZES, scheme: str = "paper", dtype=numpy.float32) -> dict:
+    """Parameters of an MLP with layer ``sizes``.
+
+    ``scheme="paper"``: as the authors' code, weights from a normal truncated at two standard
+    deviations with std 0.01, zero biases. ``scheme="uniform"``: PyTorch's ``nn.Linear`` default,
+    weights and biases ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (the benchmark workloads use it).
+    ``rng``: a ``numpy.random.Generator`` (draws are made on the host, then moved to the device).
+    """
+    if scheme not in ("paper", "uniform"):
+        raise ValueError(f"mlp.init: unknown scheme {scheme!r}: expected 'paper' or 'uniform'")
+    params = {}
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        if scheme == "paper":
+            w = truncated_normal(rng, (fan_in, fan_out), std=0.01, dtype=dtype)
+            b = numpy.zeros(fan_out, dtype=dtype)
+        else:
+            w = fan_in_uniform(rng, (fan_in, fan_out), fan_in, dtype=dtype)
+            b = fan_in_uniform(rng, (fan_out,), fan_in, dtype=dtype)
+        params[f"layer{i}.w"] = backend.asarray(w)
+        params[f"layer{i}.b"] = backend.asarray(b)
+    return params
+
+
+def apply(params: dict, x) -> ad.Tensor:
+    """y = W_L relu(... relu(W_0 x + b_0) ...) + b_L for ``x: (*task, N, in)``; returns ``(*task, N, out)``."""
+    n_layers = len(params) // 2
+    h = x
+    for i in range(n_layers):
+        h = linear(h, params[f"layer{i}.w"], params[f"layer{i}.b"])
+        if i < n_layers - 1:
+            h = ad.relu(h)
+    return h
