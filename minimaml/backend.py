@@ -87,6 +87,11 @@ def array_namespace(array):
     return numpy
 
 
+def gpu_in_use() -> bool:
+    """True once CuPy has been imported here (until then every array is a NumPy array)."""
+    return _cupy is not None
+
+
 def is_gpu_array(array) -> bool:
     return _cupy is not None and isinstance(array, _cupy.ndarray)
 

@@ -41,9 +41,9 @@ def _operands(op: str, a, b) -> tuple:
     if not isinstance(a, Tensor):
         b = as_tensor(b)
         a = as_tensor(a, like=b)
-    else:
+    elif not isinstance(b, Tensor):
         b = as_tensor(b, like=a)
-    if backend.is_gpu_array(a.data) != backend.is_gpu_array(b.data):
+    if backend.gpu_in_use() and backend.is_gpu_array(a.data) != backend.is_gpu_array(b.data):
         raise TypeError(
             f"{op}: operands live on different devices (a NumPy and a CuPy array, shapes {a.shape} and "
             f"{b.shape}); move both to one device with minimaml.backend.asarray or to_numpy"
@@ -65,10 +65,12 @@ def _unbroadcast(g: Tensor, shape: tuple) -> Tensor:
     if g.shape == shape:
         return g
     lead = g.ndim - len(shape)
-    axes = tuple(range(lead)) + tuple(
-        lead + i for i, n in enumerate(shape) if n == 1 and g.shape[lead + i] != 1
-    )
-    return reshape(sum(g, axis=axes), shape)
+    stretched = tuple(lead + i for i, n in enumerate(shape) if n == 1 and g.shape[lead + i] != 1)
+    if not stretched:
+        return sum(g, axis=tuple(range(lead)))
+    if not lead:
+        return sum(g, axis=stretched, keepdims=True)
+    return reshape(sum(g, axis=tuple(range(lead)) + stretched), shape)
 
 
 def _broadcast_error(op: str, a: Tensor, b: Tensor) -> ShapeError:
@@ -285,7 +287,7 @@ def sum(x, axis=None, keepdims: bool = False) -> Tensor:  # noqa: A001
     out = xp.sum(x.data, axis=axes, keepdims=keepdims)
 
     def vjp(g):
-        if not keepdims:
+        if not keepdims and axes != tuple(range(len(axes))):  # leading axes broadcast back by themselves
             g = reshape(g, _keepdims_shape(x.shape, axes))
         return (broadcast_to(g, x.shape),)
 
@@ -348,10 +350,13 @@ def reshape(x, shape) -> Tensor:
 def transpose(x, axes=None) -> Tensor:
     """Permute axes (reverse them when ``axes`` is None). VJP: the inverse permutation."""
     x = as_tensor(x)
-    axes = tuple(reversed(range(x.ndim))) if axes is None else tuple(a % x.ndim for a in axes)
-    if sorted(axes) != list(range(x.ndim)):
-        raise ShapeError(f"transpose: {axes} is not a permutation of the {x.ndim} axes of {x.shape}")
-    inverse = tuple(sorted(range(x.ndim), key=lambda i: axes[i]))
+    ndim = x.ndim
+    axes = tuple(range(ndim - 1, -1, -1)) if axes is None else tuple(a % ndim for a in axes)
+    if len(axes) != ndim or len(set(axes)) != ndim:
+        raise ShapeError(f"transpose: {axes} is not a permutation of the {ndim} axes of {x.shape}")
+    inverse = [0] * ndim  # the permutation that undoes ``axes``
+    for position, axis in enumerate(axes):
+        inverse[axis] = position
     return record(x.data.transpose(axes), (x,), lambda g: (transpose(g, inverse),))
 
 

@@ -106,40 +106,50 @@ class Tensor:
         return Tensor(self.data)
 
 
+def _result(data, requires_grad: bool = False, parents: tuple = (), vjp=None) -> Tensor:
+    """A Tensor around an operation's result array, without ``__init__``'s input checks (the hot path:
+    a meta-step creates hundreds of these)."""
+    t = Tensor.__new__(Tensor)
+    t.data, t.requires_grad, t.parents, t.vjp = data, requires_grad, parents, vjp
+    return t
+
+
 def record(data, parents: tuple, vjp) -> Tensor:
     """The result of an operation: a recorded node if any parent needs a gradient, else a constant."""
     if _recording:
         for parent in parents:
             if parent.requires_grad:
-                return Tensor(data, True, parents, vjp)
-    return Tensor(data)
+                return _result(data, True, parents, vjp)
+    return _result(data)
 
 
 def _nodes_between(output: Tensor, inputs) -> list:
     """The recorded nodes on some path from ``inputs`` to ``output``, parents before children.
 
-    An iterative depth-first search (graphs of many inner steps are deep): a node is kept when it is
-    one of the inputs or one of its parents was kept.
+    An iterative depth-first search (graphs of many inner steps are deep): a node is settled once its
+    parents are, and kept when it is one of the inputs or one of its parents was kept.
     """
     input_ids = {id(x) for x in inputs}
-    kept = {}  # id(node) -> bool, once the node's parents have all been visited
+    kept = {}  # id(node) -> whether it lies on a path from an input
     order = []
-    stack = [(output, False)]
+    stack = [output]
     while stack:
-        node, parents_done = stack.pop()
-        key = id(node)
-        if key in kept:
+        node = stack[-1]
+        if id(node) in kept:
+            stack.pop()
             continue
-        if parents_done:
-            keep = key in input_ids or any(kept.get(id(p), False) for p in node.parents)
-            kept[key] = keep
-            if keep:
-                order.append(node)
-            continue
-        stack.append((node, True))
+        waiting = False
         for parent in node.parents:
             if parent.requires_grad and id(parent) not in kept:
-                stack.append((parent, False))
+                stack.append(parent)
+                waiting = True
+        if waiting:
+            continue
+        stack.pop()
+        keep = id(node) in input_ids or any(kept.get(id(parent), False) for parent in node.parents)
+        kept[id(node)] = keep
+        if keep:
+            order.append(node)
     return order
 
 
