@@ -135,9 +135,15 @@ def meta_gradient(apply, loss_fn, params: dict, tasks: TaskBatch, inner_lr, inne
 
     theta = {n: ad.Tensor(p, requires_grad=True) for n, p in params.items()}
     adapted = _per_task(theta, names, tasks.n_tasks)
-    for _ in range(inner_steps):
-        adapted = inner_step(apply, loss_fn, adapted, tasks.support_x, tasks.support_y, inner_lr,
-                             names, create_graph=mode == "second_order")
+    if mode == "second_order":
+        for _ in range(inner_steps):
+            adapted = inner_step(apply, loss_fn, adapted, tasks.support_x, tasks.support_y, inner_lr,
+                                 names, create_graph=True)
+    else:  # first order: theta_i^K = theta + delta_i, the inner displacement delta_i held constant
+        final = adapt(apply, loss_fn, params, tasks.support_x, tasks.support_y, inner_lr, inner_steps,
+                      names)
+        adapted = {n: adapted[n] + ad.Tensor(final[n].data - params[n]) if n in names else adapted[n]
+                   for n in params}
     meta_loss = _task_loss(apply, loss_fn, adapted, tasks.query_x, tasks.query_y)
     grads = ad.grad(meta_loss, list(theta.values()))
     return float(meta_loss.data), {n: g.data for n, g in zip(theta, grads)}
