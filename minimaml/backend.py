@@ -92,6 +92,14 @@ def gpu_in_use() -> bool:
     return _cupy is not None
 
 
+def same_device(a, b) -> bool:
+    """Whether two arrays can meet in one operation: both NumPy, both CuPy, or one a NumPy scalar
+    (a Python number's stand-in, which CuPy accepts)."""
+    if isinstance(a, numpy.generic) or isinstance(b, numpy.generic):
+        return True
+    return is_gpu_array(a) == is_gpu_array(b)
+
+
 def is_gpu_array(array) -> bool:
     return _cupy is not None and isinstance(array, _cupy.ndarray)
 

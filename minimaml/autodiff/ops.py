@@ -32,7 +32,7 @@ def as_tensor(x, like: Tensor | None = None) -> Tensor:
     if isinstance(x, Tensor):
         return x
     if isinstance(x, numbers.Number) and like is not None:
-        return Tensor(backend.array_namespace(like.data).asarray(x, dtype=like.dtype))
+        return Tensor(like.dtype.type(x))  # a NumPy scalar of like's dtype (works beside CuPy too)
     return Tensor(x)
 
 
@@ -43,7 +43,7 @@ def _operands(op: str, a, b) -> tuple:
         a = as_tensor(a, like=b)
     elif not isinstance(b, Tensor):
         b = as_tensor(b, like=a)
-    if backend.gpu_in_use() and backend.is_gpu_array(a.data) != backend.is_gpu_array(b.data):
+    if backend.gpu_in_use() and not backend.same_device(a.data, b.data):
         raise TypeError(
             f"{op}: operands live on different devices (a NumPy and a CuPy array, shapes {a.shape} and "
             f"{b.shape}); move both to one device with minimaml.backend.asarray or to_numpy"
@@ -266,7 +266,9 @@ def _axes(axis, ndim: int) -> tuple:
     if axis is None:
         return tuple(range(ndim))
     if isinstance(axis, int):
-        axis = (axis,)
+        if not -ndim <= axis < ndim:
+            raise ShapeError(f"axis {axis} is out of range for an array of {ndim} dimensions")
+        return (axis % ndim,)
     out = []
     for a in axis:
         if not -ndim <= a < ndim:
@@ -283,8 +285,7 @@ def sum(x, axis=None, keepdims: bool = False) -> Tensor:  # noqa: A001
     """Sum over ``axis``. VJP: g broadcast back over the summed axes."""
     x = as_tensor(x)
     axes = _axes(axis, x.ndim)
-    xp = backend.array_namespace(x.data)
-    out = xp.sum(x.data, axis=axes, keepdims=keepdims)
+    out = x.data.sum(axis=axes, keepdims=keepdims)
 
     def vjp(g):
         if not keepdims and axes != tuple(range(len(axes))):  # leading axes broadcast back by themselves
@@ -308,8 +309,7 @@ def max(x, axis=None, keepdims: bool = False) -> Tensor:  # noqa: A001
     """Maximum over ``axis``. VJP: g shared equally by the entries that attain the maximum."""
     x = as_tensor(x)
     axes = _axes(axis, x.ndim)
-    xp = backend.array_namespace(x.data)
-    out_kept = xp.max(x.data, axis=axes, keepdims=True)
+    out_kept = x.data.max(axis=axes, keepdims=True)
 
     def vjp(g):
         is_max = (x.data == out_kept).astype(x.dtype)
@@ -476,11 +476,15 @@ def matmul(a, b) -> Tensor:
 def _matmul_arrays(a, b):
     """``a @ b`` on raw arrays, fast on NumPy too.
 
-    NumPy's stacked matmul is slow on a CPU: it falls back to a loop without BLAS when a batch operand
-    is a transposed view or broadcast (stride 0), and even on contiguous operands it is slower than
-    one 2-D BLAS call per batch entry. So on NumPy a batch that ``b`` does not vary over is folded into
-    the rows of a single 2-D product, and any other batch runs as a loop of 2-D products. CuPy's
-    batched GEMM is used as it is.
+    CuPy's batched GEMM, and NumPy's own ``@`` on 2-D operands, are used as they are. On NumPy:
+
+    - a batch that ``b`` does not vary over (a broadcast weight, stride 0) is folded into the rows of a
+      single 2-D product: ``(B, m, k) @ (k, n)`` as ``(B m, k) @ (k, n)``, one large BLAS call;
+    - small matrices (``m k n`` below ``_LOOP_MIN_WORK``, e.g. the sinusoid MLP's 10x40 @ 40x40) go to
+      NumPy's stacked ``@``: one call, where a Python loop would cost ~1 us per matrix;
+    - large matrices, or an operand that BLAS cannot read directly (neither of its last two axes has
+      unit stride, so the stacked ``@`` would fall back to its slow non-BLAS loop), run as a loop of
+      2-D products, one BLAS call per batch entry (NumPy copies a non-BLAS 2-D operand once).
     """
     if backend.is_gpu_array(a) or b.ndim == 2 and a.ndim == 2:
         return a @ b
@@ -489,12 +493,24 @@ def _matmul_arrays(a, b):
     if b_is_shared and a.shape[:-2] == batch:
         b2 = b[(0,) * (b.ndim - 2)]
         return (a.reshape(-1, a.shape[-1]) @ b2).reshape(*a.shape[:-1], b.shape[-1])
+    m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+    if m * k * n < _LOOP_MIN_WORK and _blas_readable(a) and _blas_readable(b):
+        return a @ b
     a = numpy.broadcast_to(a, batch + a.shape[-2:])
     b = numpy.broadcast_to(b, batch + b.shape[-2:])
-    out = numpy.empty(batch + (a.shape[-2], b.shape[-1]), dtype=numpy.result_type(a, b))
+    out = numpy.empty(batch + (m, n), dtype=numpy.result_type(a, b))
     for index in numpy.ndindex(*batch):
         numpy.matmul(a[index], b[index], out=out[index])
     return out
+
+
+_LOOP_MIN_WORK = 1 << 17  # multiply-adds per matrix above which a loop of 2-D BLAS calls is used
+
+
+def _blas_readable(x) -> bool:
+    """Whether each matrix of ``x`` (its last two axes) has a unit stride along one of them, so that
+    BLAS can read it in place (as stored or transposed)."""
+    return x.strides[-1] == x.itemsize or x.strides[-2] == x.itemsize or x.shape[-1] == 1 or x.shape[-2] == 1
 
 
 # --- operators on Tensor --------------------------------------------------------------------------

@@ -135,7 +135,8 @@ def _nodes_between(output: Tensor, inputs) -> list:
     stack = [output]
     while stack:
         node = stack[-1]
-        if id(node) in kept:
+        key = id(node)
+        if key in kept:
             stack.pop()
             continue
         waiting = False
@@ -146,8 +147,13 @@ def _nodes_between(output: Tensor, inputs) -> list:
         if waiting:
             continue
         stack.pop()
-        keep = id(node) in input_ids or any(kept.get(id(parent), False) for parent in node.parents)
-        kept[id(node)] = keep
+        keep = key in input_ids
+        if not keep:
+            for parent in node.parents:
+                if kept.get(id(parent)):
+                    keep = True
+                    break
+        kept[key] = keep
         if keep:
             order.append(node)
     return order
@@ -179,19 +185,20 @@ def grad(output: Tensor, inputs, create_graph: bool = False) -> list:
     results = {}
     with _recording_if(create_graph):
         for node in reversed(_nodes_between(output, inputs)):
-            g = cotangents.pop(id(node), None)
+            key = id(node)
+            g = cotangents.pop(key, None)
             if g is None:
                 continue
-            if id(node) in input_ids:
-                results[id(node)] = g
+            if key in input_ids:
+                results[key] = g
             if not node.parents:
                 continue
             for parent, parent_g in zip(node.parents, node.vjp(g)):
-                if parent_g is None or not parent.requires_grad:
+                if parent_g is None:
                     continue
-                key = id(parent)
-                previous = cotangents.get(key)
-                cotangents[key] = parent_g if previous is None else previous + parent_g
+                parent_key = id(parent)
+                previous = cotangents.get(parent_key)
+                cotangents[parent_key] = parent_g if previous is None else previous + parent_g
     out = []
     for x in inputs:
         g = results.get(id(x))
