@@ -11,6 +11,7 @@ import tempfile
 import numpy
 
 PROFILES = ("quick", "full")
+_FIELD_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 
 def mean_ci95(values) -> tuple:
@@ -47,7 +48,8 @@ def markdown_table(header: list, rows: list) -> str:
 def config_parser(config_class, description: str) -> argparse.ArgumentParser:
     """A command line with ``--profile`` and one ``--flag`` per field of the config dataclass
     (overriding the profile's value)."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=PROFILES, default="quick",
                         help="quick: minutes on 2 CPU cores; full: the paper's scale")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
@@ -55,11 +57,11 @@ def config_parser(config_class, description: str) -> argparse.ArgumentParser:
     for field in dataclasses.fields(config_class):
         if field.name in ("profile",):
             continue
-        kind = field.type if isinstance(field.type, type) else eval(field.type)  # noqa: S307 - dataclass annotations
+        kind = _FIELD_TYPES.get(field.type, field.type)  # annotations are strings under __future__
         flag = "--" + field.name.replace("_", "-")
         if kind is bool:
             parser.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=None,
-                                metavar="BOOL", help=f"(default from the profile)")
+                                metavar="BOOL", help="(default from the profile)")
         elif kind in (int, float, str):
             parser.add_argument(flag, type=kind, default=None, help="(default from the profile)")
     return parser
