@@ -1,33 +1,50 @@
-"""W2 / W2fo meta-step timings (``/work/shared/bench/WORKLOADS.md``): the Omniglot conv4 meta-gradient of
-32 tasks, 5-way 1-shot, 75 query images, one inner step (alpha 0.4), on the peers' seeded inputs.
+"""Time minimaml's Omniglot conv4 meta-step (W2: second order; W2fo: first order) beside the peers of
+../shared/bench (``/work/shared/bench/WORKLOADS.md``): 32 tasks, 5-way 1-shot, 75 query images, one inner
+step (alpha 0.4), every parameter adapted, on the peers' seeded inputs.
 
-    BENCH_DATA=/tmp/bench-data python benchmarks/bench_w2.py [--repeats 10] [--workloads W2 W2fo]
+    BENCH_DATA=/tmp/bench-data python benchmarks/bench_w2.py [--repeats 10] [--rounds 2]
+        [--workloads W2 W2fo] [--modes second_order] [--peers torch_loop,jax_loop]
 
-Prints ``minimaml <workload> <dtype> median_ms min_ms rel_err`` per line, where rel_err is
+The meta-step is ``minimaml.maml.meta_gradient`` of a ``Conv4`` configured like W2 (padding 1, batch
+norm eps 1e-5 with scale and shift, no conv bias, flattened features). Prints one line per
+(round, implementation): ``impl workload median_ms min_ms rel_err_f32 rel_err_f64``, where rel_err is
 max over parameters of ||g - g_ref||_inf / ||g_ref||_inf against ``$BENCH_DATA/ref_<workload>.npz``
-(float64). Numbers are printed, never asserted.
+(float64; W2 agrees only to ~1e-3 in float32 for every implementation, see the peers' NOTES.md, so the
+float64 column, ~1e-12, is the tight check). minimaml is timed in float32. Peers run in their own
+processes (``peers.py``), alternating with minimaml in the same run; the last table gives each ratio
+peer / minimaml (of medians, per round). ``autograd`` is a peer too but takes ~8 s a step, so it is
+left out unless named in ``--peers``. Numbers are printed, never asserted.
 
 The peers' arrays are NCHW images / OIHW filters with a flatten in (C, H, W) order; they are converted
 once, outside the timed region, to minimaml's NHWC / HWIO (and the head's rows permuted to the (H, W, C)
 flatten order), and the gradients are converted back before the comparison.
+
+Memory allocator: a meta-step allocates and frees arrays of up to ~270 MB. glibc's malloc returns such
+blocks to the OS (they are above its mmap threshold), so every step page-faults them in again. Unless
+``MALLOC_MMAP_THRESHOLD_`` is already set, this script re-executes itself once with
+``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` raised (``--system-malloc`` keeps the defaults),
+so freed blocks stay in the process and are reused. The peers' processes inherit the same environment.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import time
+import sys
 
 import numpy
 
+from common import load_reference, load_workload, max_rel_diff, run_peer, summary, time_calls
 from minimaml import autodiff as ad
-from minimaml import backend
+from minimaml import backend, maml
 from minimaml.nn.conv4 import Conv4
 
 ALPHA = 0.4
 LAYERS = 4
+MODES = {"W2": ("second_order", "hvp"), "W2fo": ("first_order",)}
 W2_NET = Conv4(image_size=28, in_channels=1, filters=64, stride=2, padding=1, features="flatten",
                bn_eps=1e-5, bn_scale=True, conv_bias=False)
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 31)}
 
 
 def head_rows(channels=64, size=2):
@@ -35,9 +52,9 @@ def head_rows(channels=64, size=2):
     return numpy.arange(channels * size * size).reshape(channels, size, size).transpose(1, 2, 0).ravel()
 
 
-def load(data_dir: str, dtype):
+def workload_inputs(dtype):
     """The W2 parameters (minimaml names and layouts) and task batch, on the default device."""
-    z = numpy.load(os.path.join(data_dir, "W2.npz"))
+    z = load_workload("W2")
     params = {}
     for i in range(LAYERS):
         params[f"conv{i}.w"] = z[f"c{i}"].transpose(2, 3, 1, 0)  # OIHW -> HWIO
@@ -46,13 +63,18 @@ def load(data_dir: str, dtype):
     params["head.w"] = z["wl"][head_rows()]
     params["head.b"] = z["bl"]
     params = {k: backend.asarray(numpy.ascontiguousarray(v), dtype=dtype) for k, v in params.items()}
-    batch = {k: backend.asarray(numpy.ascontiguousarray(z[k].transpose(0, 1, 3, 4, 2)), dtype=dtype)
-             for k in ("xs", "xq")}
-    batch.update({k: backend.asarray(z[k]) for k in ("ys", "yq")})
-    return params, batch
+    images = {k: backend.asarray(numpy.ascontiguousarray(z[k].transpose(0, 1, 3, 4, 2)), dtype=dtype)
+              for k in ("xs", "xq")}
+    tasks = maml.TaskBatch(images["xs"], backend.asarray(z["ys"]), images["xq"], backend.asarray(z["yq"]))
+    return params, tasks
 
 
-def to_reference_layout(grads: dict) -> list:
+def meta_step(params, tasks, mode):
+    """d/dtheta sum_i L_Qi(theta - alpha grad L_Si(theta)), every parameter adapted, all tasks batched."""
+    return maml.meta_gradient(W2_NET.apply, ad.softmax_cross_entropy, params, tasks, ALPHA, 1, mode=mode)
+
+
+def in_peer_order(grads: dict) -> list:
     """Gradients in the peers' order and layouts (float64 host arrays)."""
     out = []
     for i in range(LAYERS):
@@ -64,54 +86,64 @@ def to_reference_layout(grads: dict) -> list:
     return [g.astype(numpy.float64) for g in out]
 
 
-def meta_gradient(params: dict, batch: dict, first_order: bool) -> dict:
-    """d/dtheta sum_i L_Qi(theta - alpha grad L_Si(theta)), every parameter adapted, all tasks batched.
-
-    theta_i = broadcast_to(theta, (T, ...)) gives each task its own copy, so grad(sum_i L_Si, theta_i)
-    is the per-task inner gradient; ``create_graph`` (second order) keeps it differentiable.
-    """
-    tasks = batch["xs"].shape[0]
-    names = list(params)
-    theta = [ad.Tensor(params[k], requires_grad=True) for k in names]
-    theta_i = [ad.broadcast_to(p, (tasks, *p.shape)) for p in theta]
-    support = ad.sum(ad.softmax_cross_entropy(W2_NET.apply(dict(zip(names, theta_i)), batch["xs"]), batch["ys"]))
-    inner = ad.grad(support, theta_i, create_graph=not first_order)
-    adapted = {k: p - ALPHA * g for k, p, g in zip(names, theta_i, inner)}
-    query = ad.sum(ad.softmax_cross_entropy(W2_NET.apply(adapted, batch["xq"]), batch["yq"]))
-    return {k: g.data for k, g in zip(names, ad.grad(query, theta))}
-
-
-def max_rel_err(grads: list, ref: list) -> float:
-    return max(float(numpy.max(numpy.abs(g - r)) / numpy.max(numpy.abs(r))) for g, r in zip(grads, ref))
-
-
-def bench(workload: str, dtype, data_dir: str, repeats: int) -> None:
-    params, batch = load(data_dir, dtype)
-    first_order = workload == "W2fo"
-    grads = meta_gradient(params, batch, first_order)  # warm-up (first-touch allocations)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        grads = meta_gradient(params, batch, first_order)
-        times.append(1e3 * (time.perf_counter() - start))
-    z = numpy.load(os.path.join(data_dir, f"ref_{workload}.npz"))
-    ref = [z[f"arr_{i}"] for i in range(len(z.files))]
-    err = max_rel_err(to_reference_layout(grads), ref)
-    print(f"minimaml {workload} {numpy.dtype(dtype).name} {numpy.median(times):.1f} {min(times):.1f} {err:.2e}",
-          flush=True)
+def reexec_with_malloc_settings() -> None:
+    """Restart this script once with ``MALLOC_ENV`` set (see the module docstring)."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "--system-malloc" in sys.argv:
+        return
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--workloads", nargs="+", default=["W2", "W2fo"], choices=["W2", "W2fo"])
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"], choices=["float32", "float64"])
-    parser.add_argument("--data", default=os.environ.get("BENCH_DATA", "/tmp/bench-data"))
+    parser.add_argument("--rounds", type=int, default=2, help="alternations of minimaml and the peers")
+    parser.add_argument("--workloads", nargs="+", default=["W2", "W2fo"], choices=list(MODES))
+    parser.add_argument("--modes", nargs="+", default=["second_order", "first_order"],
+                        choices=list(maml.MODES), help="minimaml modes to time (each runs on its workload)")
+    parser.add_argument("--peers", default="torch_loop,jax_loop",
+                        help="comma-separated peers.py implementations ('' for none; autograd is slow)")
+    parser.add_argument("--system-malloc", action="store_true", help="keep glibc's default malloc settings")
     args = parser.parse_args()
-    print("impl workload dtype median_ms min_ms rel_err")
+    reexec_with_malloc_settings()
+    peers = [p for p in args.peers.split(",") if p]
+
+    params32, tasks32 = workload_inputs(numpy.float32)
+    params64, tasks64 = workload_inputs(numpy.float64)
+    malloc = " ".join(f"{k}={os.environ.get(k, '(unset)')}" for k in MALLOC_ENV)
+    threads = os.environ.get("OPENBLAS_NUM_THREADS", "(unset)")
+    print(f"# {malloc} OPENBLAS_NUM_THREADS={threads}")
+    print("impl workload median_ms min_ms rel_err_f32 rel_err_f64")
+    results = {}
+    for round_ in range(args.rounds):
+        for workload in args.workloads:
+            reference = load_reference(workload)
+            for mode in (m for m in MODES[workload] if m in args.modes):
+                name = f"minimaml_{mode}"
+                times = time_calls(lambda: meta_step(params32, tasks32, mode), args.repeats)
+                med, best = summary(times)
+                results.setdefault((name, workload), []).append(med)
+                if round_ == 0:
+                    err32 = max_rel_diff(in_peer_order(meta_step(params32, tasks32, mode)[1]), reference)
+                    err64 = max_rel_diff(in_peer_order(meta_step(params64, tasks64, mode)[1]), reference)
+                    errors = f"{err32:.1e} {err64:.1e}"
+                else:
+                    errors = "- -"
+                print(f"{name} {workload} {med:.1f} {best:.1f} {errors}", flush=True)
+            for peer in peers:
+                timing = run_peer(peer, workload, args.repeats)
+                if timing is not None:
+                    results.setdefault((peer, workload), []).append(timing[0])
+                    print(f"{peer} {workload} {timing[0]:.1f} {timing[1]:.1f}", flush=True)
+
+    print("\nratio of medians (peer / minimaml; > 1 means minimaml is faster), per round:")
     for workload in args.workloads:
-        for dtype in args.dtypes:
-            bench(workload, numpy.dtype(dtype), args.data, args.repeats)
+        ours = [results[(f"minimaml_{m}", workload)] for m in MODES[workload] if m in args.modes]
+        if not ours:
+            continue
+        for peer in peers:
+            if (peer, workload) in results:
+                ratios = [p / m for p, m in zip(results[(peer, workload)], ours[0])]
+                print(f"  {workload} {peer:12s} " + " ".join(f"{r:6.2f}" for r in ratios))
 
 
 if __name__ == "__main__":

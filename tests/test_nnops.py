@@ -395,3 +395,47 @@ def test_nn_table_gradients_on_gpu(gpu, name, f, arrays):
         labels = gpu.asarray(_labels)
         f = lambda z: ad.softmax_cross_entropy(z * z, labels)  # noqa: E731 - labels on the GPU too
     to_gpu_and_check(gpu, f, arrays, order=2)
+
+
+# --- channel_dot / channel_scale (batch norm's per-channel products) ------------------------------------------
+
+from minimaml.autodiff import nnops  # noqa: E402
+
+CHANNEL_CASES = [
+    ("channel_dot", lambda a, b: nnops.channel_dot(ad.tanh(a), b * b), [_rng.standard_normal((2, 4, 3)),
+                                                                         _rng.standard_normal((2, 4, 3))]),
+    ("channel_dot_square", lambda a: nnops.channel_dot(a, a) * nnops.channel_dot(a, a),
+     [_rng.standard_normal((2, 5, 3))]),
+    ("channel_scale_task", lambda x, s: nnops.channel_scale(x * x, ad.tanh(s)),
+     [_rng.standard_normal((2, 4, 3)), _rng.standard_normal((2, 1, 3))]),
+    ("channel_scale_shared", lambda x, s: nnops.channel_scale(ad.tanh(x), s * s),
+     [_rng.standard_normal((2, 4, 3)), _rng.standard_normal((3,))]),
+]
+
+
+@pytest.mark.parametrize("name, f, arrays", CHANNEL_CASES, ids=[c[0] for c in CHANNEL_CASES])
+def test_channel_ops_gradients_to_third_order(name, f, arrays):
+    assert_grads(f, arrays, order=3)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name, f, arrays", CHANNEL_CASES, ids=[c[0] for c in CHANNEL_CASES])
+def test_channel_ops_preserve_dtype(name, f, arrays, dtype):
+    assert_dtype_preserved(f, arrays, dtype)
+
+
+def test_channel_ops_values_and_errors():
+    a, b = _rng.standard_normal((2, 3, 5, 4)), _rng.standard_normal((2, 3, 5, 4))
+    np.testing.assert_allclose(nnops.channel_dot(a, b).data, np.sum(a * b, axis=-2, keepdims=True), rtol=1e-13)
+    s = _rng.standard_normal((2, 3, 1, 4))
+    np.testing.assert_array_equal(nnops.channel_scale(a, s).data, a * s)
+    with pytest.raises(ShapeError, match="channel_dot"):
+        nnops.channel_dot(a, b[..., :3])
+    with pytest.raises(ShapeError, match="channel_scale"):
+        nnops.channel_scale(a, _rng.standard_normal((2, 3, 5, 4)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name, f, arrays", CHANNEL_CASES, ids=[c[0] for c in CHANNEL_CASES])
+def test_channel_ops_gradients_on_gpu(gpu, name, f, arrays):
+    to_gpu_and_check(gpu, f, arrays, order=2)

@@ -24,17 +24,59 @@ def _output_size(size: int, kernel: int, stride: int, pad: tuple) -> int:
     return (size + pad[0] + pad[1] - kernel) // stride + 1
 
 
-def _patch_slices(kh: int, kw: int, stride: int, ho: int, wo: int):
-    """For each kernel offset (i, j): the strided window of the padded image it reads."""
+def _valid_range(offset: int, size: int, out: int, stride: int, before: int) -> tuple:
+    """Along one axis, for kernel offset ``k``: output positions ``p`` in ``[lo, hi)`` read the input
+    position ``stride p + k - before`` inside ``[0, size)`` (the others read padding zeros), and
+    ``start`` is the input position of ``p = lo``. Returns ``(lo, hi, start)``."""
+    lo = max(0, -(-(before - offset) // stride))
+    hi = max(lo, min(out, (size - 1 + before - offset) // stride + 1))
+    return lo, hi, stride * lo + offset - before
+
+
+def _offset_windows(kh: int, kw: int, stride: int, image_shape: tuple, ho: int, wo: int, padding: tuple):
+    """For each kernel offset (i, j): ``(i, j, out_window, in_window, borders)``, where the patch entries
+    ``cols[..., out_window, i, j, :]`` are read from the unpadded image ``x[in_window]`` and the
+    entries ``cols[..., border, i, j, :]`` of each border window read padding (zero).
+    Working on the unpadded image saves the padded copy of ``x`` (im2col) or of the result (col2im)."""
+    h, w = image_shape
     for i in range(kh):
+        p_lo, p_hi, r0 = _valid_range(i, h, ho, stride, padding[0][0])
+        rows_in = slice(r0, r0 + stride * (p_hi - p_lo - 1) + 1, stride) if p_hi > p_lo else slice(0, 0)
         for j in range(kw):
-            yield i, j, (Ellipsis, slice(i, i + stride * (ho - 1) + 1, stride),
-                         slice(j, j + stride * (wo - 1) + 1, stride), slice(None))
+            q_lo, q_hi, c0 = _valid_range(j, w, wo, stride, padding[1][0])
+            cols_in = slice(c0, c0 + stride * (q_hi - q_lo - 1) + 1, stride) if q_hi > q_lo else slice(0, 0)
+            borders = [(slice(0, p_lo), slice(None)), (slice(p_hi, ho), slice(None)),
+                       (slice(p_lo, p_hi), slice(0, q_lo)), (slice(p_lo, p_hi), slice(q_hi, wo))]
+            yield (i, j, (Ellipsis, slice(p_lo, p_hi), slice(q_lo, q_hi), slice(None)),
+                   (Ellipsis, rows_in, cols_in, slice(None)),
+                   [(Ellipsis, *b, slice(None)) for b in borders if b[0].stop > b[0].start and
+                    (b[1].stop is None or b[1].stop > b[1].start)])
+
+
+_CHUNK_BYTES = 2 << 20  # im2col / col2im work on about this many bytes of patches at a time
+
+
+def _image_chunks(n_images: int, patch_bytes_per_image: int, on_gpu: bool):
+    """Slices of the flattened image axis, each covering about ``_CHUNK_BYTES`` of patches, so that the
+    strided copies (im2col) and strided adds (col2im) of a chunk stay in the CPU cache. On the GPU
+    (no such cache to fit, and a kernel launch per copy) one chunk holds every image."""
+    if on_gpu:
+        yield slice(0, n_images)
+        return
+    step = max(1, _CHUNK_BYTES // max(1, patch_bytes_per_image))
+    for start in range(0, n_images, step):
+        yield slice(start, min(start + step, n_images))
 
 
 def im2col(x, kh: int, kw: int, stride: int, padding: tuple) -> Tensor:
     """Patches of ``x: (..., H, W, C)`` as rows: ``(..., Ho, Wo, kh*kw*C)``, zero-padded by
-    ``padding = ((top, bottom), (left, right))``. Linear; its VJP is ``col2im``."""
+    ``padding = ((top, bottom), (left, right))``:
+
+        cols[..., p, q, (i, j, c)] = x_pad[..., stride p + i, stride q + j, c].
+
+    Linear; its VJP is ``col2im``. Each offset's strided window of ``x`` is copied straight into the
+    patches (padding entries are written as zeros, no padded copy of ``x`` is made), a cache-sized
+    chunk of images at a time."""
     x = ops.as_tensor(x)
     xp = backend.array_namespace(x.data)
     *lead, h, w, c = x.shape
@@ -42,27 +84,40 @@ def im2col(x, kh: int, kw: int, stride: int, padding: tuple) -> Tensor:
     wo = _output_size(w, kw, stride, padding[1])
     if ho < 1 or wo < 1:
         raise ShapeError(f"im2col: a {kh}x{kw} kernel does not fit image {x.shape} with padding {padding}")
-    padded = xp.pad(x.data, [(0, 0)] * len(lead) + [padding[0], padding[1], (0, 0)])
     cols = xp.empty((*lead, ho, wo, kh, kw, c), dtype=x.dtype)
-    for i, j, window in _patch_slices(kh, kw, stride, ho, wo):
-        cols[..., i, j, :] = padded[window]
+    images = x.data.reshape(-1, h, w, c)
+    patches = cols.reshape(-1, ho, wo, kh, kw, c)
+    windows = list(_offset_windows(kh, kw, stride, (h, w), ho, wo, padding))
+    for chunk in _image_chunks(images.shape[0], patches[0].nbytes, backend.is_gpu_array(cols)):
+        for i, j, out_window, in_window, borders in windows:
+            target = patches[chunk, ..., i, j, :]
+            target[out_window] = images[chunk][in_window]
+            for border in borders:
+                target[border] = 0
     cols = cols.reshape(*lead, ho, wo, kh * kw * c)
     return record(cols, (x,), lambda g: (col2im(g, x.shape, kh, kw, stride, padding),))
 
 
 def col2im(cols, image_shape: tuple, kh: int, kw: int, stride: int, padding: tuple) -> Tensor:
     """The adjoint of ``im2col``: add each patch row back onto the image it was read from.
-    ``cols: (..., Ho, Wo, kh*kw*C)`` -> ``(..., H, W, C)``. Linear; its VJP is ``im2col``."""
+    ``cols: (..., Ho, Wo, kh*kw*C)`` -> ``(..., H, W, C)``:
+
+        image[..., y, x, c] = sum over (p, q, i, j) with stride p + i - top = y, stride q + j - left = x
+                              of cols[..., p, q, (i, j, c)].
+
+    Linear; its VJP is ``im2col``. Patch entries that read padding are dropped (no padded image is
+    built and cropped), and the strided adds run a cache-sized chunk of images at a time."""
     cols = ops.as_tensor(cols)
     xp = backend.array_namespace(cols.data)
     *lead, h, w, c = image_shape
     ho, wo = cols.shape[-3], cols.shape[-2]
-    (top, bottom), (left, right) = padding
-    padded = xp.zeros((*lead, h + top + bottom, w + left + right, c), dtype=cols.dtype)
-    patches = cols.data.reshape(*cols.shape[:-1], kh, kw, c)
-    for i, j, window in _patch_slices(kh, kw, stride, ho, wo):
-        padded[window] += patches[..., i, j, :]
-    image = padded[..., top:top + h, left:left + w, :]
+    image = xp.zeros((*lead, h, w, c), dtype=cols.dtype)
+    images = image.reshape(-1, h, w, c)
+    patches = cols.data.reshape(-1, ho, wo, kh, kw, c)
+    windows = list(_offset_windows(kh, kw, stride, (h, w), ho, wo, padding))
+    for chunk in _image_chunks(images.shape[0], patches[0].nbytes, backend.is_gpu_array(image)):
+        for i, j, out_window, in_window, _ in windows:
+            images[chunk][in_window] += patches[chunk, ..., i, j, :][out_window]
     return record(image, (cols,), lambda g: (im2col(g, kh, kw, stride, padding),))
 
 
@@ -102,6 +157,53 @@ def conv2d(x, w, stride: int = 1, padding="SAME") -> Tensor:
     cols = ops.reshape(cols, (*task, rows * ho * wo, kh * kw * c_in))
     out = ops.matmul(cols, ops.reshape(w, (*task, kh * kw * c_in, c_out)))
     return ops.reshape(out, (*task, *batch, ho, wo, c_out))
+
+
+def channel_dot(a, b) -> Tensor:
+    """Per-channel dot product over the examples axis (the second-last):
+    ``a, b: (..., P, C)`` -> ``(..., 1, C)``, out[..., 0, c] = sum_p a[..., p, c] b[..., p, c].
+
+    One fused pass (``einsum``), where ``sum(a * b)`` would write the product out first. The
+    batch-norm statistics and the gradients of its per-channel factors are such sums. ``b`` may be
+    ``a`` itself (a sum of squares). VJP: (g b, g a), g broadcast over P (for ``a * a``: 2 g a, one
+    product); each a single pass, as ``g`` is per channel.
+    """
+    a, b = ops._operands("channel_dot", a, b)
+    if a.shape != b.shape or a.ndim < 2:
+        raise ShapeError(f"channel_dot: operands {a.shape} and {b.shape} must share one shape (..., P, C)")
+    xp = backend.array_namespace(a.data)
+    out = xp.einsum("...pc,...pc->...c", a.data, b.data)[..., None, :]
+    if a is b:
+        return record(out, (a,), lambda g: (ops.multiply(a, ops.multiply(g, 2.0)),))
+
+    def vjp(g):
+        return (ops.multiply(g, b) if a.requires_grad else None,
+                ops.multiply(g, a) if b.requires_grad else None)
+
+    return record(out, (a, b), vjp)
+
+
+def channel_scale(x, s) -> Tensor:
+    """``x * s`` for ``x: (..., P, C)`` and a per-channel ``s`` that broadcasts to ``x`` without
+    stretching the examples axis P (``(..., 1, C)``, ``(1, C)`` or ``(C,)``).
+
+    The same product as ``ops.multiply``; only its VJP differs: s's cotangent
+    sum_p g[..., p, c] x[..., p, c] is one fused ``channel_dot`` instead of a product written out and
+    then summed. VJP: (channel_scale(g, s), channel_dot(g, x) summed to s's shape).
+    """
+    x, s = ops._operands("channel_scale", x, s)
+    if s.ndim >= 2 and s.shape[-2] != 1 or s.ndim > x.ndim or x.ndim < 2:
+        raise ShapeError(f"channel_scale: scale {s.shape} must be per channel for input {x.shape} (..., P, C)")
+    try:
+        out = x.data * s.data
+    except ValueError as err:
+        raise ShapeError(f"channel_scale: cannot broadcast scale {s.shape} to input {x.shape}") from err
+
+    def vjp(g):
+        return (channel_scale(g, s) if x.requires_grad else None,
+                ops._unbroadcast(channel_dot(g, x), s.shape) if s.requires_grad else None)
+
+    return record(out, (x, s), vjp)
 
 
 def max_pool2x2(x) -> Tensor:

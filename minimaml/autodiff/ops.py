@@ -478,24 +478,24 @@ def _matmul_arrays(a, b):
 
     CuPy's batched GEMM, and NumPy's own ``@`` on 2-D operands, are used as they are. On NumPy:
 
-    - a batch that ``b`` does not vary over (a broadcast weight, stride 0) is folded into the rows of a
-      single 2-D product: ``(B, m, k) @ (k, n)`` as ``(B m, k) @ (k, n)``, one large BLAS call;
     - small matrices (``m k n`` below ``_LOOP_MIN_WORK``, e.g. the sinusoid MLP's 10x40 @ 40x40) go to
       NumPy's stacked ``@``: one call, where a Python loop would cost ~1 us per matrix;
-    - large matrices, or an operand that BLAS cannot read directly (neither of its last two axes has
+    - otherwise a batch that ``b`` does not vary over (a broadcast weight, stride 0) is folded into the
+      rows of a single 2-D product: ``(B, m, k) @ (k, n)`` as ``(B m, k) @ (k, n)``, one BLAS call;
+    - other large matrices, or an operand that BLAS cannot read directly (neither of its last two axes has
       unit stride, so the stacked ``@`` would fall back to its slow non-BLAS loop), run as a loop of
       2-D products, one BLAS call per batch entry (NumPy copies a non-BLAS 2-D operand once).
     """
     if backend.is_gpu_array(a) or b.ndim == 2 and a.ndim == 2:
         return a @ b
+    m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+    if m * k * n < _LOOP_MIN_WORK and _blas_readable(a) and _blas_readable(b):
+        return a @ b
     batch = numpy.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     b_is_shared = all(stride == 0 for stride in b.strides[:-2])
     if b_is_shared and a.shape[:-2] == batch:
         b2 = b[(0,) * (b.ndim - 2)]
-        return (a.reshape(-1, a.shape[-1]) @ b2).reshape(*a.shape[:-1], b.shape[-1])
-    m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
-    if m * k * n < _LOOP_MIN_WORK and _blas_readable(a) and _blas_readable(b):
-        return a @ b
+        return (a.reshape(-1, k) @ b2).reshape(*a.shape[:-1], n)
     a = numpy.broadcast_to(a, batch + a.shape[-2:])
     b = numpy.broadcast_to(b, batch + b.shape[-2:])
     out = numpy.empty(batch + (m, n), dtype=numpy.result_type(a, b))
