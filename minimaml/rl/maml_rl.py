@@ -103,14 +103,22 @@ def meta_iteration(env, params: dict, rng: np.random.Generator, cfg: MamlRLConfi
     return new_params, stats
 
 
-def evaluate(env, params: dict, tasks, n_steps: int, cfg: MamlRLConfig, rng: np.random.Generator) -> list:
-    """Average return on ``tasks`` after 0, 1, ..., n_steps inner steps (step size alpha, then alpha / 2),
-    each step on fresh trajectories of the current adapted policies. Returns n_steps + 1 floats."""
+def adaptation_batches(env, params: dict, tasks, n_steps: int, cfg: MamlRLConfig, rng: np.random.Generator) -> list:
+    """The trajectories of each task's policy after 0, 1, ..., n_steps inner steps (step size alpha, then
+    alpha / 2), each step on fresh trajectories of the current adapted policies. Returns n_steps + 1 raw
+    batches of ``sample_trajectories`` (``episode_returns (T, B)``, ``obs (T, B, H, obs_dim)``, ...)."""
     dtype = params["log_std"].dtype
-    returns = []
+    batches = []
     for lr in evaluation_step_sizes(cfg.inner_lr, n_steps) + [None]:
         batch, data = _sample(env, params, tasks, cfg, rng, dtype)
-        returns.append(float(batch["episode_returns"].mean()))
+        batches.append(batch)
         if lr is not None:
             params = adapt(params, data, lr, create_graph=False)
-    return returns
+    return batches
+
+
+def evaluate(env, params: dict, tasks, n_steps: int, cfg: MamlRLConfig, rng: np.random.Generator) -> list:
+    """Average return on ``tasks`` after 0, 1, ..., n_steps inner steps (``adaptation_batches``).
+    Returns n_steps + 1 floats."""
+    return [float(batch["episode_returns"].mean())
+            for batch in adaptation_batches(env, params, tasks, n_steps, cfg, rng)]

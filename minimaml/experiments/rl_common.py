@@ -1,0 +1,402 @@
+"""What the RL experiments (2D navigation, locomotion) share: config, training loops, evaluation, plots.
+
+Three policies are compared on the same fixed, seeded test tasks (paper Sec. 5.3, Figs. 4-5):
+
+- ``maml``: meta-trained with ``maml_rl.meta_iteration`` (REINFORCE inner step, TRPO outer step);
+- ``pretrained``: one policy trained by TRPO on trajectories of randomly drawn tasks, no inner step
+  (the paper's "pretrained" baseline: the average task, then fine-tuned at test time like MAML);
+- ``random``: the initial policy, untrained.
+
+Each is fine-tuned on every test task with 0..``eval_steps`` REINFORCE steps (alpha, then alpha / 2, as
+``maml_rl.adaptation_batches``) and scored by the average undiscounted return of fresh trajectories after
+each step: mean and 95% CI over the test tasks.
+
+Training runs meta-iteration ``i`` with the generator ``train.iteration_rng(seed, i)`` and writes an atomic
+checkpoint (``train.save_checkpoint``: parameters + per-iteration history) every ``checkpoint_every``
+iterations; ``resume=True`` continues from it. On 2D navigation a resumed run is bitwise the
+uninterrupted one; MuJoCo envs draw their initial-state noise from their own generator, so a resumed
+locomotion run is statistically, not bitwise, the same. A non-finite parameter or return raises
+``train.NonFiniteError`` before anything is saved, so the last checkpoint stays good.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .. import autodiff as ad
+from .. import backend, train
+from ..nn import policy as pol
+from ..rl import maml_rl
+from ..rl.reinforce import device_batch, masked_task_mean
+from ..rl.sampler import advantages, sample_trajectories
+from ..rl.trpo import trpo_step
+from .common import markdown_table, mean_ci95, write_atomic, write_json
+
+METHODS = ("maml", "pretrained", "random")
+LABELS = {"maml": "MAML", "pretrained": "pretrained", "random": "random init", "oracle": "oracle"}
+COLORS = {"maml": "C0", "pretrained": "C1", "random": "C2", "oracle": "C3"}
+
+# Finn et al. (2017), the authors' result files (rl_returns_paper.csv): average return after 0, 1, 2, 3
+# steps and the 95% half-width, on 40 test tasks. The paper has no pretrained curve for 2D navigation.
+PAPER = {
+    "navigation": {
+        "maml": ([-40.41, -11.68, -3.33, -3.23], [4.01, 2.16, 0.55, 0.58]),
+        "random": ([-82.66, -57.96, -53.84, -46.81], [2.16, 1.84, 1.62, 1.28]),
+        "oracle": ([-2.29] * 4, [0.14] * 4)},
+    "cheetah_velocity": {
+        "maml": ([-129.53, -78.57, -66.62, -60.78], [16.54, 9.85, 8.94, 8.62]),
+        "pretrained": ([-158.00, -135.39, -128.47, -133.61], [17.35, 15.05, 13.98, 16.44]),
+        "random": ([-254.83, -254.33, -246.79, -230.83], [35.71, 34.64, 35.36, 34.17]),
+        "oracle": ([-54.47] * 4, [6.93] * 4)},
+    "cheetah_direction": {
+        "maml": ([-50.69, 293.19, 313.48, 315.65], [5.74, 17.01, 15.77, 13.85]),
+        "pretrained": ([-43.03, -24.75, -12.85, 19.57], [11.61, 9.31, 8.55, 11.22]),
+        "random": ([-35.73, 21.83, 62.32, 86.18], [1.27, 2.90, 5.03, 9.73]),
+        "oracle": ([442.69] * 4, [8.38] * 4)},
+    "ant_velocity": {
+        "maml": ([30.58, 96.74, 100.06, 101.41], [30.03, 20.74, 21.46, 21.04]),
+        "pretrained": ([-1.83, 6.11, 8.47, 9.47], [34.19, 34.36, 34.45, 36.52]),
+        "random": ([-78.64, -62.81, -48.55, -35.56], [34.39, 34.72, 34.08, 29.89]),
+        "oracle": ([107.89] * 4, [19.97] * 4)},
+    "ant_direction": {
+        "maml": ([8.66, 499.15, 500.68, 499.11], [14.21, 32.10, 31.54, 32.53]),
+        "pretrained": ([3.16, 1.27, 6.51, 6.86], [15.21, 13.53, 13.77, 11.69]),
+        "random": ([3.11, 9.25, 15.96, 26.11], [4.07, 4.36, 3.50, 0.11]),
+        "oracle": ([524.80] * 4, [12.40] * 4)},
+}
+
+
+@dataclass
+class RLConfig:
+    """One RL experiment: an environment, the MAML-TRPO settings, the baselines and the evaluation."""
+
+    profile: str = "quick"
+    env: str = "navigation"  # envs.make_env name
+    maml_iterations: int = 100  # MAML-TRPO meta-iterations
+    pretrain_iterations: int = 100  # TRPO iterations of the pretrained baseline
+    meta_batch_size: int = 20  # tasks per meta-iteration (pretrained: tasks per TRPO batch)
+    n_traj: int = 20  # trajectories per task and inner step (also at evaluation)
+    inner_lr: float = 0.5  # alpha (navigation: 0.5 as the authors' code; locomotion 0.1)
+    max_kl: float = 0.01
+    cg_iters: int = 10
+    cg_damping: float = 1e-5
+    n_test_tasks: int = 40
+    eval_steps: int = 3
+    action_scale: float = 1.0  # policy actions x this before the env: rllab's normalize(), 0.1 for navigation
+    test_seed: int = 2017  # the fixed test tasks (and evaluation noise), the same for every method
+    seed: int = 0  # policy initialisation and training
+    checkpoint_every: int = 10
+    methods: str = "maml,pretrained,random"  # comma-separated subset of METHODS
+    out_dir: str = "runs/quick/navigation"
+
+    def maml_config(self) -> maml_rl.MamlRLConfig:
+        return maml_rl.MamlRLConfig(meta_batch_size=self.meta_batch_size, n_traj=self.n_traj,
+                                    inner_lr=self.inner_lr, max_kl=self.max_kl, cg_iters=self.cg_iters,
+                                    cg_damping=self.cg_damping)
+
+    def method_list(self) -> list:
+        methods = [m.strip() for m in self.methods.split(",") if m.strip()]
+        unknown = sorted(set(methods) - set(METHODS))
+        if unknown or not methods:
+            raise ValueError(f"RLConfig.methods: {self.methods!r} must name some of {METHODS}")
+        return methods
+
+
+class ScaledActions:
+    """rllab's ``normalize(env)`` for a symmetric action box [-c, c]: the policy acts in [-1, 1] units,
+    the env receives ``clip(scale * a, -c, c)`` (the env clips). The authors' 2D navigation ran inside it
+    (box [-0.1, 0.1], so scale 0.1); gymnasium's MuJoCo boxes are already [-1, 1] (scale 1, no wrapper)."""
+
+    def __init__(self, env, scale: float):
+        self.env, self.scale = env, scale
+
+    def __getattr__(self, name):
+        return getattr(self.env, name)
+
+    def step(self, actions):
+        return self.env.step(self.scale * np.asarray(actions))
+
+
+def build_env(cfg: RLConfig):
+    """``cfg.env`` (``envs.make_env``), wrapped in ``ScaledActions`` when ``cfg.action_scale != 1``."""
+    from ..rl.envs import make_env
+
+    env = make_env(cfg.env)
+    return env if cfg.action_scale == 1.0 else ScaledActions(env, cfg.action_scale)
+
+
+# --- command line ------------------------------------------------------------------------------------
+def config_parser(config_class, profiles, description: str) -> argparse.ArgumentParser:
+    """``--profile`` (one of ``profiles``), ``--resume``, ``--no-progress`` and one ``--flag`` per config
+    field (overriding the profile's value)."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", choices=profiles, default=profiles[0])
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out-dir")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for field in dataclasses.fields(config_class):
+        if field.name == "profile":
+            continue
+        kind = {"int": int, "float": float, "str": str}[field.type if isinstance(field.type, str)
+                                                       else field.type.__name__]
+        parser.add_argument("--" + field.name.replace("_", "-"), type=kind, default=None,
+                            help=f"(profile default; {field.name} = {field.default!r} in the dataclass)")
+    return parser
+
+
+def overrides_from_args(config_class, args) -> dict:
+    """The config fields given on the command line."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)
+            if f.name != "profile" and getattr(args, f.name, None) is not None}
+
+
+# --- training ----------------------------------------------------------------------------------------
+def init_policy(env, seed: int) -> dict:
+    """The initial policy (rllab's Glorot init, std 1) of every method: a function of ``seed`` only."""
+    return pol.init(np.random.default_rng([seed, 0]), env.obs_dim, env.act_dim)
+
+
+def maml_step(env, cfg: RLConfig):
+    """``(params, rng) -> (params, record)``: one MAML-TRPO meta-iteration."""
+    maml_cfg = cfg.maml_config()
+
+    def step(params, rng):
+        params, stats = maml_rl.meta_iteration(env, params, rng, maml_cfg)
+        return params, {"return": stats["pre_return"], "adapted_return": stats["post_return"],
+                        "kl": stats["kl"], "accepted": float(stats["accepted"]),
+                        "time_sampling": stats["time_sampling"], "time_cg": stats["time_cg"]}
+    return step
+
+
+def joint_objective(data: dict, old_params: dict):
+    """TRPO's objective for one policy on pooled trajectories (one "task", T = 1):
+
+        L(theta) = -mean_{D} [ pi_theta(a|s) / pi_old(a|s) A ],   D(theta) = mean_{D} KL(pi_old || pi_theta)
+
+    data: ``device_batch`` arrays (1, N, H, ...); returns ``(params, create_graph) -> (L, D)``."""
+    with ad.no_grad():
+        old_mean, old_log_std = pol.apply(old_params, data["obs"])
+        old_log_prob = pol.gaussian_log_prob(old_mean, old_log_std, ad.as_tensor(data["actions"]))
+
+    def objective(params, create_graph):
+        mean, log_std = pol.apply(params, data["obs"])
+        log_prob = pol.gaussian_log_prob(mean, log_std, ad.as_tensor(data["actions"]))
+        ratio = ad.exp(ad.subtract(log_prob, old_log_prob))
+        surrogate = ad.negative(ad.mean(masked_task_mean(ad.multiply(ratio, data["advantages"]), data["mask"])))
+        kl = pol.gaussian_kl(old_mean, old_log_std, mean, log_std)
+        return surrogate, ad.mean(masked_task_mean(kl, data["mask"]))
+
+    return objective
+
+
+def pretrain_step(env, cfg: RLConfig):
+    """``(params, rng) -> (params, record)``: one TRPO step of the pretrained baseline on
+    ``meta_batch_size x n_traj`` trajectories of freshly drawn tasks, pooled into one batch with one
+    linear baseline (the policy never sees which task it is on)."""
+    def step(params, rng):
+        start = time.perf_counter()
+        tasks = env.sample_tasks(rng, cfg.meta_batch_size)
+        batch = sample_trajectories(env, pol.sampler_policy(params), tasks, cfg.n_traj, rng)
+        pooled = {k: v.reshape((1, -1) + v.shape[2:]) for k, v in batch.items()}
+        adv = advantages(pooled)
+        time_sampling = time.perf_counter() - start
+        data = device_batch(pooled, adv, params["log_std"].dtype)
+        params, stats = trpo_step(joint_objective(data, params), params, cfg.max_kl, cfg.cg_iters,
+                                  cfg.cg_damping)
+        return params, {"return": float(batch["episode_returns"].mean()), "kl": stats["kl"],
+                        "accepted": float(stats["accepted"]), "time_sampling": time_sampling,
+                        "time_cg": stats["time_cg"]}
+    return step
+
+
+def _check_finite(name: str, iteration: int, params: dict, record: dict) -> None:
+    for key, value in record.items():
+        if not math.isfinite(value):
+            raise train.NonFiniteError(f"{name}, iteration {iteration}: {key} is {value}")
+    for key, value in params.items():
+        if not bool(backend.array_namespace(value).all(backend.array_namespace(value).isfinite(value))):
+            raise train.NonFiniteError(f"{name}, iteration {iteration}: parameter {key!r} has non-finite values")
+
+
+def train_policy(name: str, step_fn, params: dict, n_iterations: int, cfg: RLConfig, resume: bool = False,
+                 progress: bool = True) -> tuple:
+    """Run iterations ``0 .. n_iterations - 1`` of ``step_fn(params, rng) -> (params, record)``.
+
+    Checkpoint: ``<out_dir>/<name>.ckpt.npz``, every ``cfg.checkpoint_every`` iterations and at the end.
+    Returns ``(params, history)``, history one record per iteration (``iteration``, ``seconds``, and the
+    record's floats: ``return``, ``kl``, ...)."""
+    path = os.path.join(cfg.out_dir, f"{name}.ckpt.npz")
+    start, history = 0, []
+    if resume and os.path.exists(path):
+        ckpt = train.load_checkpoint(path)
+        if ckpt.seed != cfg.seed:
+            raise ValueError(f"resume from {path}: made with seed {ckpt.seed}, this run has seed {cfg.seed}")
+        found = {k: tuple(v.shape) for k, v in ckpt.params.items()}
+        if found != {k: tuple(v.shape) for k, v in params.items()}:
+            raise ValueError(f"resume from {path}: checkpoint parameters {found} do not match the policy's")
+        params = {k: backend.asarray(v, dtype=params[k].dtype) for k, v in ckpt.params.items()}
+        start, history = ckpt.iteration, ckpt.history
+    with tqdm(total=n_iterations, initial=min(start, n_iterations), disable=not progress, desc=name) as bar:
+        for iteration in range(start, n_iterations):
+            clock = time.perf_counter()
+            new_params, record = step_fn(params, train.iteration_rng(cfg.seed, iteration))
+            record = {"iteration": iteration, "seconds": time.perf_counter() - clock,
+                      **{k: float(v) for k, v in record.items()}}
+            _check_finite(name, iteration, new_params, record)
+            params = new_params
+            history.append(record)
+            bar.set_postfix({k: round(record[k], 2) for k in ("return", "adapted_return", "seconds")
+                             if k in record}, refresh=False)
+            bar.update(1)
+            done = iteration + 1
+            if done % cfg.checkpoint_every == 0 or done == n_iterations:
+                train.save_checkpoint(path, params, {}, done, cfg.seed, history)
+                if not progress:  # a log line per checkpoint instead of the bar
+                    print(f"{name} {done}/{n_iterations}: " + ", ".join(
+                        f"{k} {v:.2f}" for k, v in record.items() if k != "iteration"), flush=True)
+    return params, history
+
+
+# --- evaluation --------------------------------------------------------------------------------------
+def test_tasks(env, cfg: RLConfig) -> np.ndarray:
+    """The fixed test tasks: ``n_test_tasks`` draws from the generator seeded with ``test_seed``."""
+    return env.sample_tasks(np.random.default_rng([cfg.test_seed, 0]), cfg.n_test_tasks)
+
+
+def evaluate_policy(env, params: dict, cfg: RLConfig, n_show: int = 0) -> tuple:
+    """Fine-tune ``params`` on every test task; the tasks go in chunks of ``meta_batch_size``.
+
+    Returns ``(returns, shown)``: returns (eval_steps + 1, n_test_tasks), each task's average return
+    after each step; shown: for the first ``n_show`` tasks, per step, the first trajectory's
+    ``obs (n_show, H, obs_dim)`` and ``mask (n_show, H)`` (for trajectory plots)."""
+    tasks = test_tasks(env, cfg)
+    rng = np.random.default_rng([cfg.test_seed, 1])  # the same noise for every method
+    maml_cfg = cfg.maml_config()
+    returns, shown = [], None
+    for begin in range(0, len(tasks), cfg.meta_batch_size):
+        chunk = tasks[begin:begin + cfg.meta_batch_size]
+        batches = maml_rl.adaptation_batches(env, params, chunk, cfg.eval_steps, maml_cfg, rng)
+        returns.append(np.stack([b["episode_returns"].mean(axis=1) for b in batches]))
+        if shown is None:
+            shown = [{"obs": b["obs"][:n_show, 0], "mask": b["mask"][:n_show, 0]} for b in batches]
+    return np.concatenate(returns, axis=1), shown
+
+
+# --- the whole experiment ----------------------------------------------------------------------------
+def run(cfg: RLConfig, resume: bool = False, progress: bool = True, n_show: int = 0) -> tuple:
+    """Train the methods of ``cfg.methods``, evaluate them on the test tasks, write ``results.json``,
+    ``results.md`` and the figures into ``cfg.out_dir``. Returns ``(results, shown)`` with ``shown`` the
+    trajectories of the first ``n_show`` test tasks (``evaluate_policy``) per method."""
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    env = build_env(cfg)
+    initial = init_policy(env, cfg.seed)
+    steps = {"maml": (maml_step(env, cfg), cfg.maml_iterations),
+             "pretrained": (pretrain_step(env, cfg), cfg.pretrain_iterations)}
+    results = {"config": dataclasses.asdict(cfg), "returns": {}, "per_task": {}, "history": {},
+               "train_seconds": {}, "seconds_per_iteration": {}, "eval_seconds": {},
+               "paper": {m: {"mean": v[0], "ci95": v[1]} for m, v in PAPER.get(cfg.env, {}).items()}}
+    shown = {}
+    for name in cfg.method_list():
+        params, history = initial, []
+        if name in steps:
+            step_fn, n_iterations = steps[name]
+            params, history = train_policy(name, step_fn, initial, n_iterations, cfg, resume, progress)
+            results["history"][name] = history
+            results["train_seconds"][name] = float(sum(r["seconds"] for r in history))
+            results["seconds_per_iteration"][name] = (float(np.median([r["seconds"] for r in history]))
+                                                      if history else None)
+        clock = time.perf_counter()
+        per_task, shown[name] = evaluate_policy(env, params, cfg, n_show)
+        results["eval_seconds"][name] = time.perf_counter() - clock
+        results["per_task"][name] = per_task.tolist()
+        results["returns"][name] = [dict(zip(("mean", "ci95"), mean_ci95(row))) for row in per_task]
+        write_json(os.path.join(cfg.out_dir, "results.json"), results)  # partial results survive a crash
+    write_atomic(os.path.join(cfg.out_dir, "results.md"), results_markdown(results))
+    plot_steps(results, os.path.join(cfg.out_dir, f"{cfg.env}_steps.png"))
+    plot_training(results, os.path.join(cfg.out_dir, f"{cfg.env}_training.png"))
+    return results, shown
+
+
+def _cells(means, cis) -> list:
+    return [f"{m:.2f} ± {c:.2f}" for m, c in zip(means, cis)]
+
+
+def results_markdown(results: dict) -> str:
+    """Our return after 0..3 steps beside the paper's, one row per method."""
+    cfg = results["config"]
+    n_steps = cfg["eval_steps"]
+    header = ["method", "source"] + [f"{s} step{'s' if s != 1 else ''}" for s in range(n_steps + 1)]
+    rows = []
+    for name in list(results["returns"]) + [m for m in ("oracle",) if m in results["paper"]]:
+        if name in results["returns"]:
+            ours = results["returns"][name]
+            rows.append([LABELS[name], "ours", *_cells([r["mean"] for r in ours], [r["ci95"] for r in ours])])
+        paper = results["paper"].get(name)
+        rows.append([LABELS[name], "paper",
+                     *(_cells(paper["mean"], paper["ci95"])[:n_steps + 1] if paper else ["n/a"] * (n_steps + 1))])
+    timing = ", ".join(f"{name} {results['history'][name][-1]['iteration'] + 1 if results['history'][name] else 0} "
+                       f"iterations at {results['seconds_per_iteration'][name] or 0:.1f} s"
+                       for name in results["history"])
+    return (f"### {cfg['env']} ({cfg['profile']} profile)\n\n"
+            f"Average return on {cfg['n_test_tasks']} test tasks (mean ± 95% CI) after 0..{n_steps} "
+            f"REINFORCE steps (alpha = {cfg['inner_lr']}, then alpha / 2); meta-batch "
+            f"{cfg['meta_batch_size']}, {cfg['n_traj']} trajectories per task; trained: {timing or 'nothing'}.\n\n"
+            + markdown_table(header, rows))
+
+
+def plot_steps(results: dict, path: str) -> None:
+    """Paper Figs. 4-5: average return against the number of gradient steps; ours solid with a 95% CI
+    band, the paper's dashed, the oracle dotted."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for name, rows in results["returns"].items():
+        means, cis = np.array([r["mean"] for r in rows]), np.array([r["ci95"] for r in rows])
+        x = np.arange(len(rows))
+        ax.plot(x, means, "o-", color=COLORS[name], label=f"{LABELS[name]} (ours)")
+        ax.fill_between(x, means - cis, means + cis, color=COLORS[name], alpha=0.2)
+    for name, paper in results["paper"].items():
+        x = np.arange(len(paper["mean"]))
+        style = ":" if name == "oracle" else "x--"
+        ax.plot(x, paper["mean"], style, color=COLORS[name], label=f"{LABELS[name]} (paper)")
+    ax.set_xlabel("number of gradient steps")
+    ax.set_ylabel("average return")
+    ax.set_title(f"{results['config']['env']} ({results['config']['profile']})")
+    ax.set_xticks(range(results["config"]["eval_steps"] + 1))
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_training(results: dict, path: str) -> None:
+    """Average return during training: MAML before and after its inner step, the pretrained policy."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for name, history in results["history"].items():
+        if not history:
+            continue
+        it = [r["iteration"] for r in history]
+        ax.plot(it, [r["return"] for r in history], color=COLORS[name], alpha=0.6,
+                label=f"{LABELS[name]}" + (" (pre-update)" if name == "maml" else ""))
+        if "adapted_return" in history[0]:
+            ax.plot(it, [r["adapted_return"] for r in history], color=COLORS[name], label=f"{LABELS[name]} (post-update)")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("average return (training tasks)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
