@@ -31,11 +31,10 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm.auto import tqdm
 
-from .. import autodiff as ad
 from .. import backend, train
 from ..nn import policy as pol
 from ..rl import maml_rl
-from ..rl.reinforce import device_batch, masked_task_mean
+from ..rl.reinforce import device_batch
 from ..rl.sampler import advantages, sample_trajectories
 from ..rl.trpo import trpo_step
 from .common import markdown_table, mean_ci95, write_atomic, write_json
@@ -176,27 +175,6 @@ def maml_step(env, cfg: RLConfig):
     return step
 
 
-def joint_objective(data: dict, old_params: dict):
-    """TRPO's objective for one policy on pooled trajectories (one "task", T = 1):
-
-        L(theta) = -mean_{D} [ pi_theta(a|s) / pi_old(a|s) A ],   D(theta) = mean_{D} KL(pi_old || pi_theta)
-
-    data: ``device_batch`` arrays (1, N, H, ...); returns ``(params, create_graph) -> (L, D)``."""
-    with ad.no_grad():
-        old_mean, old_log_std = pol.apply(old_params, data["obs"])
-        old_log_prob = pol.gaussian_log_prob(old_mean, old_log_std, ad.as_tensor(data["actions"]))
-
-    def objective(params, create_graph):
-        mean, log_std = pol.apply(params, data["obs"])
-        log_prob = pol.gaussian_log_prob(mean, log_std, ad.as_tensor(data["actions"]))
-        ratio = ad.exp(ad.subtract(log_prob, old_log_prob))
-        surrogate = ad.negative(ad.mean(masked_task_mean(ad.multiply(ratio, data["advantages"]), data["mask"])))
-        kl = pol.gaussian_kl(old_mean, old_log_std, mean, log_std)
-        return surrogate, ad.mean(masked_task_mean(kl, data["mask"]))
-
-    return objective
-
-
 def pretrain_step(env, cfg: RLConfig):
     """``(params, rng) -> (params, record)``: one TRPO step of the pretrained baseline on
     ``meta_batch_size x n_traj`` trajectories of freshly drawn tasks, pooled into one batch with one
@@ -209,7 +187,7 @@ def pretrain_step(env, cfg: RLConfig):
         adv = advantages(pooled)
         time_sampling = time.perf_counter() - start
         data = device_batch(pooled, adv, params["log_std"].dtype)
-        params, stats = trpo_step(joint_objective(data, params), params, cfg.max_kl, cfg.cg_iters,
+        params, stats = trpo_step(maml_rl.surrogate_objective(data, params), params, cfg.max_kl, cfg.cg_iters,
                                   cfg.cg_damping)
         return params, {"return": float(batch["episode_returns"].mean()), "kl": stats["kl"],
                         "accepted": float(stats["accepted"]), "time_sampling": time_sampling,

@@ -56,23 +56,34 @@ def _sample(env, params, tasks, cfg: MamlRLConfig, rng, dtype):
     return batch, device_batch(batch, adv, dtype)
 
 
-def meta_objective(pre: dict, post: dict, old_params: dict, inner_lr: float):
-    """The TRPO objective ``(params, create_graph) -> (L, D)`` above, pi_old = the post-update policies
-    ``old_params`` (batched, theta'_i(theta_old)) that sampled ``post``."""
+def surrogate_objective(data: dict, old_params: dict, acting_policy=None):
+    """TRPO's objective ``(params, create_graph) -> (L, D)`` on trajectories ``data`` sampled by
+    ``old_params``, for the policy ``acting_policy(params, create_graph)`` (default: ``params`` itself):
+
+        L(theta) = -mean_i E[pi_theta(a|s) / pi_old(a|s) A_i],   D(theta) = mean_i E[KL(pi_old || pi_theta)]
+    """
     with ad.no_grad():
-        old_mean, old_log_std = pol.apply(old_params, post["obs"])
-        old_log_prob = pol.gaussian_log_prob(old_mean, old_log_std, ad.as_tensor(post["actions"]))
+        old_mean, old_log_std = pol.apply(old_params, data["obs"])
+        old_log_prob = pol.gaussian_log_prob(old_mean, old_log_std, ad.as_tensor(data["actions"]))
 
     def objective(params, create_graph):
-        adapted = adapt(params, pre, inner_lr, create_graph)
-        mean, log_std = pol.apply(adapted, post["obs"])
-        log_prob = pol.gaussian_log_prob(mean, log_std, ad.as_tensor(post["actions"]))
+        acting = params if acting_policy is None else acting_policy(params, create_graph)
+        mean, log_std = pol.apply(acting, data["obs"])
+        log_prob = pol.gaussian_log_prob(mean, log_std, ad.as_tensor(data["actions"]))
         ratio = ad.exp(ad.subtract(log_prob, old_log_prob))
-        surrogate = ad.negative(ad.mean(masked_task_mean(ad.multiply(ratio, post["advantages"]), post["mask"])))
+        surrogate = ad.negative(ad.mean(masked_task_mean(ad.multiply(ratio, data["advantages"]), data["mask"])))
         kl = pol.gaussian_kl(old_mean, old_log_std, mean, log_std)
-        return surrogate, ad.mean(masked_task_mean(kl, post["mask"]))
+        return surrogate, ad.mean(masked_task_mean(kl, data["mask"]))
 
     return objective
+
+
+def meta_objective(pre: dict, post: dict, old_params: dict, inner_lr: float):
+    """The MAML-TRPO objective: the surrogate of the post-update trajectories ``post`` for the adapted
+    policies theta'_i(theta) = theta - alpha grad L_i(theta) (the inner step on ``pre``, differentiated
+    through), pi_old = the post-update policies ``old_params`` that sampled ``post``."""
+    return surrogate_objective(post, old_params,
+                               lambda params, create_graph: adapt(params, pre, inner_lr, create_graph))
 
 
 def meta_iteration(env, params: dict, rng: np.random.Generator, cfg: MamlRLConfig):
