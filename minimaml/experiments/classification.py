@@ -64,6 +64,15 @@ class ClassificationConfig:
         return f"{self.dataset}{model}-{self.n_way}way-{self.k_shot}shot{order}"
 
 
+def make_config(settings: dict, overrides: dict) -> ClassificationConfig:
+    """A config from a setting's values and the command line's overrides; unless given, the output
+    folder is ``runs/<profile>/<setting key>``."""
+    config = dataclasses.replace(ClassificationConfig(**settings), **overrides)
+    if "out_dir" not in overrides:
+        config = dataclasses.replace(config, out_dir=f"runs/{config.profile}/{config.key}")
+    return config
+
+
 def load_splits(config: ClassificationConfig) -> dict:
     """{"train", "val", "test"}: uint8 class arrays ``(C, M, H, W, ch)``."""
     if config.dataset == "omniglot":

@@ -13,7 +13,6 @@ docs/data.md for assembling the 60,000 images); ``--sample-data`` uses the 12-im
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 from . import classification
 from .classification import ClassificationConfig
@@ -33,10 +32,7 @@ def config(k_shot: int = 1, mode: str = "second_order", profile: str = "quick",
                     meta_batch_size=4 if k_shot == 1 else 2, n_iterations=60_000, eval_batch=10)
     if profile == "quick":
         settings.update(QUICK)
-    cfg = dataclasses.replace(ClassificationConfig(**settings), **overrides)
-    if "out_dir" not in overrides:
-        cfg = dataclasses.replace(cfg, out_dir=f"runs/{profile}/{cfg.key}")
-    return cfg
+    return classification.make_config(settings, overrides)
 
 
 def run_profile(profile: str, resume: bool = False, progress: bool = True) -> tuple:

@@ -11,7 +11,6 @@ test; 20-way: 5 inner steps, alpha 0.1, meta-batch 16, 5 steps at test; 60,000 m
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 from . import classification
 from .classification import ClassificationConfig
@@ -39,10 +38,7 @@ def config(n_way: int = 5, k_shot: int = 1, model: str = "conv", profile: str = 
                     n_iterations=60_000, **paper)
     if profile == "quick":
         settings.update(QUICK)
-    cfg = dataclasses.replace(ClassificationConfig(**settings), **overrides)
-    if "out_dir" not in overrides:
-        cfg = dataclasses.replace(cfg, out_dir=f"runs/{profile}/{cfg.key}")
-    return cfg
+    return classification.make_config(settings, overrides)
 
 
 def run_profile(profile: str, resume: bool = False, progress: bool = True) -> tuple:
