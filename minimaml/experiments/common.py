@@ -45,31 +45,36 @@ def markdown_table(header: list, rows: list) -> str:
     return "\n".join(lines) + "\n"
 
 
-def config_parser(config_class, description: str) -> argparse.ArgumentParser:
-    """A command line with ``--profile`` and one ``--flag`` per field of the config dataclass
-    (overriding the profile's value)."""
+def config_parser(config_class, description: str, profiles=PROFILES) -> argparse.ArgumentParser:
+    """A command line with ``--profile``, ``--resume``, ``--no-progress`` and one ``--flag`` per field of
+    the config dataclass (overriding the profile's value)."""
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", choices=PROFILES, default="quick",
-                        help="quick: minutes on 2 CPU cores; full: the paper's scale")
+    parser.add_argument("--profile", choices=profiles, default=profiles[0],
+                        help="how much to run: see the module's docstring")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     for field in dataclasses.fields(config_class):
-        if field.name in ("profile",):
+        if field.name == "profile":
             continue
         kind = _FIELD_TYPES.get(field.type, field.type)  # annotations are strings under __future__
         flag = "--" + field.name.replace("_", "-")
+        help_text = f"(default from the profile; dataclass default {field.default!r})"
         if kind is bool:
             parser.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=None,
-                                metavar="BOOL", help="(default from the profile)")
+                                metavar="BOOL", help=help_text)
         elif kind in (int, float, str):
-            parser.add_argument(flag, type=kind, default=None, help="(default from the profile)")
+            parser.add_argument(flag, type=kind, default=None, help=help_text)
     return parser
+
+
+def overrides_from_args(config_class, args) -> dict:
+    """The config fields given on the command line."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)
+            if f.name != "profile" and getattr(args, f.name, None) is not None}
 
 
 def config_from_args(config_class, args) -> object:
     """The profile's config with the command line's overrides applied."""
-    config = config_class.for_profile(args.profile)
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)
-                 if getattr(args, f.name, None) is not None and f.name != "profile"}
-    return dataclasses.replace(config, **overrides)
+    return dataclasses.replace(config_class.for_profile(args.profile),
+                               **overrides_from_args(config_class, args))

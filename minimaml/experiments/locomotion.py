@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import rl_common
+from .common import config_parser, overrides_from_args
 from .rl_common import RLConfig
 
 TASKS = ("cheetah_velocity", "cheetah_direction", "ant_velocity", "ant_direction")
@@ -72,9 +73,9 @@ def run_profile(profile: str, resume: bool = False, progress: bool = True) -> tu
 
 
 def main(argv=None):
-    parser = rl_common.config_parser(LocomotionConfig, PROFILES, __doc__)
+    parser = config_parser(LocomotionConfig, __doc__, PROFILES)
     args = parser.parse_args(argv)
-    overrides = rl_common.overrides_from_args(LocomotionConfig, args)
+    overrides = overrides_from_args(LocomotionConfig, args)
     cfg = LocomotionConfig.for_profile(args.profile, **overrides)
     try:
         results = run(cfg, resume=args.resume, progress=not args.no_progress)

@@ -23,6 +23,7 @@ import os
 from dataclasses import dataclass
 
 from . import rl_common
+from .common import config_parser, overrides_from_args
 from .rl_common import RLConfig
 
 PROFILES = ("quick", "full")
@@ -94,9 +95,9 @@ def run_profile(profile: str, resume: bool = False, progress: bool = True) -> tu
 
 
 def main(argv=None):
-    parser = rl_common.config_parser(NavigationConfig, PROFILES, __doc__)
+    parser = config_parser(NavigationConfig, __doc__, PROFILES)
     args = parser.parse_args(argv)
-    cfg = NavigationConfig.for_profile(args.profile, **rl_common.overrides_from_args(NavigationConfig, args))
+    cfg = NavigationConfig.for_profile(args.profile, **overrides_from_args(NavigationConfig, args))
     results = run(cfg, resume=args.resume, progress=not args.no_progress)
     print(rl_common.results_markdown(results))
 

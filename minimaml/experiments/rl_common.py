@@ -21,7 +21,6 @@ locomotion run is statistically, not bitwise, the same. A non-finite parameter o
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
@@ -130,31 +129,6 @@ def build_env(cfg: RLConfig):
 
     env = make_env(cfg.env)
     return env if cfg.action_scale == 1.0 else ScaledActions(env, cfg.action_scale)
-
-
-# --- command line ------------------------------------------------------------------------------------
-def config_parser(config_class, profiles, description: str) -> argparse.ArgumentParser:
-    """``--profile`` (one of ``profiles``), ``--resume``, ``--no-progress`` and one ``--flag`` per config
-    field (overriding the profile's value)."""
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", choices=profiles, default=profiles[0])
-    parser.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out-dir")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    for field in dataclasses.fields(config_class):
-        if field.name == "profile":
-            continue
-        kind = {"int": int, "float": float, "str": str}[field.type if isinstance(field.type, str)
-                                                       else field.type.__name__]
-        parser.add_argument("--" + field.name.replace("_", "-"), type=kind, default=None,
-                            help=f"(profile default; {field.name} = {field.default!r} in the dataclass)")
-    return parser
-
-
-def overrides_from_args(config_class, args) -> dict:
-    """The config fields given on the command line."""
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)
-            if f.name != "profile" and getattr(args, f.name, None) is not None}
 
 
 # --- training ----------------------------------------------------------------------------------------
