@@ -19,8 +19,11 @@ graph has no reference cycles).
 from __future__ import annotations
 
 import contextlib
+import itertools
 
 from .. import backend
+
+_creation_order = itertools.count()  # every Tensor is numbered as it is made (see ``_nodes_between``)
 
 _recording = True  # False inside ``no_grad()``: operations then record nothing
 
@@ -57,7 +60,7 @@ class Tensor:
     ``parents`` and ``vjp``: set by operations (see the module docstring); empty for leaves and constants.
     """
 
-    __slots__ = ("data", "requires_grad", "parents", "vjp", "__weakref__")
+    __slots__ = ("data", "requires_grad", "parents", "vjp", "index", "__weakref__")
     __array_priority__ = 1000  # make ``ndarray + Tensor`` call Tensor.__radd__
 
     def __init__(self, data, requires_grad: bool = False, parents: tuple = (), vjp=None):
@@ -69,6 +72,7 @@ class Tensor:
         self.requires_grad = requires_grad
         self.parents = parents
         self.vjp = vjp
+        self.index = next(_creation_order)
 
     # --- array-like properties -------------------------------------------------------------------
     @property
@@ -111,6 +115,7 @@ def _result(data, requires_grad: bool = False, parents: tuple = (), vjp=None) ->
     a meta-step creates hundreds of these)."""
     t = Tensor.__new__(Tensor)
     t.data, t.requires_grad, t.parents, t.vjp = data, requires_grad, parents, vjp
+    t.index = next(_creation_order)
     return t
 
 
@@ -127,9 +132,12 @@ def _nodes_between(output: Tensor, inputs) -> list:
     """The recorded nodes on some path from ``inputs`` to ``output``, parents before children.
 
     An iterative depth-first search (graphs of many inner steps are deep): a node is settled once its
-    parents are, and kept when it is one of the inputs or one of its parents was kept.
+    parents are, and kept when it is one of the inputs or one of its parents was kept. A node made
+    before the oldest input cannot depend on any input, so the search never goes past it: the inner
+    gradient of MAML's step k then visits step k's graph, not the k - 1 steps recorded before it.
     """
     input_ids = {id(x) for x in inputs}
+    oldest = min(x.index for x in inputs)
     kept = {}  # id(node) -> whether it lies on a path from an input
     order = []
     stack = [output]
@@ -141,7 +149,7 @@ def _nodes_between(output: Tensor, inputs) -> list:
             continue
         waiting = False
         for parent in node.parents:
-            if parent.requires_grad and id(parent) not in kept:
+            if parent.requires_grad and parent.index >= oldest and id(parent) not in kept:
                 stack.append(parent)
                 waiting = True
         if waiting:
