@@ -18,6 +18,6 @@ setup(
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6.80"],
         "gpu": ["cupy-cuda12x>=13"],
-        "mujoco": ["mujoco>=3.1", "gymnasium>=1.0"],
+        "mujoco": ["mujoco>=3.1", "gymnasium>=1.0", "imageio>=2.14"],  # gymnasium's MuJoCo envs import imageio
     },
 )
