@@ -15,6 +15,7 @@ which is the scale the paper's alpha applies to; the meta-gradient is scaled lik
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from .. import autodiff as ad
 from .. import backend, maml, optim, train
 from ..nn import conv4
 from ..tasks import episodes
-from .common import markdown_table, mean_ci95, write_atomic, write_json
+from .common import markdown_table, mean_ci95, write_json
 
 
 @dataclass
@@ -167,7 +168,7 @@ def run(config: ClassificationConfig, resume: bool = False, progress: bool = Tru
         if best is None or val >= best["val_accuracy"]:
             best = curve[-1]
             train.save_checkpoint(best_path, params, {}, done, config.seed, [])
-        write_atomic(os.path.join(config.out_dir, "validation.json"), _dump_curve(curve))
+        write_json(os.path.join(config.out_dir, "validation.json"), curve)
         if progress:
             print(f"iteration {done}: validation accuracy {val:.4f} (best {best['val_accuracy']:.4f} "
                   f"at {best['iteration']})", flush=True)
@@ -187,13 +188,7 @@ def run(config: ClassificationConfig, resume: bool = False, progress: bool = Tru
     return results
 
 
-def _dump_curve(curve: list) -> str:
-    import json
-    return json.dumps(curve, indent=1) + "\n"
-
-
 def _load_curve(path: str) -> list:
-    import json
     if not os.path.exists(path):
         return []
     with open(path, encoding="utf-8") as f:
