@@ -137,8 +137,20 @@ def test_conjugate_gradient_solves_spd_system():
     m = rng.standard_normal((6, 6))
     a = m @ m.T + 6 * np.eye(6)
     b = rng.standard_normal(6)
-    np.testing.assert_allclose(trpo.conjugate_gradient(lambda x: a @ x, b, iters=6), np.linalg.solve(a, b),
-                               rtol=1e-8)
+    x, ax = trpo.conjugate_gradient(lambda v: a @ v, b, iters=6)
+    np.testing.assert_allclose(x, np.linalg.solve(a, b), rtol=1e-8)
+    np.testing.assert_allclose(ax, b, rtol=1e-8)
+
+
+def test_conjugate_gradient_returns_the_product_of_its_truncated_solution():
+    """After fewer iterations than the dimension, x is not A^-1 b, yet the returned A x is A times x."""
+    rng = np.random.default_rng(4)
+    m = rng.standard_normal((20, 20))
+    a = m @ m.T + np.eye(20)
+    b = rng.standard_normal(20)
+    x, ax = trpo.conjugate_gradient(lambda v: a @ v, b, iters=5)
+    assert np.linalg.norm(a @ x - b) > 1e-3 * np.linalg.norm(b)
+    np.testing.assert_allclose(ax, a @ x, rtol=1e-9, atol=1e-9 * np.linalg.norm(b))
 
 
 def _toy_objective(center, quartic):

@@ -6,7 +6,8 @@ One step, for a surrogate loss L(theta) and the mean KL divergence D(theta) = KL
     g     = grad L(theta_old)
     F v   = grad_theta < grad_theta D(theta), v >  at theta_old    (+ damping * v)
     x     ~ F^-1 g                               conjugate gradient, 10 iterations
-    s     = sqrt(2 delta / x^T F x) x            the step that reaches KL ~ delta to second order
+    s     = sqrt(2 delta / x^T F x) x            the step that reaches KL ~ delta to second order;
+                                                 F x = g - r from CG's residual r (no extra product)
     theta = theta_old - 0.8^k s                  smallest k in 0..14 with L < L_old and D <= delta;
                                                  theta_old when there is none (rllab's rule)
 
@@ -48,9 +49,12 @@ def unflatten(vector: np.ndarray, like) -> list:
     return out
 
 
-def conjugate_gradient(matvec, b: np.ndarray, iters: int = 10, residual_tol: float = 1e-10) -> np.ndarray:
+def conjugate_gradient(matvec, b: np.ndarray, iters: int = 10, residual_tol: float = 1e-10) -> tuple:
     """Approximately solve A x = b for a symmetric positive-definite A given as ``matvec(v) = A v``
-    (rllab's ``krylov.cg``: x_0 = 0, stop after ``iters`` steps or when |r|^2 < residual_tol)."""
+    (rllab's ``krylov.cg``: x_0 = 0, stop after ``iters`` steps or when |r|^2 < residual_tol).
+
+    Returns ``(x, A x)``. CG keeps its residual r = b - A x up to date with the products it makes
+    anyway, so A x = b - r costs nothing (rllab spends one more ``matvec`` on it)."""
     x = np.zeros_like(b)
     r = b.copy()
     p = b.copy()
@@ -65,7 +69,7 @@ def conjugate_gradient(matvec, b: np.ndarray, iters: int = 10, residual_tol: flo
         rr_new = r @ r
         p = r + (rr_new / rr) * p
         rr = rr_new
-    return x
+    return x, b - r
 
 
 def fisher_vector_product(kl, leaves: list, damping: float = 1e-5):
@@ -118,8 +122,8 @@ def trpo_step(objective, params: dict, max_kl: float = 0.01, cg_iters: int = 10,
     time_gradient = time.perf_counter() - start
 
     start = time.perf_counter()
-    x = conjugate_gradient(fvp, g, cg_iters)
-    step = math.sqrt(2 * max_kl / (x @ fvp(x) + 1e-8)) * x
+    x, fisher_x = conjugate_gradient(fvp, g, cg_iters)
+    step = math.sqrt(2 * max_kl / (x @ fisher_x + 1e-8)) * x
     time_cg = time.perf_counter() - start
 
     def evaluate(flat):
