@@ -1,0 +1,127 @@
+"""Speed of the MAML-RL pieces: the batched sampler, and one MAML-TRPO meta-iteration split into its parts.
+
+    python benchmarks/bench_rl.py [--envs navigation cheetah_direction] [--meta-batch 20] [--n-traj 20]
+        [--iterations 3] [--blas-threads 1]
+
+1. Sampler: environment steps per second of ``sampler.sample_trajectories`` for T tasks x B trajectories
+   stepped together (the policy, 2 x 100 ReLU, evaluated once per time step for all T x B of them), split
+   into the environment's and the policy's share. The policy is the untrained one, so no episode ends
+   early: every run is T x B x horizon steps.
+2. Meta-iteration: ``maml_rl.meta_iteration`` on the same env, seconds spent sampling (pre- and
+   post-update trajectories), in the inner REINFORCE step, on the meta-gradient and the Fisher-product
+   graph, in conjugate gradient (10 exact Fisher-vector products, third order through the inner step) and
+   in the line search; the medians over ``--iterations`` iterations after one untimed warm-up.
+
+BLAS runs single-threaded by default (``--blas-threads``; set before NumPy loads), as in the training
+runs, where two threads would compete with a second job or the simulator. MuJoCo envs need the
+optional extra (``pip install -e '.[mujoco]'``); without it they are skipped with a note.
+Numbers are printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--envs", nargs="+", default=["navigation", "cheetah_direction"])
+    parser.add_argument("--meta-batch", type=int, default=20, help="tasks T")
+    parser.add_argument("--n-traj", type=int, default=20, help="trajectories per task B")
+    parser.add_argument("--iterations", type=int, default=3, help="timed meta-iterations per env")
+    parser.add_argument("--blas-threads", type=int, default=1)
+    return parser.parse_args(argv)
+
+
+ARGS = parse_args()
+for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[variable] = str(ARGS.blas_threads)
+
+import statistics  # noqa: E402  (after the BLAS thread count is fixed)
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from minimaml.experiments.navigation import NavigationConfig  # noqa: E402
+from minimaml.experiments.rl_common import RLConfig, build_env, init_policy  # noqa: E402
+from minimaml.nn import policy as pol  # noqa: E402
+from minimaml.rl import maml_rl  # noqa: E402
+from minimaml.rl.sampler import sample_trajectories  # noqa: E402
+
+PARTS = ("time_sampling", "time_inner", "time_gradient", "time_cg", "time_line_search")
+
+
+def config_for(env_name: str) -> RLConfig:
+    """The experiment's settings for ``env_name`` (navigation: alpha 0.5, actions x 0.1)."""
+    if env_name == "navigation":
+        return NavigationConfig.for_profile("quick", meta_batch_size=ARGS.meta_batch, n_traj=ARGS.n_traj)
+    return RLConfig(env=env_name, meta_batch_size=ARGS.meta_batch, n_traj=ARGS.n_traj, inner_lr=0.1)
+
+
+class TimedPolicy:
+    """Wraps the sampler's policy to add up the seconds spent in it."""
+
+    def __init__(self, policy):
+        self.policy, self.seconds = policy, 0.0
+
+    def __call__(self, obs):
+        start = time.perf_counter()
+        out = self.policy(obs)
+        self.seconds += time.perf_counter() - start
+        return out
+
+
+def bench_sampler(env, params, cfg: RLConfig) -> dict:
+    rng = np.random.default_rng(0)
+    tasks = env.sample_tasks(rng, cfg.meta_batch_size)
+    sample_trajectories(env, pol.sampler_policy(params), tasks, cfg.n_traj, rng)  # warm-up
+    policy = TimedPolicy(pol.sampler_policy(params))
+    start = time.perf_counter()
+    batch = sample_trajectories(env, policy, tasks, cfg.n_traj, rng)
+    seconds = time.perf_counter() - start
+    steps = int(batch["mask"].sum())
+    return {"steps": steps, "seconds": seconds, "steps_per_s": steps / seconds,
+            "policy_share": policy.seconds / seconds}
+
+
+def bench_meta_iteration(env, params, cfg: RLConfig) -> dict:
+    maml_cfg = cfg.maml_config()
+    maml_rl.meta_iteration(env, params, np.random.default_rng(1), maml_cfg)  # warm-up
+    records = []
+    for i in range(ARGS.iterations):
+        start = time.perf_counter()
+        _, stats = maml_rl.meta_iteration(env, params, np.random.default_rng([2, i]), maml_cfg)
+        stats["total"] = time.perf_counter() - start
+        records.append(stats)
+    return {key: statistics.median(r[key] for r in records) for key in PARTS + ("total",)}
+
+
+def main() -> None:
+    print(f"# BLAS threads {ARGS.blas_threads}; T = {ARGS.meta_batch} tasks x B = {ARGS.n_traj} trajectories; "
+          f"medians of {ARGS.iterations} meta-iterations")
+    rows = []
+    for name in ARGS.envs:
+        cfg = config_for(name)
+        try:
+            env = build_env(cfg)
+        except ImportError as err:
+            print(f"{name}: skipped ({err})")
+            continue
+        params = init_policy(env, seed=0)
+        sampler = bench_sampler(env, params, cfg)
+        meta = bench_meta_iteration(env, params, cfg)
+        rows.append((name, env.horizon, sampler, meta))
+
+    print("\n| env | horizon | sampler steps/s | policy share | meta-iteration s | sampling | inner step | "
+          "gradient + graph | CG | line search |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, horizon, sampler, meta in rows:
+        shares = " | ".join(f"{meta[key]:.2f} ({100 * meta[key] / meta['total']:.0f}%)" for key in PARTS)
+        print(f"| {name} | {horizon} | {sampler['steps_per_s']:,.0f} | {100 * sampler['policy_share']:.0f}% | "
+              f"{meta['total']:.2f} | {shares} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
