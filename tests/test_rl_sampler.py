@@ -6,7 +6,7 @@ import pytest
 from minimaml.rl.baseline import features, fit_linear_baseline
 from minimaml.rl.envs import Navigation2D
 from minimaml.rl.returns import discounted_returns, gae
-from minimaml.rl.sampler import advantages, sample_trajectories
+from minimaml.rl.sampler import advantages, average_returns, sample_steps, sample_trajectories
 
 
 def _random_batch(rng, shape=(3, 4, 12)):
@@ -127,6 +127,30 @@ def test_goal_seeking_policy_is_near_optimal():
     random_policy = _goal_seeking_policy(np.zeros((3, 2), np.float32), log_std=0.0)  # N(-obs, 1)
     random = sample_trajectories(env, random_policy, goals, 2, np.random.default_rng(0))
     assert batch["episode_returns"].mean() > random["episode_returns"].mean() + 10
+
+
+def test_sample_steps_keeps_whole_trajectories_up_to_the_budget():
+    """rllab's batch_size: a task keeps trajectories while its earlier ones have fewer than min_steps steps.
+    Goal 0 is reached in a few steps (short episodes: several rounds), goal 1 never (full-length ones)."""
+    env = Navigation2D()
+    goals = np.array([[0.2, 0.1], [0.45, -0.45]])
+    policy = _goal_seeking_policy(np.array([[0.2, 0.1], [0.0, 0.0]], np.float32), log_std=-8.0)
+    batch = sample_steps(env, policy, goals, 250, np.random.default_rng(0))
+    lengths = batch["mask"].sum(-1)
+    all_lengths = np.where(batch["kept"], lengths, -1)
+    for task in range(2):
+        kept = batch["kept"][task]
+        assert kept[:kept.sum()].all() and not kept[kept.sum():].any()  # a prefix of the draws
+        steps = lengths[task][kept]
+        assert steps.sum() >= 250 and steps[:-1].sum() < 250
+    assert (all_lengths[0][batch["kept"][0]] == 2).all() and batch["kept"][0].sum() == 125
+    assert batch["kept"][1].sum() == 3 and (lengths[1][:3] == 100).all()
+    assert batch["kept"].shape[1] % 3 == 0  # rounds of ceil(250 / 100) trajectories
+    assert not batch["mask"][~batch["kept"]].any() and not batch["rewards"][~batch["kept"]].any()
+    full = batch["rewards"].sum(-1)
+    np.testing.assert_allclose(average_returns(batch), [full[t][batch["kept"][t]].mean() for t in range(2)])
+    with pytest.raises(ValueError, match="min_steps"):
+        sample_steps(env, policy, goals, 0, np.random.default_rng(0))
 
 
 def test_sampler_accepts_per_task_log_std_and_checks_shapes():

@@ -9,7 +9,9 @@ Three policies are compared on the same fixed, seeded test tasks (paper Sec. 5.3
 
 Each is fine-tuned on every test task with 0..``eval_steps`` REINFORCE steps (alpha, then alpha / 2, as
 ``maml_rl.adaptation_batches``) and scored by the average undiscounted return of fresh trajectories after
-each step: mean and 95% CI over the test tasks.
+each step: mean and 95% CI over the test tasks. As in the authors' test scripts, every step samples whole
+trajectories until they add up to ``test_batch_steps`` = 4000 time steps per task (rllab's VPG
+``batch_size``): 40 trajectories on 2D navigation, more once episodes end at the goal; 20 on locomotion.
 
 Training runs meta-iteration ``i`` with the generator ``train.iteration_rng(seed, i)`` and writes an atomic
 checkpoint (``train.save_checkpoint``: parameters + per-iteration history) every ``checkpoint_every``
@@ -34,7 +36,7 @@ from .. import backend, train
 from ..nn import policy as pol
 from ..rl import maml_rl
 from ..rl.reinforce import device_batch
-from ..rl.sampler import advantages, sample_trajectories
+from ..rl.sampler import advantages, average_returns, sample_trajectories
 from ..rl.trpo import trpo_step
 from .common import markdown_table, mean_ci95, write_atomic, write_json
 
@@ -88,6 +90,7 @@ class RLConfig:
     cg_damping: float = 1e-5
     n_test_tasks: int = 40
     eval_steps: int = 3
+    test_batch_steps: int = 4000  # time steps per test task and step (the authors' tests); 0 = n_traj trajectories
     action_scale: float = 1.0  # policy actions x this before the env: rllab's normalize(), 0.1 for navigation
     test_seed: int = 2017  # the fixed test tasks (and evaluation noise), the same for every method
     seed: int = 0  # policy initialisation and training
@@ -98,7 +101,7 @@ class RLConfig:
     def maml_config(self) -> maml_rl.MamlRLConfig:
         return maml_rl.MamlRLConfig(meta_batch_size=self.meta_batch_size, n_traj=self.n_traj,
                                     inner_lr=self.inner_lr, max_kl=self.max_kl, cg_iters=self.cg_iters,
-                                    cg_damping=self.cg_damping)
+                                    cg_damping=self.cg_damping, test_batch_steps=self.test_batch_steps)
 
     def method_list(self) -> list:
         methods = [m.strip() for m in self.methods.split(",") if m.strip()]
@@ -236,7 +239,7 @@ def evaluate_policy(env, params: dict, cfg: RLConfig, n_show: int = 0) -> tuple:
     for begin in range(0, len(tasks), cfg.meta_batch_size):
         chunk = tasks[begin:begin + cfg.meta_batch_size]
         batches = maml_rl.adaptation_batches(env, params, chunk, cfg.eval_steps, maml_cfg, rng)
-        returns.append(np.stack([b["episode_returns"].mean(axis=1) for b in batches]))
+        returns.append(np.stack([average_returns(b) for b in batches]))
         if shown is None:
             shown = [{"obs": b["obs"][:n_show, 0], "mask": b["mask"][:n_show, 0]} for b in batches]
     return np.concatenate(returns, axis=1), shown
@@ -297,9 +300,12 @@ def results_markdown(results: dict) -> str:
     timing = ", ".join(f"{name} {results['history'][name][-1]['iteration'] + 1 if results['history'][name] else 0} "
                        f"iterations at {results['seconds_per_iteration'][name] or 0:.1f} s"
                        for name in results["history"])
+    test_batch = cfg.get("test_batch_steps", 0)  # results written before this setting existed lack it
+    tested_on = (f"whole trajectories adding up to {test_batch} time steps per task and step"
+                 if test_batch else f"{cfg['n_traj']} trajectories per task and step")
     return (f"### {cfg['env']} ({cfg['profile']} profile)\n\n"
             f"Average return on {cfg['n_test_tasks']} test tasks (mean ± 95% CI) after 0..{n_steps} "
-            f"REINFORCE steps (alpha = {cfg['inner_lr']}, then alpha / 2); meta-batch "
+            f"REINFORCE steps (alpha = {cfg['inner_lr']}, then alpha / 2) on {tested_on}; training: meta-batch "
             f"{cfg['meta_batch_size']}, {cfg['n_traj']} trajectories per task; trained: {timing or 'nothing'}.\n\n"
             + markdown_table(header, rows))
 

@@ -24,7 +24,7 @@ from minimaml import autodiff as ad
 from minimaml.nn import policy as pol
 from minimaml.rl.reinforce import (INNER_LR, NAVIGATION_INNER_LR, adapt, device_batch, evaluation_step_sizes,
                                    masked_task_mean)
-from minimaml.rl.sampler import advantages, sample_trajectories
+from minimaml.rl.sampler import advantages, average_returns, sample_steps, sample_trajectories
 from minimaml.rl.trpo import trpo_step
 
 
@@ -42,6 +42,9 @@ class MamlRLConfig:
     cg_damping: float = 1e-5
     backtrack_ratio: float = 0.8
     max_backtracks: int = 15
+    # Evaluation (``adaptation_batches``): time steps of whole trajectories per task and step, as the
+    # authors' test scripts (VPG with batch_size 4000); 0 = ``n_traj`` trajectories, as in training.
+    test_batch_steps: int = 4000
 
     @classmethod
     def navigation(cls, **overrides) -> "MamlRLConfig":
@@ -49,9 +52,12 @@ class MamlRLConfig:
         return cls(**{"inner_lr": NAVIGATION_INNER_LR, **overrides})
 
 
-def _sample(env, params, tasks, cfg: MamlRLConfig, rng, dtype):
-    """Trajectories of ``params`` (batched or not) on ``tasks``: (raw batch, device data with advantages)."""
-    batch = sample_trajectories(env, pol.sampler_policy(params), tasks, cfg.n_traj, rng)
+def _sample(env, params, tasks, cfg: MamlRLConfig, rng, dtype, min_steps: int = 0):
+    """Trajectories of ``params`` (batched or not) on ``tasks``: ``cfg.n_traj`` per task, or whole ones
+    adding up to ``min_steps`` time steps if given. Returns (raw batch, device data with advantages)."""
+    policy = pol.sampler_policy(params)
+    batch = (sample_steps(env, policy, tasks, min_steps, rng) if min_steps else
+             sample_trajectories(env, policy, tasks, cfg.n_traj, rng))
     adv = advantages(batch, cfg.discount, cfg.gae_lambda)
     return batch, device_batch(batch, adv, dtype)
 
@@ -108,20 +114,21 @@ def meta_iteration(env, params: dict, rng: np.random.Generator, cfg: MamlRLConfi
     objective = meta_objective(pre, post, adapted, cfg.inner_lr)
     new_params, trpo_stats = trpo_step(objective, params, cfg.max_kl, cfg.cg_iters, cfg.cg_damping,
                                        cfg.backtrack_ratio, cfg.max_backtracks)
-    stats = {"pre_return": float(pre_batch["episode_returns"].mean()),
-             "post_return": float(post_batch["episode_returns"].mean()),
+    stats = {"pre_return": float(average_returns(pre_batch).mean()),
+             "post_return": float(average_returns(post_batch).mean()),
              "time_sampling": time_sampling, "time_inner": time_inner, **trpo_stats}
     return new_params, stats
 
 
 def adaptation_batches(env, params: dict, tasks, n_steps: int, cfg: MamlRLConfig, rng: np.random.Generator) -> list:
     """The trajectories of each task's policy after 0, 1, ..., n_steps inner steps (step size alpha, then
-    alpha / 2), each step on fresh trajectories of the current adapted policies. Returns n_steps + 1 raw
-    batches of ``sample_trajectories`` (``episode_returns (T, B)``, ``obs (T, B, H, obs_dim)``, ...)."""
+    alpha / 2), each step on fresh trajectories of the current adapted policies (``cfg.test_batch_steps``
+    time steps per task, as the authors' test scripts). Returns n_steps + 1 raw batches of
+    ``sample_steps`` (``episode_returns (T, B)``, ``kept (T, B)``, ``obs (T, B, H, obs_dim)``, ...)."""
     dtype = params["log_std"].dtype
     batches = []
     for lr in evaluation_step_sizes(cfg.inner_lr, n_steps) + [None]:
-        batch, data = _sample(env, params, tasks, cfg, rng, dtype)
+        batch, data = _sample(env, params, tasks, cfg, rng, dtype, cfg.test_batch_steps)
         batches.append(batch)
         if lr is not None:
             params = adapt(params, data, lr, create_graph=False)
@@ -131,5 +138,5 @@ def adaptation_batches(env, params: dict, tasks, n_steps: int, cfg: MamlRLConfig
 def evaluate(env, params: dict, tasks, n_steps: int, cfg: MamlRLConfig, rng: np.random.Generator) -> list:
     """Average return on ``tasks`` after 0, 1, ..., n_steps inner steps (``adaptation_batches``).
     Returns n_steps + 1 floats."""
-    return [float(batch["episode_returns"].mean())
+    return [float(average_returns(batch).mean())
             for batch in adaptation_batches(env, params, tasks, n_steps, cfg, rng)]

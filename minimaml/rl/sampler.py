@@ -1,6 +1,8 @@
 """Batched rollouts: T tasks x B trajectories stepped together, the policy called once per time step.
 
-Environment i = t * B + b runs trajectory b of task t. Actions are Gaussian,
+Environment i = t * B + b runs trajectory b of task t. ``sample_steps`` draws whole trajectories until
+each task has a budget of time steps, as the authors' test scripts (rllab's ``batch_size``). Actions are
+Gaussian,
 
     a = mean(obs) + exp(log_std) * eps,    eps ~ N(0, I) from a seeded numpy Generator,
 
@@ -26,8 +28,9 @@ def sample_trajectories(env, policy, tasks, n_traj: int, rng: np.random.Generato
     log_std (act_dim,) or (T, act_dim))``, NumPy or CuPy; tasks: (T, ...) from ``env.sample_tasks``.
 
     Returns a dict of NumPy arrays: ``obs (T, B, H, obs_dim)``, ``actions (T, B, H, act_dim)``,
-    ``rewards (T, B, H)``, ``mask (T, B, H)`` (1 while the episode is alive; float32), and
-    ``episode_returns (T, B)``, the undiscounted sum of rewards.
+    ``rewards (T, B, H)``, ``mask (T, B, H)`` (1 while the episode is alive; float32),
+    ``episode_returns (T, B)``, the undiscounted sum of rewards, and ``kept (T, B)``, all True here
+    (``sample_steps`` drops trajectories past a budget).
     """
     tasks = np.asarray(tasks)
     n_tasks, horizon = len(tasks), horizon or env.horizon
@@ -64,7 +67,44 @@ def sample_trajectories(env, policy, tasks, n_traj: int, rng: np.random.Generato
             break
         obs = next_obs.reshape(shape + (obs_dim,)).astype(np.float32)
     out["episode_returns"] = out["rewards"].sum(axis=-1, dtype=np.float64)
+    out["kept"] = np.ones(shape, dtype=bool)
     return out
+
+
+def sample_steps(env, policy, tasks, min_steps: int, rng: np.random.Generator, horizon: int | None = None):
+    """Whole trajectories of each task until their lengths add up to at least ``min_steps`` time steps:
+    rllab's ``batch_size``, which the authors' test scripts set to 4000 (2D navigation: 40 trajectories
+    of 100 steps if none ends early, more when episodes end at the goal).
+
+    All tasks are rolled out together, in rounds of ``ceil(min_steps / horizon)`` trajectories per task,
+    until every task has its budget. Task t keeps trajectory b iff its trajectories before b have fewer
+    than ``min_steps`` steps in all; the others get ``kept`` False and mask 0, so losses, baselines and
+    ``average_returns`` ignore them. Returns a dict like ``sample_trajectories``, B = all trajectories
+    drawn for each task.
+    """
+    horizon = horizon or env.horizon
+    if min_steps < 1:
+        raise ValueError(f"sample_steps: min_steps must be positive, got {min_steps}")
+    per_round = -(-min_steps // horizon)
+    rounds = []
+    while True:
+        rounds.append(sample_trajectories(env, policy, tasks, per_round, rng, horizon))
+        lengths = np.concatenate([r["mask"].sum(axis=-1) for r in rounds], axis=1)  # (T, B so far)
+        if (lengths.sum(axis=1) >= min_steps).all():
+            break
+    out = {k: np.concatenate([r[k] for r in rounds], axis=1) for k in rounds[0]}
+    steps_before = np.cumsum(lengths, axis=1) - lengths
+    out["kept"] = steps_before < min_steps
+    out["mask"] = out["mask"] * out["kept"][..., None]
+    out["rewards"] = out["rewards"] * out["kept"][..., None]
+    out["episode_returns"] = np.where(out["kept"], out["episode_returns"], 0.0)
+    return out
+
+
+def average_returns(batch) -> np.ndarray:
+    """Each task's average undiscounted return over its kept trajectories: (T,)."""
+    kept = batch["kept"]
+    return (batch["episode_returns"] * kept).sum(axis=1) / kept.sum(axis=1)
 
 
 def advantages(
