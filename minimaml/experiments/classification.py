@@ -154,7 +154,7 @@ def run(config: ClassificationConfig, resume: bool = False, progress: bool = Tru
     curve = _load_curve(os.path.join(config.out_dir, "validation.json")) if resume else []
     best = max(curve, key=lambda r: r["val_accuracy"]) if curve else None
     done = curve[-1]["iteration"] if curve else 0
-    start = time.time()
+    start = time.time() - (curve[-1]["seconds"] if curve else 0.0)  # a resumed run's clock goes on
     while done < config.n_iterations:
         target = min(done + config.val_every, config.n_iterations)
         result = train.meta_train(params, optimizer, step, target, seed=config.seed,

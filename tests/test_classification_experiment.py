@@ -1,0 +1,57 @@
+"""The few-shot classification experiment end to end at toy scale, on random images in place of a dataset:
+training with validation and early stopping, the test table and files, and resuming a stopped run."""
+
+import json
+
+import numpy as np
+import pytest
+
+from minimaml import train
+from minimaml.experiments import classification, omniglot
+
+TINY = dict(n_iterations=4, meta_batch_size=2, q_train=2, q_eval=2, val_every=2, n_val_tasks=3,
+            n_test_tasks=4, eval_batch=2, checkpoint_every=1)
+
+
+@pytest.fixture
+def fake_omniglot(monkeypatch):
+    """12 / 6 / 6 classes of 4 random 28x28 images, standing in for the Omniglot splits."""
+    rng = np.random.default_rng(0)
+    splits = {name: rng.integers(0, 256, size=(n, 4, 28, 28, 1), dtype=np.uint8)
+              for name, n in (("train", 12), ("val", 6), ("test", 6))}
+    monkeypatch.setattr(classification, "load_splits", lambda config: splits)
+    return splits
+
+
+def _config(tmp_path, **overrides):
+    return omniglot.config(5, 1, "mlp", "quick", out_dir=str(tmp_path), **{**TINY, **overrides})
+
+
+def test_run_trains_validates_tests_and_writes_its_files(tmp_path, fake_omniglot):
+    results = classification.run(_config(tmp_path), progress=False)
+    assert [r["iteration"] for r in results["validation"]] == [2, 4]
+    assert results["best_iteration"] in (2, 4)
+    assert len(results["test_accuracy"]) == 3 + 1  # after 0..eval_steps fine-tuning steps
+    assert all(0.0 <= row["mean"] <= 1.0 for row in results["test_accuracy"])
+    assert json.loads((tmp_path / "results.json").read_text())["test_accuracy"] == results["test_accuracy"]
+    for name in ("training.png", "accuracy_vs_steps.png", "best.npz", "maml.ckpt.npz", "validation.json"):
+        assert (tmp_path / name).stat().st_size > 0
+    table = classification.results_table([results], omniglot.PAPER, "toy")
+    assert "| omniglot-mlp-5way-1shot |" in table and "89.7 ± 1.1" in table
+
+
+def test_a_stopped_run_resumes_where_it_stopped(tmp_path, fake_omniglot):
+    straight = classification.run(_config(tmp_path / "straight"), progress=False)
+    classification.run(_config(tmp_path / "resumed", n_iterations=2), progress=False)
+    first_part = json.loads((tmp_path / "resumed" / "validation.json").read_text())
+    resumed = classification.run(_config(tmp_path / "resumed"), resume=True, progress=False)
+
+    assert [r["iteration"] for r in resumed["validation"]] == [2, 4]
+    assert resumed["validation"][0] == first_part[0]
+    # the training clock goes on from the first part instead of restarting at zero
+    assert resumed["train_seconds"] >= first_part[-1]["seconds"]
+    straight_params = train.load_checkpoint(str(tmp_path / "straight" / "maml.ckpt.npz")).params
+    resumed_params = train.load_checkpoint(str(tmp_path / "resumed" / "maml.ckpt.npz")).params
+    for key in straight_params:
+        np.testing.assert_array_equal(straight_params[key], resumed_params[key])
+    assert [r["val_accuracy"] for r in resumed["validation"]] == [r["val_accuracy"] for r in straight["validation"]]
