@@ -11,7 +11,8 @@ and the trajectories of three test tasks before and after 1..3 steps.
     python -m minimaml.experiments.navigation --profile quick           # about 12 minutes on 2 busy cores
     python -m minimaml.experiments.navigation --profile full --resume   # the authors' script
 
-Profiles: ``quick`` = the paper's text (meta-batch 20) with the authors' n_itr = 100 MAML iterations
+Profiles: ``quick`` = the paper's text (meta-batch 20, also the setting of the authors' checkpoint behind the
+paper's figure, named ``..._mbs20_...`` in their test script) with the authors' n_itr = 100 MAML iterations
 (measured 4.5-8 s each on one busy core) and 50 TRPO iterations for the pretrained baseline (~2 s each);
 ``full`` = the authors' ``maml_trpo_point.py``: meta-batch 40, 100 iterations, and 100 for the
 pretrained baseline.
