@@ -4,7 +4,8 @@ MAML-TRPO, the pretrained baseline and random initialisation on ``cheetah_veloci
 ``cheetah_direction``, ``ant_velocity`` or ``ant_direction`` (``rl.mujoco_envs``: gymnasium's v5 models
 with the paper's rewards; needs ``pip install -e '.[mujoco]'``). Paper settings: horizon 200, meta-batch
 40 tasks, 20 trajectories per task and step (ant direction 40), alpha = 0.1, TRPO with KL 0.01;
-evaluation on 40 fixed test tasks, return after 0..3 steps.
+evaluation on 40 fixed test tasks, return after 0..3 steps, each step on 4000 time steps (20 whole
+trajectories; fewer steps per trajectory, so more of them, when the ant falls), as the authors' tests.
 
     python -m minimaml.experiments.locomotion --env cheetah_direction --profile quick
     python -m minimaml.experiments.locomotion --env cheetah_velocity --profile reduced --resume

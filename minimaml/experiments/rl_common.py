@@ -83,7 +83,7 @@ class RLConfig:
     maml_iterations: int = 100  # MAML-TRPO meta-iterations
     pretrain_iterations: int = 100  # TRPO iterations of the pretrained baseline
     meta_batch_size: int = 20  # tasks per meta-iteration (pretrained: tasks per TRPO batch)
-    n_traj: int = 20  # trajectories per task and inner step (also at evaluation)
+    n_traj: int = 20  # trajectories per task and inner step in training (testing: test_batch_steps)
     inner_lr: float = 0.5  # alpha (navigation: 0.5 as the authors' code; locomotion 0.1)
     max_kl: float = 0.01
     cg_iters: int = 10
