@@ -66,6 +66,8 @@ def _cases(rng) -> list:
          [normal(2, 6, 6, 2), normal(3, 3, 2, 3)]),
         ("conv2d (task axis)", lambda x, w: ad.tanh(ad.conv2d(x, w, stride=1, padding=1)),
          [normal(2, 3, 5, 5, 2), normal(2, 3, 3, 2, 3)]),
+        ("batch_normalize (+ ReLU)", lambda x, s: ad.batch_normalize(x * x, s, eps=1e-3, relu=True) * x,
+         [normal(2, 6, 3), normal(2, 1, 3)]),
         ("max_pool2x2 (odd size)", lambda x: ad.max_pool2x2(x * x), [distinct(2, 5, 5, 2) + 1.0]),
         ("logsumexp", lambda a: ad.logsumexp(a, axis=-1), [normal(3, 5)]),
         ("log_softmax", ad.log_softmax, [normal(3, 5)]),

@@ -51,6 +51,29 @@ def test_batch_norm_features_shared_params_second_order():
                 [x, scale, shift], order=2)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_with_relu_is_relu_of_batch_norm(training):
+    """``relu=True`` (fused into the batch-norm primitive in training mode) gives relu(batch_norm(x))
+    in value, gradient and second derivative; also with running statistics."""
+    x, scale, shift = randn(T, 3, 2, 2, 2), randn(T, 2, seed=1), randn(2, seed=2)
+    stats = layers.RunningStats(numpy.full(2, 0.1), numpy.full(2, 1.5))
+
+    def fused(x, s, b):
+        return layers.batch_norm(x, s, b, eps=1e-3, running=stats, training=training, relu=True)
+
+    def separate(x, s, b):
+        return layers.relu(layers.batch_norm(x, s, b, eps=1e-3, running=stats, training=training))
+
+    for f in (fused, separate):
+        check_grads(lambda x, s, b: f(x, s, b) * x, [x, scale, shift], order=2)
+    leaves = [ad.Tensor(a, requires_grad=True) for a in (x, scale, shift)]
+    outputs = [f(*leaves) for f in (fused, separate)]
+    numpy.testing.assert_allclose(outputs[0].data, outputs[1].data, rtol=1e-12, atol=1e-12)
+    grads = [ad.grad(ad.sum(out * out * out), leaves) for out in outputs]
+    for a, b in zip(*grads):
+        numpy.testing.assert_allclose(a.data, b.data, rtol=1e-10, atol=1e-12)
+
+
 def test_max_pool_and_relu_second_order():
     x = randn(T, 2, 5, 4, 2)  # odd height: the last row is dropped
     check_grads(lambda x: layers.relu(layers.max_pool2x2(x)) * x.sum(), [x], order=2)

@@ -14,7 +14,7 @@ from hypothesis.extra import numpy as hnp
 from conftest import (assert_dtype_preserved, assert_grads, distinct_arrays, fast, float_arrays, shapes,
                       to_gpu_and_check)
 from minimaml import autodiff as ad
-from minimaml.autodiff import ShapeError, Tensor
+from minimaml.autodiff import ShapeError, Tensor, nnops
 
 # --- naive references ---------------------------------------------------------------------------------
 
@@ -195,6 +195,22 @@ def test_conv2d_every_configuration(stride, padding, task):
     out = ad.conv2d(x, w, stride=stride, padding=padding)
     np.testing.assert_allclose(out.data, conv2d_reference(x, w, stride, padding), rtol=1e-12, atol=1e-12)
     assert_grads(lambda a, b: ad.conv2d(a, b, stride=stride, padding=padding) ** 2, [x, w])
+
+
+@pytest.mark.parametrize("block_bytes", [1, 700, 1 << 20], ids=["one_image", "image_ranges", "whole_tasks"])
+@pytest.mark.parametrize("task", [False, True])
+def test_conv2d_blockwise_passes_to_third_order(monkeypatch, block_bytes, task):
+    """The convolution and its two derivative primitives (input and filter gradient), run a block of
+    images at a time: single images, ranges that do not divide the batch, several whole tasks per
+    block. Values against the reference, derivatives to third order against finite differences."""
+    monkeypatch.setattr(nnops, "_BLOCK_BYTES_CONV", block_bytes)
+    rng = np.random.default_rng(3)
+    t = (3,) if task else ()
+    x = rng.standard_normal(t + (5, 5, 4, 2))
+    w = rng.standard_normal(t + (3, 2, 2, 3))
+    out = ad.conv2d(x, w, stride=2, padding="SAME")
+    np.testing.assert_allclose(out.data, conv2d_reference(x, w, 2, "SAME"), rtol=1e-12, atol=1e-12)
+    assert_grads(lambda a, b: ad.conv2d(a, b, stride=2, padding="SAME") ** 2, [x, w], order=3)
 
 
 def test_conv2d_task_axis_uses_each_tasks_own_filters():
@@ -399,8 +415,6 @@ def test_nn_table_gradients_on_gpu(gpu, name, f, arrays):
 
 # --- channel_dot / channel_scale (batch norm's per-channel products) ------------------------------------------
 
-from minimaml.autodiff import nnops  # noqa: E402
-
 CHANNEL_CASES = [
     ("channel_dot", lambda a, b: nnops.channel_dot(ad.tanh(a), b * b), [_rng.standard_normal((2, 4, 3)),
                                                                          _rng.standard_normal((2, 4, 3))]),
@@ -438,4 +452,80 @@ def test_channel_ops_values_and_errors():
 @pytest.mark.gpu
 @pytest.mark.parametrize("name, f, arrays", CHANNEL_CASES, ids=[c[0] for c in CHANNEL_CASES])
 def test_channel_ops_gradients_on_gpu(gpu, name, f, arrays):
+    to_gpu_and_check(gpu, f, arrays, order=2)
+
+
+# --- batch_normalize (batch norm with the batch's statistics, one primitive) --------------------------------
+
+
+def batch_normalize_reference(x, scale, shift, eps):
+    mean = x.mean(axis=-2, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=-2, keepdims=True)
+    y = (x - mean) / np.sqrt(var + eps)
+    return y * (1 if scale is None else scale) + (0 if shift is None else shift)
+
+
+BATCH_NORM_CASES = [
+    ("per_task", lambda x, s, b: nnops.batch_normalize(x * x, ad.tanh(s), b * b, eps=1e-3),
+     [_rng.standard_normal((2, 6, 3)), _rng.standard_normal((2, 1, 3)), _rng.standard_normal((2, 1, 3))]),
+    ("shared", lambda x, s, b: nnops.batch_normalize(ad.tanh(x), s * s, b, eps=1e-5),
+     [_rng.standard_normal((2, 3, 5, 4)), _rng.standard_normal((4,)), _rng.standard_normal((1, 1, 4))]),
+    ("no_scale_no_shift", lambda x: nnops.batch_normalize(ad.tanh(x), eps=1e-3) ** 3,
+     [_rng.standard_normal((7, 2))]),
+    ("relu", lambda x, s, b: nnops.batch_normalize(x * x, s, b, eps=1e-3, relu=True) ** 2,
+     [_rng.standard_normal((2, 6, 3)), _rng.standard_normal((2, 1, 3)), _rng.standard_normal((3,)) * 0.3]),
+]
+
+
+@pytest.mark.parametrize("name, f, arrays", BATCH_NORM_CASES, ids=[c[0] for c in BATCH_NORM_CASES])
+def test_batch_normalize_gradients_to_third_order(name, f, arrays):
+    assert_grads(f, arrays, order=3)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name, f, arrays", BATCH_NORM_CASES, ids=[c[0] for c in BATCH_NORM_CASES])
+def test_batch_normalize_preserves_dtype(name, f, arrays, dtype):
+    assert_dtype_preserved(f, arrays, dtype)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("block_bytes", [8, 100, 1 << 20], ids=["rows", "row_ranges", "slabs"])
+def test_batch_normalize_blocks_and_both_reverse_passes_agree(monkeypatch, block_bytes, relu):
+    """Forward values against the formula, and the blockwise array VJP (a reverse pass that is not
+    recorded) against the taped VJP (recorded), with blocks of single rows, row ranges that do not
+    divide P, and whole slabs; with and without the ReLU."""
+    monkeypatch.setattr(nnops, "_BLOCK_BYTES", block_bytes)
+    x = _rng.standard_normal((3, 2, 9, 4)) * 3 + 1
+    scale, shift = _rng.standard_normal((3, 1, 1, 4)), _rng.standard_normal((4,))
+    cotangent = Tensor(_rng.standard_normal(x.shape))
+    leaves = [Tensor(a, requires_grad=True) for a in (x, scale, shift)]
+    y = nnops.batch_normalize(*leaves, eps=1e-3, relu=relu)
+    expected = batch_normalize_reference(x, scale, shift, 1e-3)
+    np.testing.assert_allclose(y.data, np.maximum(expected, 0) if relu else expected, rtol=1e-12, atol=1e-12)
+    assert (y.data == 0).any() == relu
+    untaped = ad.grad(ad.sum(y * cotangent), leaves, create_graph=False)
+    taped = ad.grad(ad.sum(y * cotangent), leaves, create_graph=True)
+    assert all(not g.requires_grad for g in untaped) and taped[0].requires_grad
+    for a, b in zip(untaped, taped):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a.data, b.data, rtol=1e-10, atol=1e-12)
+
+
+def test_batch_normalize_errors():
+    x = _rng.standard_normal((2, 5, 3))
+    with pytest.raises(ShapeError, match="examples axis"):
+        nnops.batch_normalize(np.ones(3))
+    with pytest.raises(ShapeError, match=r"scale \(2, 5, 3\) must be per channel"):
+        nnops.batch_normalize(x, scale=x)
+    with pytest.raises(ShapeError, match=r"shift \(4,\)"):
+        nnops.batch_normalize(x, shift=np.ones(4))
+    with pytest.raises(ShapeError, match=r"scale \(3, 1, 3\)"):
+        nnops.batch_normalize(x, scale=np.ones((3, 1, 3)))
+    with pytest.raises(TypeError, match="scale is float32, the input is float64"):
+        nnops.batch_normalize(x, scale=np.ones(3, dtype=np.float32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name, f, arrays", BATCH_NORM_CASES, ids=[c[0] for c in BATCH_NORM_CASES])
+def test_batch_normalize_gradients_on_gpu(gpu, name, f, arrays):
     to_gpu_and_check(gpu, f, arrays, order=2)

@@ -35,7 +35,7 @@ import numpy
 
 from .. import autodiff as ad
 from . import init as initializers
-from .layers import batch_norm, conv2d, flatten, linear, max_pool2x2, relu
+from .layers import batch_norm, conv2d, flatten, linear, max_pool2x2
 
 INIT_SCHEMES = ("authors", "pytorch")
 
@@ -128,8 +128,7 @@ class Conv4:
         h = x
         for i in range(4):
             h = conv2d(h, params[f"conv{i}.w"], params.get(f"conv{i}.b"), self.stride, self.padding)
-            h = batch_norm(h, params.get(f"conv{i}.bn.scale"), params[f"conv{i}.bn.shift"], self.bn_eps)
-            h = relu(h)
+            h = batch_norm(h, params.get(f"conv{i}.bn.scale"), params[f"conv{i}.bn.shift"], self.bn_eps, relu=True)
             if self.max_pool:
                 h = max_pool2x2(h)
         h = ad.mean(h, axis=(-3, -2)) if self.features == "mean" else flatten(h, keep=h.ndim - 3)
@@ -174,8 +173,8 @@ class BatchNormMLP:
         h = x
         for i in range(len(self.hidden)):
             h = linear(h, params[f"fc{i}.w"], params[f"fc{i}.b"])
-            h = relu(batch_norm(h, params.get(f"fc{i}.bn.scale"), params[f"fc{i}.bn.shift"], self.bn_eps,
-                                example_axes=1))
+            h = batch_norm(h, params.get(f"fc{i}.bn.scale"), params[f"fc{i}.bn.shift"], self.bn_eps,
+                           example_axes=1, relu=True)
         return linear(h, params["head.w"], params["head.b"])
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import autodiff as ad
+from .. import backend
 from ..autodiff import ShapeError, Tensor, nnops
 
 
@@ -92,7 +93,7 @@ class RunningStats:
 
 
 def batch_norm(x, scale=None, shift=None, eps: float = 1e-3, example_axes: int = 3,
-               running: RunningStats | None = None, training: bool = True) -> Tensor:
+               running: RunningStats | None = None, training: bool = True, relu: bool = False) -> Tensor:
     """Batch normalisation with the statistics of the current batch, per task and per channel:
 
         y = scale (x - mean) / sqrt(var + eps) + shift,
@@ -107,6 +108,9 @@ def batch_norm(x, scale=None, shift=None, eps: float = 1e-3, example_axes: int =
     query set's predictions depend on the other query examples. For the alternative pass
     ``running``: with ``training=True`` its statistics are updated (outside the tape) from the batch;
     with ``training=False`` they replace the batch statistics (as constants).
+
+    ``relu=True`` applies a ReLU to the result, within the same fused primitive
+    (``nnops.batch_normalize``): the conv and MLP blocks' batch norm -> ReLU in one pass.
     """
     x = ad.as_tensor(x)
     if x.ndim < example_axes + 1:
@@ -118,26 +122,27 @@ def batch_norm(x, scale=None, shift=None, eps: float = 1e-3, example_axes: int =
     for n in x.shape[len(lead):-1]:
         examples *= n
     flat = ad.reshape(x, (*lead, examples, x.shape[-1]))
+    if scale is not None:
+        scale = _check_channels(_align(ad.as_tensor(scale), 1, flat, "batch_norm"), x, "scale")
+    if shift is not None:
+        shift = _check_channels(_align(ad.as_tensor(shift), 1, flat, "batch_norm"), x, "shift")
     if training:
-        mean = ad.mean(flat, axis=-2, keepdims=True)
-        # x + (-mean), not x - mean: the reverse pass then sums the cotangent over the examples before
-        # negating it (subtract would negate the whole big cotangent first).
-        centred = flat + ad.negative(mean)
-        var = nnops.channel_dot(centred, centred) * (1.0 / examples)  # sum of squares in one pass
+        y = nnops.batch_normalize(flat, scale, shift, eps, relu=relu)  # one fused primitive, see its docstring
         if running is not None:
-            task_and_example_axes = tuple(range(flat.ndim - 1))
-            running.update(mean.data.mean(axis=task_and_example_axes), var.data.mean(axis=task_and_example_axes))
+            task_axes = tuple(range(flat.ndim - 2))  # per-task statistics, averaged over the tasks
+            running.update(flat.data.mean(axis=-2).mean(axis=task_axes),
+                           flat.data.var(axis=-2).mean(axis=task_axes))
     else:
         if running is None:
             raise ValueError("batch_norm: training=False needs running statistics (running=RunningStats)")
-        centred = flat - Tensor(running.mean.astype(x.dtype))
-        var = Tensor(running.var.astype(x.dtype))
-    factor = 1.0 / ad.sqrt(var + eps)  # per channel: one multiply of the big tensor, not a divide and a multiply
-    if scale is not None:
-        factor = factor * _check_channels(_align(ad.as_tensor(scale), 1, flat, "batch_norm"), x, "scale")
-    y = nnops.channel_scale(centred, factor)  # = centred * factor, with a fused VJP for factor
-    if shift is not None:
-        y = y + _check_channels(_align(ad.as_tensor(shift), 1, flat, "batch_norm"), x, "shift")
+        factor = Tensor(1 / backend.array_namespace(x.data).sqrt(running.var.astype(x.dtype) + eps))
+        if scale is not None:
+            factor = factor * scale
+        y = nnops.channel_scale(flat - Tensor(running.mean.astype(x.dtype)), factor)
+        if shift is not None:
+            y = y + shift
+        if relu:
+            y = ad.relu(y)
     return ad.reshape(y, x.shape)
 
 
