@@ -447,23 +447,22 @@ def _batch_normalize_vjp_arrays(g3, x3, relu_output, blocks, mean, inv_std, a) -
     and g' = g [y > 0] when ``relu_output`` y is given."""
     xp = backend.array_namespace(x3)
     n_rows = x3.shape[1]
-
-    def g_block(lead, rows):
-        return g3[lead, rows] if relu_output is None else g3[lead, rows] * (relu_output[lead, rows] > 0)
-
+    dx = xp.empty_like(x3)  # after a ReLU, it holds g' until the second pass overwrites it with dx
+    g_masked = g3 if relu_output is None else dx
     g_sum = xp.zeros_like(mean)
     g_dot = xp.zeros_like(mean)  # sum_p g' (x - mean)
     for lead, rows in blocks:
-        g_in = g_block(lead, rows)
+        if relu_output is not None:
+            xp.multiply(g3[lead, rows], relu_output[lead, rows] > 0, out=g_masked[lead, rows])
+        g_in = g_masked[lead, rows]
         g_sum[lead, 0] += g_in.sum(axis=1)
         g_dot[lead, 0] += xp.einsum("lpc,lpc->lc", g_in, x3[lead, rows] - mean[lead])
     dscale = g_dot * inv_std  # sum_p g' x_hat
     k = a * inv_std * dscale / n_rows
     offset = k * mean - a * g_sum / n_rows
-    dx = xp.empty_like(x3)
     for lead, rows in blocks:
         out = dx[lead, rows]
-        xp.multiply(g_block(lead, rows), a[lead], out=out)
+        xp.multiply(g_masked[lead, rows], a[lead], out=out)
         out -= x3[lead, rows] * k[lead]
         out += offset[lead]
     return dx, dscale, g_sum
