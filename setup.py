@@ -14,6 +14,7 @@ setup(
         "matplotlib>=3.7",
         "pillow>=9.0",
         "tqdm>=4.60",
+        "threadpoolctl>=3.1",
     ],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6.80"],

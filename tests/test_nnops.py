@@ -197,13 +197,16 @@ def test_conv2d_every_configuration(stride, padding, task):
     assert_grads(lambda a, b: ad.conv2d(a, b, stride=stride, padding=padding) ** 2, [x, w])
 
 
+@pytest.mark.parametrize("threads", ["1", "3"])
 @pytest.mark.parametrize("block_bytes", [1, 700, 1 << 20], ids=["one_image", "image_ranges", "whole_tasks"])
 @pytest.mark.parametrize("task", [False, True])
-def test_conv2d_blockwise_passes_to_third_order(monkeypatch, block_bytes, task):
+def test_conv2d_blockwise_passes_to_third_order(monkeypatch, block_bytes, task, threads):
     """The convolution and its two derivative primitives (input and filter gradient), run a block of
     images at a time: single images, ranges that do not divide the batch, several whole tasks per
-    block. Values against the reference, derivatives to third order against finite differences."""
+    block; the blocks on one thread or shared out over three. Values against the reference,
+    derivatives to third order against finite differences."""
     monkeypatch.setattr(nnops, "_BLOCK_BYTES_CONV", block_bytes)
+    monkeypatch.setenv("MINIMAML_THREADS", threads)
     rng = np.random.default_rng(3)
     t = (3,) if task else ()
     x = rng.standard_normal(t + (5, 5, 4, 2))
@@ -488,13 +491,15 @@ def test_batch_normalize_preserves_dtype(name, f, arrays, dtype):
     assert_dtype_preserved(f, arrays, dtype)
 
 
+@pytest.mark.parametrize("threads", ["1", "3"])
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("block_bytes", [8, 100, 1 << 20], ids=["rows", "row_ranges", "slabs"])
-def test_batch_normalize_blocks_and_both_reverse_passes_agree(monkeypatch, block_bytes, relu):
+def test_batch_normalize_blocks_and_both_reverse_passes_agree(monkeypatch, block_bytes, relu, threads):
     """Forward values against the formula, and the blockwise array VJP (a reverse pass that is not
     recorded) against the taped VJP (recorded), with blocks of single rows, row ranges that do not
-    divide P, and whole slabs; with and without the ReLU."""
+    divide P, and whole slabs, on one thread or three; with and without the ReLU."""
     monkeypatch.setattr(nnops, "_BLOCK_BYTES", block_bytes)
+    monkeypatch.setenv("MINIMAML_THREADS", threads)
     x = _rng.standard_normal((3, 2, 9, 4)) * 3 + 1
     scale, shift = _rng.standard_normal((3, 1, 1, 4)), _rng.standard_normal((4,))
     cotangent = Tensor(_rng.standard_normal(x.shape))

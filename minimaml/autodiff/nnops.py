@@ -7,7 +7,7 @@ so each is the other's VJP); everything else is built from ``ops`` and inherits 
 
 from __future__ import annotations
 
-from .. import backend
+from .. import backend, parallel
 from . import ops
 from .ops import ShapeError
 from .tensor import Tensor, is_recording, record
@@ -59,8 +59,9 @@ _BLOCK_BYTES_CONV = 2 << 20  # a block of im2col / conv2d covers about this many
 def _blocks(n_lead: int, n_rows: int, row_bytes: int, block_bytes: int, on_gpu: bool):
     """Index pairs ``(lead, rows)`` covering an array ``(L, R, ...)`` in blocks of about ``block_bytes``:
     several whole ``(R, ...)`` slabs when one slab is small, else row ranges of one slab. Passes over
-    big arrays run a block at a time so that a block's data and temporaries stay in the CPU cache; on
-    the GPU one block covers everything (one kernel launch per pass)."""
+    big arrays run a block at a time so that a block's data and temporaries stay in the CPU cache, and
+    the blocks are shared out over the CPU threads (``_for_each_block``, ``_sum_over_blocks``); on the
+    GPU one block covers everything (one kernel launch per pass)."""
     if on_gpu:
         yield slice(None), slice(None)
         return
@@ -73,6 +74,30 @@ def _blocks(n_lead: int, n_rows: int, row_bytes: int, block_bytes: int, on_gpu: 
     for lead in range(n_lead):
         for start in range(0, n_rows, rows):
             yield slice(lead, lead + 1), slice(start, start + rows)
+
+
+def _for_each_block(work, blocks: list) -> None:
+    """``work(lead, rows)`` for every block, the blocks shared out over the CPU threads
+    (``parallel.map_shares``); each block writes its own part of the output."""
+    parallel.map_shares(lambda share: [work(lead, rows) for lead, rows in share], blocks)
+
+
+def _sum_over_blocks(per_block, blocks: list, shapes: tuple, xp, dtype) -> tuple:
+    """Sums over the blocks of ``per_block(lead, rows)``, a tuple of arrays each added at ``[lead]`` of a
+    zero array of the matching shape in ``shapes``. The blocks are shared out over the CPU threads; each
+    share sums into arrays of its own, and the shares' sums are added in order."""
+    def share_sums(share):
+        sums = tuple(xp.zeros(shape, dtype=dtype) for shape in shapes)
+        for lead, rows in share:
+            for total, value in zip(sums, per_block(lead, rows)):
+                total[lead] += value
+        return sums
+
+    partials = parallel.map_shares(share_sums, blocks)
+    for sums in partials[1:]:
+        for total, value in zip(partials[0], sums):
+            total += value
+    return partials[0]
 
 
 class _Geometry:
@@ -159,7 +184,8 @@ def conv2d(x, w, stride: int = 1, padding="SAME") -> Tensor:
     out[p, o] = sum_{i, j, c} x_pad[s p + (i, j), c] w[i, j, c, o].
 
     The patch matrix is never built whole: each cache-sized block of images is unfolded and multiplied
-    at once (``_conv_arrays``). So the convolution is a primitive, and so are its two derivatives,
+    at once (``_conv_arrays``), the blocks shared out over the CPU threads. So the convolution is a
+    primitive, and so are its two derivatives,
 
         input gradient   dx = col2im(g w^T)       ``_conv_input_grad``
         filter gradient  dw = im2col(x)^T g       ``_conv_filter_grad``
@@ -213,7 +239,7 @@ def _filter_matrices(w):
 def _conv_blocks(x5, geometry: _Geometry):
     """Blocks (task slice, image slice) of ``x5: (L, n, H, W, C)`` with ~``_BLOCK_BYTES_CONV`` of patches."""
     patch_bytes = geometry.ho * geometry.wo * geometry.kh * geometry.kw * x5.shape[-1] * x5.itemsize
-    return _blocks(x5.shape[0], x5.shape[1], patch_bytes, _BLOCK_BYTES_CONV, backend.is_gpu_array(x5))
+    return list(_blocks(x5.shape[0], x5.shape[1], patch_bytes, _BLOCK_BYTES_CONV, backend.is_gpu_array(x5)))
 
 
 def _block_patches(x5, lead, rows, geometry: _Geometry):
@@ -230,9 +256,12 @@ def _conv_arrays(x5, w3, geometry: _Geometry):
     xp = backend.array_namespace(x5)
     n_tasks, n = x5.shape[:2]
     out = xp.empty((n_tasks, n, geometry.ho, geometry.wo, w3.shape[-1]), dtype=x5.dtype)
-    for lead, rows in _conv_blocks(x5, geometry):
+
+    def multiply(lead, rows):
         product = ops._matmul_arrays(_block_patches(x5, lead, rows, geometry), w3[lead])
         out[lead, rows] = product.reshape(out[lead, rows].shape)
+
+    _for_each_block(multiply, _conv_blocks(x5, geometry))
     return out
 
 
@@ -242,25 +271,31 @@ def _conv_input_grad_arrays(g5, w3, geometry: _Geometry, c_in: int):
     n_tasks, n = g5.shape[:2]
     dx = xp.zeros((n_tasks, n, geometry.h, geometry.w, c_in), dtype=g5.dtype)
     w_t = xp.swapaxes(w3, -1, -2)
-    patch_bytes = geometry.ho * geometry.wo * w3.shape[-2] * g5.itemsize
-    for lead, rows in _blocks(n_tasks, n, patch_bytes, _BLOCK_BYTES_CONV, backend.is_gpu_array(g5)):
+
+    def multiply_and_add_back(lead, rows):
         g_block = g5[lead, rows]
         l, n_block = g_block.shape[:2]
         patches = ops._matmul_arrays(g_block.reshape(l, -1, g_block.shape[-1]), w_t[lead])
         patches = patches.reshape(l, n_block, geometry.ho, geometry.wo, geometry.kh, geometry.kw, c_in)
         geometry.add_patches(patches, dx[lead, rows])
+
+    patch_bytes = geometry.ho * geometry.wo * w3.shape[-2] * g5.itemsize
+    blocks = list(_blocks(n_tasks, n, patch_bytes, _BLOCK_BYTES_CONV, backend.is_gpu_array(g5)))
+    _for_each_block(multiply_and_add_back, blocks)
     return dx
 
 
 def _conv_filter_grad_arrays(x5, g5, geometry: _Geometry):
     """dw[t] = im2col(x[t])^T @ g[t] on arrays ``x5: (L, n, H, W, C_in)``, ``g5: (L, n, Ho, Wo, C_out)``."""
     xp = backend.array_namespace(x5)
-    k = geometry.kh * geometry.kw * x5.shape[-1]
-    dw = xp.zeros((x5.shape[0], k, g5.shape[-1]), dtype=x5.dtype)
-    for lead, rows in _conv_blocks(x5, geometry):
+
+    def patches_times_g(lead, rows):
         patches = _block_patches(x5, lead, rows, geometry)
-        g_block = g5[lead, rows]
-        dw[lead] += ops._matmul_arrays(xp.swapaxes(patches, -1, -2), g_block.reshape(*patches.shape[:2], -1))
+        g_block = g5[lead, rows].reshape(*patches.shape[:2], -1)
+        return (ops._matmul_arrays(xp.swapaxes(patches, -1, -2), g_block),)
+
+    shape = (x5.shape[0], geometry.kh * geometry.kw * x5.shape[-1], g5.shape[-1])
+    (dw,) = _sum_over_blocks(patches_times_g, _conv_blocks(x5, geometry), (shape,), xp, x5.dtype)
     return dw
 
 
@@ -385,8 +420,8 @@ def batch_normalize(x, scale=None, shift=None, eps: float = 1e-3, relu: bool = F
     One primitive rather than a chain of ``ops`` (which wrote seven intermediate arrays the size of x):
     the forward pass reads x three times (mean; variance; y = a x + b with per-channel
     a = scale / sqrt(var + eps) and b = shift - a mean, then the ReLU) and writes y once, a
-    cache-sized block at a time. VJP, with x_hat = (x - mean) / sqrt(var + eps) and g' = g [y > 0]
-    after a ReLU (else g' = g):
+    cache-sized block at a time, the blocks shared out over the CPU threads. VJP, with
+    x_hat = (x - mean) / sqrt(var + eps) and g' = g [y > 0] after a ReLU (else g' = g):
 
         d shift = sum_p g',    d scale = sum_p g' x_hat,    dx = a (g' - d shift / P - x_hat d scale / P).
 
@@ -405,21 +440,29 @@ def batch_normalize(x, scale=None, shift=None, eps: float = 1e-3, relu: bool = F
     x3 = x.data.reshape(-1, n_rows, channels)
     blocks = list(_blocks(*x3.shape[:2], channels * x3.itemsize, _BLOCK_BYTES, backend.is_gpu_array(x3)))
 
-    mean = x3.mean(axis=1, keepdims=True)  # (L, 1, C), the statistics of each leading index
-    squares = xp.zeros_like(mean)
-    for lead, rows in blocks:
+    stats = ((x3.shape[0], 1, channels),)  # (L, 1, C): per leading index and channel
+    (mean,) = _sum_over_blocks(lambda lead, rows: (x3[lead, rows].sum(axis=1, keepdims=True),),
+                               blocks, stats, xp, x.dtype)
+    mean /= n_rows
+
+    def squares(lead, rows):
         centred = x3[lead, rows] - mean[lead]
-        squares[lead, 0] += xp.einsum("lpc,lpc->lc", centred, centred)
-    inv_std = 1 / xp.sqrt(squares / n_rows + eps)
+        return (xp.einsum("lpc,lpc->lc", centred, centred)[:, None],)
+
+    (sum_squares,) = _sum_over_blocks(squares, blocks, stats, xp, x.dtype)
+    inv_std = 1 / xp.sqrt(sum_squares / n_rows + eps)
     a = inv_std if scale is None else inv_std * xp.broadcast_to(scale.data, stats_shape).reshape(mean.shape)
     b = -mean * a if shift is None else xp.broadcast_to(shift.data, stats_shape).reshape(mean.shape) - mean * a
     y3 = xp.empty_like(x3)
-    for lead, rows in blocks:
+
+    def normalize(lead, rows):
         out = y3[lead, rows]
         xp.multiply(x3[lead, rows], a[lead], out=out)
         out += b[lead]
         if relu:
             xp.maximum(out, 0, out=out)
+
+    _for_each_block(normalize, blocks)
 
     def vjp(g):
         if is_recording():
@@ -449,22 +492,26 @@ def _batch_normalize_vjp_arrays(g3, x3, relu_output, blocks, mean, inv_std, a) -
     n_rows = x3.shape[1]
     dx = xp.empty_like(x3)  # after a ReLU, it holds g' until the second pass overwrites it with dx
     g_masked = g3 if relu_output is None else dx
-    g_sum = xp.zeros_like(mean)
-    g_dot = xp.zeros_like(mean)  # sum_p g' (x - mean)
-    for lead, rows in blocks:
+
+    def sums(lead, rows):  # sum_p g' and sum_p g' (x - mean)
         if relu_output is not None:
             xp.multiply(g3[lead, rows], relu_output[lead, rows] > 0, out=g_masked[lead, rows])
         g_in = g_masked[lead, rows]
-        g_sum[lead, 0] += g_in.sum(axis=1)
-        g_dot[lead, 0] += xp.einsum("lpc,lpc->lc", g_in, x3[lead, rows] - mean[lead])
+        centred = x3[lead, rows] - mean[lead]
+        return g_in.sum(axis=1, keepdims=True), xp.einsum("lpc,lpc->lc", g_in, centred)[:, None]
+
+    g_sum, g_dot = _sum_over_blocks(sums, blocks, (mean.shape, mean.shape), xp, x3.dtype)
     dscale = g_dot * inv_std  # sum_p g' x_hat
     k = a * inv_std * dscale / n_rows
     offset = k * mean - a * g_sum / n_rows
-    for lead, rows in blocks:
+
+    def input_grad(lead, rows):
         out = dx[lead, rows]
         xp.multiply(g_masked[lead, rows], a[lead], out=out)
         out -= x3[lead, rows] * k[lead]
         out += offset[lead]
+
+    _for_each_block(input_grad, blocks)
     return dx, dscale, g_sum
 
 

@@ -1,0 +1,73 @@
+"""Blockwise passes shared out over the CPU cores.
+
+The convolution and batch-norm primitives (``autodiff/nnops.py``) walk over big arrays a cache-sized
+block at a time. NumPy runs each call on one core, so on the CPU those blocks are split into one
+contiguous share per thread and the shares run at once: NumPy and BLAS release Python's GIL while they
+compute, so plain threads use separate cores. From the first such parallel pass on, the BLAS library
+that NumPy uses is held to one thread, process-wide (``threadpoolctl``): with its usual one thread per
+core it would oversubscribe the cores during the passes, and between BLAS calls its idle threads spin
+and take the cores from ours (measured: the W2 meta-step went from 467 to 559 ms when BLAS kept two
+threads outside the passes). ``MINIMAML_THREADS=1`` leaves BLAS's threads alone.
+
+- ``cpu_threads()``: how many threads: ``MINIMAML_THREADS`` if set, else the cores this process may use.
+- ``map_shares(work, blocks)``: ``[work(share) for share in shares]``, the shares run in parallel.
+
+Results do not depend on timing: every share writes its own part of an output or returns a partial sum,
+and partial sums are added in share order. They do depend, in the last bits, on the thread count (the
+order of those sums), so runs that must agree bitwise use the same ``MINIMAML_THREADS``.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+_pool = None  # worker threads (the calling thread works too), made on first use
+_pool_size = 0
+_blas_limit = None  # threadpoolctl's limit of BLAS to one thread, set on the first parallel pass
+
+
+def cpu_threads() -> int:
+    """Threads for blockwise passes: ``MINIMAML_THREADS`` (a positive integer), else the number of cores
+    this process may run on."""
+    value = os.environ.get("MINIMAML_THREADS", "").strip()
+    if not value:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"MINIMAML_THREADS={value!r}: expected a positive integer (the CPU threads to use)")
+    return int(value)
+
+
+def map_shares(work, blocks: list) -> list:
+    """Split ``blocks`` into ``cpu_threads()`` contiguous shares (fewer if there are fewer blocks) and
+    return ``[work(share) for share in shares]``, each share on its own thread, the first on the
+    calling one. With a single share this is a plain call (e.g. on the GPU, where the primitives make
+    one block)."""
+    n_shares = min(cpu_threads(), len(blocks))
+    if n_shares < 2:
+        return [work(blocks)]
+    size = -(-len(blocks) // n_shares)
+    shares = [blocks[start:start + size] for start in range(0, len(blocks), size)]
+    _hold_blas_to_one_thread()
+    futures = [_workers(len(shares) - 1).submit(work, share) for share in shares[1:]]
+    first = work(shares[0])
+    return [first] + [future.result() for future in futures]
+
+
+def _workers(count: int) -> ThreadPoolExecutor:
+    """The pool of worker threads, grown when more are asked for than it has."""
+    global _pool, _pool_size
+    if _pool_size < count:
+        if _pool is not None:
+            _pool.shutdown(wait=True)
+        _pool, _pool_size = ThreadPoolExecutor(max_workers=count, thread_name_prefix="minimaml"), count
+    return _pool
+
+
+def _hold_blas_to_one_thread() -> None:
+    """Limit the BLAS library NumPy uses to one thread, once, for the rest of the process."""
+    global _blas_limit
+    if _blas_limit is None:
+        from threadpoolctl import threadpool_limits
+
+        _blas_limit = threadpool_limits(limits=1, user_api="blas")
