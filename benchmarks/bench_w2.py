@@ -36,7 +36,7 @@ import numpy
 
 from common import load_reference, load_workload, max_rel_diff, run_peer, summary, time_calls
 from minimaml import autodiff as ad
-from minimaml import backend, maml
+from minimaml import backend, maml, parallel
 from minimaml.nn.conv4 import Conv4
 
 ALPHA = 0.4
@@ -111,7 +111,8 @@ def main() -> None:
     params64, tasks64 = workload_inputs(numpy.float64)
     malloc = " ".join(f"{k}={os.environ.get(k, '(unset)')}" for k in MALLOC_ENV)
     threads = os.environ.get("OPENBLAS_NUM_THREADS", "(unset)")
-    print(f"# {malloc} OPENBLAS_NUM_THREADS={threads}")
+    print(f"# {malloc} OPENBLAS_NUM_THREADS={threads} minimaml threads={parallel.cpu_threads()} "
+          "(its conv / batch-norm passes; BLAS held to one thread while it shares them out)")
     print("impl workload median_ms min_ms rel_err_f32 rel_err_f64")
     results = {}
     for round_ in range(args.rounds):
