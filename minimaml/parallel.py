@@ -10,7 +10,11 @@ and take the cores from ours (measured: the W2 meta-step went from 467 to 559 ms
 threads outside the passes). ``MINIMAML_THREADS=1`` leaves BLAS's threads alone.
 
 - ``cpu_threads()``: how many threads: ``MINIMAML_THREADS`` if set, else the cores this process may use.
-- ``map_shares(work, blocks)``: ``[work(share) for share in shares]``, the shares run in parallel.
+- ``threads_for(n_bytes)``: the threads a pass over ``n_bytes`` is worth: one for a small pass while BLAS
+  still has its own threads (they parallelise a small pass's matrix products better than shares do:
+  the Omniglot quick profile's meta-step, 8 tasks of 30 images, took ~100 ms with its passes shared
+  out and ~70 ms with them whole and BLAS's two threads), else all.
+- ``map_shares(work, blocks, threads)``: ``[work(share) for share in shares]``, the shares run in parallel.
 
 Results do not depend on timing: every share writes its own part of an output or returns a partial sum,
 and partial sums are added in share order. They do depend, in the last bits, on the thread count (the
@@ -21,6 +25,8 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+
+SHARE_MIN_BYTES = 32 << 20  # passes over less than this stay on one thread while BLAS has its own threads
 
 _pool = None  # worker threads (the calling thread works too), made on first use
 _pool_size = 0
@@ -38,12 +44,20 @@ def cpu_threads() -> int:
     return int(value)
 
 
-def map_shares(work, blocks: list) -> list:
-    """Split ``blocks`` into ``cpu_threads()`` contiguous shares (fewer if there are fewer blocks) and
-    return ``[work(share) for share in shares]``, each share on its own thread, the first on the
-    calling one. With a single share this is a plain call (e.g. on the GPU, where the primitives make
-    one block)."""
-    n_shares = min(cpu_threads(), len(blocks))
+def threads_for(n_bytes: int) -> int:
+    """The threads a blockwise pass over ``n_bytes`` of data should run on: ``cpu_threads()``, except
+    one for a pass under ``SHARE_MIN_BYTES`` as long as BLAS has not been held to one thread."""
+    threads = cpu_threads()
+    if threads > 1 and n_bytes < SHARE_MIN_BYTES and _blas_limit is None:
+        return 1
+    return threads
+
+
+def map_shares(work, blocks: list, threads: int) -> list:
+    """Split ``blocks`` into ``threads`` contiguous shares (fewer if there are fewer blocks) and return
+    ``[work(share) for share in shares]``, each share on its own thread, the first on the calling one.
+    With a single share this is a plain call (e.g. on the GPU, where the primitives make one block)."""
+    n_shares = min(threads, len(blocks))
     if n_shares < 2:
         return [work(blocks)]
     size = -(-len(blocks) // n_shares)

@@ -14,6 +14,7 @@ from hypothesis.extra import numpy as hnp
 from conftest import (assert_dtype_preserved, assert_grads, distinct_arrays, fast, float_arrays, shapes,
                       to_gpu_and_check)
 from minimaml import autodiff as ad
+from minimaml import parallel
 from minimaml.autodiff import ShapeError, Tensor, nnops
 
 # --- naive references ---------------------------------------------------------------------------------
@@ -207,6 +208,7 @@ def test_conv2d_blockwise_passes_to_third_order(monkeypatch, block_bytes, task, 
     derivatives to third order against finite differences."""
     monkeypatch.setattr(nnops, "_BLOCK_BYTES_CONV", block_bytes)
     monkeypatch.setenv("MINIMAML_THREADS", threads)
+    monkeypatch.setattr(parallel, "SHARE_MIN_BYTES", 0)  # share out even these small arrays
     rng = np.random.default_rng(3)
     t = (3,) if task else ()
     x = rng.standard_normal(t + (5, 5, 4, 2))
@@ -485,6 +487,7 @@ def test_batch_normalize_blocks_and_both_reverse_passes_agree(monkeypatch, block
     divide P, and whole slabs, on one thread or three; with and without the ReLU."""
     monkeypatch.setattr(nnops, "_BLOCK_BYTES", block_bytes)
     monkeypatch.setenv("MINIMAML_THREADS", threads)
+    monkeypatch.setattr(parallel, "SHARE_MIN_BYTES", 0)  # share out even these small arrays
     x = _rng.standard_normal((3, 2, 9, 4)) * 3 + 1
     scale, shift = _rng.standard_normal((3, 1, 1, 4)), _rng.standard_normal((4,))
     cotangent = Tensor(_rng.standard_normal(x.shape))

@@ -56,33 +56,47 @@ def _offset_windows(kh: int, kw: int, stride: int, image_shape: tuple, ho: int, 
 _BLOCK_BYTES_CONV = 2 << 20  # a block of im2col / conv2d covers about this many bytes of patches
 
 
-def _blocks(n_lead: int, n_rows: int, row_bytes: int, block_bytes: int, on_gpu: bool):
-    """Index pairs ``(lead, rows)`` covering an array ``(L, R, ...)`` in blocks of about ``block_bytes``:
-    several whole ``(R, ...)`` slabs when one slab is small, else row ranges of one slab. Passes over
-    big arrays run a block at a time so that a block's data and temporaries stay in the CPU cache, and
-    the blocks are shared out over the CPU threads (``_for_each_block``, ``_sum_over_blocks``); on the
-    GPU one block covers everything (one kernel launch per pass)."""
+class _Blocks:
+    """The blocks ``(lead, rows)`` of a pass over an array ``(L, R, ...)``, and the threads to share
+    them out over (``parallel.map_shares``)."""
+
+    def __init__(self, pieces: list, threads: int):
+        self.pieces, self.threads = pieces, threads
+
+
+def _blocks(n_lead: int, n_rows: int, row_bytes: int, block_bytes: int, on_gpu: bool) -> _Blocks:
+    """Cut an array ``(L, R, ...)`` into blocks of about ``block_bytes``: several whole ``(R, ...)`` slabs
+    when one slab is small, else equal row ranges of one slab. Passes over big arrays run a block at a
+    time so that a block's data and temporaries stay in the CPU cache, and the blocks are shared out
+    over ``parallel.threads_for`` threads (``_for_each_block``, ``_sum_over_blocks``); a shared pass
+    has at least two blocks per thread, of equal size, to keep the threads equally busy. On the GPU
+    one block covers everything (one kernel launch per pass)."""
     if on_gpu:
-        yield slice(None), slice(None)
-        return
+        return _Blocks([(slice(None), slice(None))], 1)
+    n_bytes = n_lead * n_rows * row_bytes
+    threads = parallel.threads_for(n_bytes)
+    if threads == 1 and n_bytes < parallel.SHARE_MIN_BYTES:
+        return _Blocks([(slice(None), slice(None))], 1)  # small enough to stay in the CPU's last cache
     rows = max(1, block_bytes // max(1, row_bytes))
+    if threads > 1:
+        rows = min(rows, -(-n_lead * n_rows // (2 * threads)))
     if rows >= n_rows:
-        slabs = rows // max(1, n_rows)
-        for start in range(0, n_lead, slabs):
-            yield slice(start, start + slabs), slice(None)
-        return
-    for lead in range(n_lead):
-        for start in range(0, n_rows, rows):
-            yield slice(lead, lead + 1), slice(start, start + rows)
+        slabs = rows // n_rows
+        pieces = [(slice(start, start + slabs), slice(None)) for start in range(0, n_lead, slabs)]
+        return _Blocks(pieces, threads)
+    rows = -(-n_rows // -(-n_rows // rows))  # equal ranges: R split into ceil(R / rows) parts
+    pieces = [(slice(lead, lead + 1), slice(start, start + rows))
+              for lead in range(n_lead) for start in range(0, n_rows, rows)]
+    return _Blocks(pieces, threads)
 
 
-def _for_each_block(work, blocks: list) -> None:
+def _for_each_block(work, blocks: _Blocks) -> None:
     """``work(lead, rows)`` for every block, the blocks shared out over the CPU threads
     (``parallel.map_shares``); each block writes its own part of the output."""
-    parallel.map_shares(lambda share: [work(lead, rows) for lead, rows in share], blocks)
+    parallel.map_shares(lambda share: [work(lead, rows) for lead, rows in share], blocks.pieces, blocks.threads)
 
 
-def _sum_over_blocks(per_block, blocks: list, shapes: tuple, xp, dtype) -> tuple:
+def _sum_over_blocks(per_block, blocks: _Blocks, shapes: tuple, xp, dtype) -> tuple:
     """Sums over the blocks of ``per_block(lead, rows)``, a tuple of arrays each added at ``[lead]`` of a
     zero array of the matching shape in ``shapes``. The blocks are shared out over the CPU threads; each
     share sums into arrays of its own, and the shares' sums are added in order."""
@@ -93,7 +107,7 @@ def _sum_over_blocks(per_block, blocks: list, shapes: tuple, xp, dtype) -> tuple
                 total[lead] += value
         return sums
 
-    partials = parallel.map_shares(share_sums, blocks)
+    partials = parallel.map_shares(share_sums, blocks.pieces, blocks.threads)
     for sums in partials[1:]:
         for total, value in zip(partials[0], sums):
             total += value
@@ -146,7 +160,7 @@ def im2col(x, kh: int, kw: int, stride: int, padding: tuple) -> Tensor:
     images = x.data.reshape(1, -1, h, w, c)
     cols = xp.empty((*images.shape[:2], geometry.ho, geometry.wo, kh, kw, c), dtype=x.dtype)
     on_gpu = backend.is_gpu_array(cols)
-    for _, rows in _blocks(1, images.shape[1], cols[0, 0].nbytes, _BLOCK_BYTES_CONV, on_gpu):
+    for _, rows in _blocks(1, images.shape[1], cols[0, 0].nbytes, _BLOCK_BYTES_CONV, on_gpu).pieces:
         geometry.patches(images[0, rows], cols[0, rows])
     cols = cols.reshape(*lead, geometry.ho, geometry.wo, kh * kw * c)
     return record(cols, (x,), lambda g: (col2im(g, x.shape, kh, kw, stride, padding),))
@@ -169,7 +183,7 @@ def col2im(cols, image_shape: tuple, kh: int, kw: int, stride: int, padding: tup
     images = image.reshape(-1, h, w, c)
     patches = cols.data.reshape(-1, geometry.ho, geometry.wo, kh, kw, c)
     on_gpu = backend.is_gpu_array(image)
-    for _, rows in _blocks(1, images.shape[0], patches[0].nbytes, _BLOCK_BYTES_CONV, on_gpu):
+    for _, rows in _blocks(1, images.shape[0], patches[0].nbytes, _BLOCK_BYTES_CONV, on_gpu).pieces:
         geometry.add_patches(patches[rows], images[rows])
     return record(image, (cols,), lambda g: (im2col(g, kh, kw, stride, padding),))
 
@@ -239,7 +253,7 @@ def _filter_matrices(w):
 def _conv_blocks(x5, geometry: _Geometry):
     """Blocks (task slice, image slice) of ``x5: (L, n, H, W, C)`` with ~``_BLOCK_BYTES_CONV`` of patches."""
     patch_bytes = geometry.ho * geometry.wo * geometry.kh * geometry.kw * x5.shape[-1] * x5.itemsize
-    return list(_blocks(x5.shape[0], x5.shape[1], patch_bytes, _BLOCK_BYTES_CONV, backend.is_gpu_array(x5)))
+    return _blocks(x5.shape[0], x5.shape[1], patch_bytes, _BLOCK_BYTES_CONV, backend.is_gpu_array(x5))
 
 
 def _block_patches(x5, lead, rows, geometry: _Geometry):
@@ -280,8 +294,8 @@ def _conv_input_grad_arrays(g5, w3, geometry: _Geometry, c_in: int):
         geometry.add_patches(patches, dx[lead, rows])
 
     patch_bytes = geometry.ho * geometry.wo * w3.shape[-2] * g5.itemsize
-    blocks = list(_blocks(n_tasks, n, patch_bytes, _BLOCK_BYTES_CONV, backend.is_gpu_array(g5)))
-    _for_each_block(multiply_and_add_back, blocks)
+    _for_each_block(multiply_and_add_back, _blocks(n_tasks, n, patch_bytes, _BLOCK_BYTES_CONV,
+                                                   backend.is_gpu_array(g5)))
     return dx
 
 
@@ -438,7 +452,7 @@ def batch_normalize(x, scale=None, shift=None, eps: float = 1e-3, relu: bool = F
     n_rows, channels = x.shape[-2:]
     stats_shape = (*x.shape[:-2], 1, channels)
     x3 = x.data.reshape(-1, n_rows, channels)
-    blocks = list(_blocks(*x3.shape[:2], channels * x3.itemsize, _BLOCK_BYTES, backend.is_gpu_array(x3)))
+    blocks = _blocks(*x3.shape[:2], channels * x3.itemsize, _BLOCK_BYTES, backend.is_gpu_array(x3))
 
     stats = ((x3.shape[0], 1, channels),)  # (L, 1, C): per leading index and channel
     (mean,) = _sum_over_blocks(lambda lead, rows: (x3[lead, rows].sum(axis=1, keepdims=True),),
