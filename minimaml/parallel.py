@@ -17,8 +17,12 @@ threads outside the passes). ``MINIMAML_THREADS=1`` leaves BLAS's threads alone.
 - ``map_shares(work, blocks, threads)``: ``[work(share) for share in shares]``, the shares run in parallel.
 
 Results do not depend on timing: every share writes its own part of an output or returns a partial sum,
-and partial sums are added in share order. They do depend, in the last bits, on the thread count (the
-order of those sums), so runs that must agree bitwise use the same ``MINIMAML_THREADS``.
+and partial sums are added in share order. They do depend, in the last bits, on how a pass was cut and
+shared: on ``MINIMAML_THREADS``, and for passes under ``SHARE_MIN_BYTES`` on whether an earlier pass of
+the process had already held BLAS to one thread. So a run resumed from a checkpoint starts from the
+same parameters but may part from the uninterrupted run in the last bits of its first steps, when a big
+pass follows small ones (MiniImagenet, W2-sized meta-batches); small models never hold BLAS and resume
+bitwise.
 """
 
 from __future__ import annotations
