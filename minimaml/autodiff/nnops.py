@@ -1,8 +1,11 @@
-"""Neural-network operations: convolution (im2col/col2im + matmul), 2x2 max-pooling, log-softmax, losses.
+"""Neural-network operations: convolution, batch norm, 2x2 max-pooling, log-softmax, losses.
 
 Images are channel-last, as in the paper's TensorFlow code: ``x: (..., H, W, C)``; filters are
-``(kh, kw, C_in, C_out)``. Only ``im2col`` and ``col2im`` are new primitives (each the other's adjoint,
-so each is the other's VJP); everything else is built from ``ops`` and inherits their derivatives.
+``(kh, kw, C_in, C_out)``. The primitives here: ``im2col`` and ``col2im`` (each the other's adjoint,
+so each is the other's VJP); the convolution with its input and filter gradients (closed under VJPs);
+``channel_dot``, ``channel_scale`` and ``batch_normalize``. Everything else is built from ``ops`` and
+inherits their derivatives. Convolution and batch norm run in cache-sized blocks, shared out over the
+CPU cores (``minimaml.parallel``).
 """
 
 from __future__ import annotations
@@ -119,7 +122,7 @@ class _Geometry:
     an ``h x w`` image: output size ``ho x wo`` and, per kernel offset, the windows of ``_offset_windows``."""
 
     def __init__(self, kh: int, kw: int, stride: int, padding: tuple, image_hw: tuple):
-        self.kh, self.kw, self.stride, self.padding = kh, kw, stride, padding
+        self.kh, self.kw = kh, kw
         self.h, self.w = image_hw
         self.ho = _output_size(self.h, kh, stride, padding[0])
         self.wo = _output_size(self.w, kw, stride, padding[1])
@@ -235,14 +238,13 @@ def conv2d(x, w, stride: int = 1, padding="SAME") -> Tensor:
     return _conv(x, w, geometry)
 
 
-def _task_view(a, n_task_axes: int, trailing: int):
-    """``a: (*task, *batch, *core)`` as ``(L, n, *core)``: L = the product of the task axes, n of the
-    batch axes; ``core`` is the last ``trailing`` axes."""
-    core = a.shape[a.ndim - trailing:]
+def _task_view(a, n_task_axes: int):
+    """Images ``a: (*task, *batch, H, W, C)`` as ``(L, n, H, W, C)``: L = the product of the task axes,
+    n of the batch axes."""
     n_tasks = 1
     for size in a.shape[:n_task_axes]:
         n_tasks *= size
-    return a.reshape(n_tasks, -1, *core)
+    return a.reshape(n_tasks, -1, *a.shape[-3:])
 
 
 def _filter_matrices(w):
@@ -250,10 +252,11 @@ def _filter_matrices(w):
     return w.reshape(-1, w.shape[-4] * w.shape[-3] * w.shape[-2], w.shape[-1])
 
 
-def _conv_blocks(x5, geometry: _Geometry):
-    """Blocks (task slice, image slice) of ``x5: (L, n, H, W, C)`` with ~``_BLOCK_BYTES_CONV`` of patches."""
-    patch_bytes = geometry.ho * geometry.wo * geometry.kh * geometry.kw * x5.shape[-1] * x5.itemsize
-    return _blocks(x5.shape[0], x5.shape[1], patch_bytes, _BLOCK_BYTES_CONV, backend.is_gpu_array(x5))
+def _conv_blocks(a5, c_in: int, geometry: _Geometry) -> _Blocks:
+    """Blocks (task slice, image slice) of ``a5: (L, n, ...)``, images or their outputs' cotangents,
+    with ~``_BLOCK_BYTES_CONV`` of patches (``kh kw c_in`` numbers per output position) each."""
+    patch_bytes = geometry.ho * geometry.wo * geometry.kh * geometry.kw * c_in * a5.itemsize
+    return _blocks(a5.shape[0], a5.shape[1], patch_bytes, _BLOCK_BYTES_CONV, backend.is_gpu_array(a5))
 
 
 def _block_patches(x5, lead, rows, geometry: _Geometry):
@@ -275,7 +278,7 @@ def _conv_arrays(x5, w3, geometry: _Geometry):
         product = ops._matmul_arrays(_block_patches(x5, lead, rows, geometry), w3[lead])
         out[lead, rows] = product.reshape(out[lead, rows].shape)
 
-    _for_each_block(multiply, _conv_blocks(x5, geometry))
+    _for_each_block(multiply, _conv_blocks(x5, x5.shape[-1], geometry))
     return out
 
 
@@ -293,9 +296,7 @@ def _conv_input_grad_arrays(g5, w3, geometry: _Geometry, c_in: int):
         patches = patches.reshape(l, n_block, geometry.ho, geometry.wo, geometry.kh, geometry.kw, c_in)
         geometry.add_patches(patches, dx[lead, rows])
 
-    patch_bytes = geometry.ho * geometry.wo * w3.shape[-2] * g5.itemsize
-    _for_each_block(multiply_and_add_back, _blocks(n_tasks, n, patch_bytes, _BLOCK_BYTES_CONV,
-                                                   backend.is_gpu_array(g5)))
+    _for_each_block(multiply_and_add_back, _conv_blocks(g5, c_in, geometry))
     return dx
 
 
@@ -309,7 +310,7 @@ def _conv_filter_grad_arrays(x5, g5, geometry: _Geometry):
         return (ops._matmul_arrays(xp.swapaxes(patches, -1, -2), g_block),)
 
     shape = (x5.shape[0], geometry.kh * geometry.kw * x5.shape[-1], g5.shape[-1])
-    (dw,) = _sum_over_blocks(patches_times_g, _conv_blocks(x5, geometry), (shape,), xp, x5.dtype)
+    (dw,) = _sum_over_blocks(patches_times_g, _conv_blocks(x5, x5.shape[-1], geometry), (shape,), xp, x5.dtype)
     return dw
 
 
@@ -318,7 +319,7 @@ def _conv(x: Tensor, w: Tensor, geometry: _Geometry) -> Tensor:
     C_in, C_out)`` -> ``(*task, *batch, Ho, Wo, C_out)``."""
     n_task = w.ndim - 4
     w3 = _filter_matrices(w.data)
-    out = _conv_arrays(_task_view(x.data, n_task, 3), w3, geometry)
+    out = _conv_arrays(_task_view(x.data, n_task), w3, geometry)
     out = out.reshape(*x.shape[:-3], geometry.ho, geometry.wo, w.shape[-1])
 
     def vjp(g):
@@ -333,7 +334,7 @@ def _conv_input_grad(g, w: Tensor, geometry: _Geometry, x_shape: tuple) -> Tenso
     g = ops.as_tensor(g)
     n_task = w.ndim - 4
     w3 = _filter_matrices(w.data)
-    dx = _conv_input_grad_arrays(_task_view(g.data, n_task, 3), w3, geometry, w.shape[-2]).reshape(x_shape)
+    dx = _conv_input_grad_arrays(_task_view(g.data, n_task), w3, geometry, w.shape[-2]).reshape(x_shape)
 
     def vjp(h):
         return (_conv(h, w, geometry) if g.requires_grad else None,
@@ -346,7 +347,7 @@ def _conv_filter_grad(x: Tensor, g, geometry: _Geometry, w_shape: tuple) -> Tens
     """The filter gradient of ``_conv``, itself a primitive: (x, g) -> dw of shape ``w_shape``."""
     g = ops.as_tensor(g)
     n_task = len(w_shape) - 4
-    dw = _conv_filter_grad_arrays(_task_view(x.data, n_task, 3), _task_view(g.data, n_task, 3), geometry)
+    dw = _conv_filter_grad_arrays(_task_view(x.data, n_task), _task_view(g.data, n_task), geometry)
     dw = dw.reshape(w_shape)
 
     def vjp(h):
