@@ -6,7 +6,7 @@ contiguous share per thread and the shares run at once: NumPy and BLAS release P
 compute, so plain threads use separate cores. From the first such parallel pass on, the BLAS library
 that NumPy uses is held to one thread, process-wide (``threadpoolctl``): with its usual one thread per
 core it would oversubscribe the cores during the passes, and between BLAS calls its idle threads spin
-and take the cores from ours (measured: the W2 meta-step went from 467 to 559 ms when BLAS kept two
+and take the cores from ours (measured: the W2 meta-step went from 469 to 559 ms when BLAS kept two
 threads outside the passes). ``MINIMAML_THREADS=1`` leaves BLAS's threads alone.
 
 - ``cpu_threads()``: how many threads: ``MINIMAML_THREADS`` if set, else the cores this process may use.
