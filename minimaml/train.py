@@ -11,12 +11,15 @@ then renamed over the old one, so the file on disk is always complete:
 - ``param/<name>``: parameters; ``opt/<key>``: optimizer state (``opt/step``, ``opt/m/layer0.w``, ...)
 - ``iteration``: the number of completed iterations; ``seed``: the run's seed
 - ``history/<column>``: the logged records, one array per column (``iteration``, ``loss``, metrics)
+- ``seconds``: wall-clock seconds spent in ``meta_train`` up to this checkpoint, over all the sessions
+  of a resumed run (0 in checkpoints written before this entry existed)
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -35,6 +38,7 @@ class TrainResult:
     params: dict
     opt_state: dict
     history: list = field(default_factory=list)  # one dict per logged iteration
+    seconds: float = 0.0  # wall-clock training time, resumed sessions included
 
 
 @dataclass
@@ -44,6 +48,7 @@ class Checkpoint:
     iteration: int  # completed iterations: the next one to run
     seed: int
     history: list
+    seconds: float = 0.0  # wall-clock training time up to this checkpoint
 
 
 def iteration_rng(seed: int, iteration: int) -> numpy.random.Generator:
@@ -72,7 +77,8 @@ def meta_train(
     **metrics}`` (the values at ``params`` before update ``i``) is appended to the history, passed
     to ``logger`` and shown on the progress bar. With ``checkpoint_path``, a checkpoint is written
     every ``checkpoint_every`` iterations and at the end; ``resume=True`` continues from it when the
-    file exists (its parameters replace ``params``; names and shapes must match).
+    file exists (its parameters replace ``params``; names and shapes must match). The checkpoint carries
+    the training clock, so ``TrainResult.seconds`` counts the time of every session of a resumed run.
 
     A NaN or infinite loss or gradient raises ``NonFiniteError`` before the update; the last
     checkpoint on disk is left as it was.
@@ -83,11 +89,17 @@ def meta_train(
             f"{n_iterations}, {checkpoint_every} and {log_every}"
         )
     opt_state = optimizer.init(params)
-    start, history = 0, []
+    start, history, earlier_seconds = 0, [], 0.0
     if resume and checkpoint_path is not None and os.path.exists(checkpoint_path):
         ckpt = load_checkpoint(checkpoint_path)
         _check_resume(ckpt, params, seed, checkpoint_path)
         params, opt_state, start, history = ckpt.params, ckpt.opt_state, ckpt.iteration, ckpt.history
+        earlier_seconds = ckpt.seconds
+
+    clock = time.perf_counter()
+
+    def seconds() -> float:
+        return earlier_seconds + time.perf_counter() - clock
 
     saved_at = start
     with tqdm(total=n_iterations, initial=min(start, n_iterations), disable=not progress,
@@ -106,11 +118,11 @@ def meta_train(
             bar.update(1)
             done = iteration + 1
             if checkpoint_path is not None and done % checkpoint_every == 0:
-                save_checkpoint(checkpoint_path, params, opt_state, done, seed, history)
+                save_checkpoint(checkpoint_path, params, opt_state, done, seed, history, seconds())
                 saved_at = done
     if checkpoint_path is not None and saved_at != max(start, n_iterations):
-        save_checkpoint(checkpoint_path, params, opt_state, n_iterations, seed, history)
-    return TrainResult(params, opt_state, history)
+        save_checkpoint(checkpoint_path, params, opt_state, n_iterations, seed, history, seconds())
+    return TrainResult(params, opt_state, history, seconds())
 
 
 def _check_finite(loss: float, grads: dict, iteration: int) -> None:
@@ -153,10 +165,12 @@ def _check_resume(ckpt: Checkpoint, params: dict, seed: int, path) -> None:
                          f"{expected}")
 
 
-def save_checkpoint(path, params: dict, opt_state: dict, iteration: int, seed: int, history: list) -> None:
+def save_checkpoint(path, params: dict, opt_state: dict, iteration: int, seed: int, history: list,
+                    seconds: float = 0.0) -> None:
     """Write a checkpoint atomically: a temporary ``.npz`` in the same folder, then ``os.replace``."""
     arrays = {"iteration": numpy.asarray(iteration, dtype=numpy.int64),
-              "seed": numpy.asarray(seed, dtype=numpy.int64)}
+              "seed": numpy.asarray(seed, dtype=numpy.int64),
+              "seconds": numpy.asarray(seconds, dtype=numpy.float64)}
     arrays.update({f"param/{k}": backend.to_numpy(v) for k, v in params.items()})
     arrays.update({f"opt/{k}": backend.to_numpy(v) for k, v in opt_state.items()})
     columns = list(history[0]) if history else []
@@ -198,4 +212,5 @@ def load_checkpoint(path) -> Checkpoint:
     n_records = len(columns.get("iteration", ()))
     history = [{c: (int(v[i]) if c == "iteration" else float(v[i])) for c, v in columns.items()}
                for i in range(n_records)]
-    return Checkpoint(params, opt_state, int(arrays["iteration"]), int(arrays["seed"]), history)
+    seconds = float(arrays["seconds"]) if "seconds" in arrays else 0.0
+    return Checkpoint(params, opt_state, int(arrays["iteration"]), int(arrays["seed"]), history, seconds)

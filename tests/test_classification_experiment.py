@@ -55,3 +55,32 @@ def test_a_stopped_run_resumes_where_it_stopped(tmp_path, fake_omniglot):
     for key in straight_params:
         np.testing.assert_array_equal(straight_params[key], resumed_params[key])
     assert [r["val_accuracy"] for r in resumed["validation"]] == [r["val_accuracy"] for r in straight["validation"]]
+
+
+def test_a_run_stopped_before_its_first_validation_keeps_its_training_time(tmp_path, fake_omniglot, monkeypatch):
+    """The training clock lives in the checkpoint: a run interrupted before any validation record and then
+    resumed reports the training time of both sessions. Fake clock: each meta-step takes 10 s."""
+    clock = [0.0]
+    monkeypatch.setattr(train.time, "perf_counter", lambda: clock[0])
+    real_meta_step = classification.meta_step
+    stop_at = [3]
+
+    def timed_meta_step(*args):
+        step = real_meta_step(*args)
+
+        def ten_seconds(params, rng, iteration):
+            if iteration == stop_at[0]:
+                raise KeyboardInterrupt
+            clock[0] += 10.0
+            return step(params, rng, iteration)
+        return ten_seconds
+
+    monkeypatch.setattr(classification, "meta_step", timed_meta_step)
+    config = _config(tmp_path, val_every=4)
+    with pytest.raises(KeyboardInterrupt):
+        classification.run(config, progress=False)
+    assert not (tmp_path / "validation.json").exists() and train.load_checkpoint(
+        str(tmp_path / "maml.ckpt.npz")).iteration == 3
+    stop_at[0] = None
+    resumed = classification.run(config, resume=True, progress=False)
+    assert resumed["train_seconds"] == 40.0  # 3 iterations before the stop, 1 after

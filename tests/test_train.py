@@ -90,6 +90,35 @@ def test_crashed_then_resumed_run_is_bitwise_identical(tmp_path):
     assert load_checkpoint(tmp_path / "ckpt.npz").iteration == 15
 
 
+def test_the_training_clock_goes_on_across_a_resume(tmp_path, monkeypatch):
+    """The checkpoint carries the seconds spent in meta_train, so a run stopped and resumed (even before
+    anything else recorded its time) reports the time of both sessions. The clock is faked: each
+    iteration takes 10 s."""
+    clock = [0.0]
+    monkeypatch.setattr(train.time, "perf_counter", lambda: clock[0])
+
+    def ten_second_step(params, rng, iteration):
+        clock[0] += 10.0
+        return regression_step(params, rng, iteration)
+
+    first = run(tmp_path, 4, step_fn=ten_second_step)
+    assert first.seconds == 40.0 and load_checkpoint(tmp_path / "ckpt.npz").seconds == 40.0
+    clock[0] += 1000.0  # time between the sessions is not training time
+    resumed = run(tmp_path, 7, step_fn=ten_second_step, checkpoint_every=2, resume=True)
+    assert resumed.seconds == 70.0 and load_checkpoint(tmp_path / "ckpt.npz").seconds == 70.0
+    fresh = run(tmp_path, 7, name="fresh.npz", step_fn=ten_second_step, resume=True)  # nothing to resume
+    assert fresh.seconds == 70.0
+
+
+def test_a_checkpoint_without_a_clock_reads_as_zero_seconds(tmp_path):
+    """Checkpoints written before the ``seconds`` entry existed still load (and resume)."""
+    run(tmp_path, 3)
+    with numpy.load(tmp_path / "ckpt.npz") as data:
+        arrays = {k: data[k] for k in data.files if k != "seconds"}
+    numpy.savez(tmp_path / "old.npz", **arrays)
+    assert load_checkpoint(tmp_path / "old.npz").seconds == 0.0
+
+
 def test_resume_without_a_checkpoint_starts_fresh(tmp_path):
     fresh = run(tmp_path, 5, name="a.npz")
     resumed = run(tmp_path, 5, name="b.npz", resume=True)
@@ -110,7 +139,7 @@ def test_checkpoint_format_is_a_plain_npz(tmp_path):
     result = run(tmp_path, 4, log_every=2)
     with numpy.load(tmp_path / "ckpt.npz", allow_pickle=False) as data:
         assert set(data.files) == {
-            "iteration", "seed", "param/w", "param/b", "opt/step", "opt/m/w", "opt/v/w", "opt/m/b", "opt/v/b",
+            "iteration", "seed", "seconds", "param/w", "param/b", "opt/step", "opt/m/w", "opt/v/w", "opt/m/b", "opt/v/b",
             "history/iteration", "history/loss", "history/grad_norm",
         }
         assert int(data["iteration"]) == 4 and int(data["seed"]) == 7

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 from dataclasses import dataclass
 
 import numpy
@@ -154,7 +153,6 @@ def run(config: ClassificationConfig, resume: bool = False, progress: bool = Tru
     curve = _load_curve(os.path.join(config.out_dir, "validation.json")) if resume else []
     best = max(curve, key=lambda r: r["val_accuracy"]) if curve else None
     done = curve[-1]["iteration"] if curve else 0
-    start = time.time() - (curve[-1]["seconds"] if curve else 0.0)  # a resumed run's clock goes on
     while done < config.n_iterations:
         target = min(done + config.val_every, config.n_iterations)
         result = train.meta_train(params, optimizer, step, target, seed=config.seed,
@@ -163,7 +161,7 @@ def run(config: ClassificationConfig, resume: bool = False, progress: bool = Tru
                                   progress=progress)
         params, done = result.params, target
         val = evaluate(model, params, splits["val"], val_tasks, config, names)[-1].mean()
-        curve.append({"iteration": done, "val_accuracy": float(val), "seconds": time.time() - start,
+        curve.append({"iteration": done, "val_accuracy": float(val), "seconds": result.seconds,
                       "train_loss": result.history[-1]["loss"] if result.history else None})
         if best is None or val >= best["val_accuracy"]:
             best = curve[-1]
