@@ -11,7 +11,8 @@ norm eps 1e-5 with scale and shift, no conv bias, flattened features). Prints on
 max over parameters of ||g - g_ref||_inf / ||g_ref||_inf against ``$BENCH_DATA/ref_<workload>.npz``
 (float64; W2 agrees only to ~1e-3 in float32 for every implementation, see the peers' NOTES.md, so the
 float64 column, ~1e-12, is the tight check). minimaml is timed in float32. Peers run in their own
-processes (``peers.py``), alternating with minimaml in the same run; the last table gives each ratio
+processes (``peers.py``), alternating with minimaml in the same run (on the GPU with
+``MINIMAML_DEVICE=gpu``, and the PyTorch peers with ``BENCH_DEVICE=cuda``; ``gpu_check.sh`` does both); the last table gives each ratio
 peer / minimaml (of medians, per round). ``autograd`` is a peer too but takes ~8 s a step, so it is
 left out unless named in ``--peers``. Numbers are printed, never asserted.
 
@@ -111,8 +112,12 @@ def main() -> None:
     params64, tasks64 = workload_inputs(numpy.float64)
     malloc = " ".join(f"{k}={os.environ.get(k, '(unset)')}" for k in MALLOC_ENV)
     threads = os.environ.get("OPENBLAS_NUM_THREADS", "(unset)")
-    print(f"# {malloc} OPENBLAS_NUM_THREADS={threads} minimaml threads={parallel.cpu_threads()} "
-          "(its conv / batch-norm passes; BLAS held to one thread while it shares them out)")
+    if backend.get_device() == "gpu":
+        tf32 = os.environ.get("CUPY_TF32", "(unset: full float32 matrix products)")
+        print(f"# minimaml on the GPU: CuPy {backend.xp().__version__}, CUPY_TF32={tf32}")
+    else:
+        print(f"# {malloc} OPENBLAS_NUM_THREADS={threads} minimaml threads={parallel.cpu_threads()} "
+              "(its conv / batch-norm passes; BLAS held to one thread while it shares them out)")
     print("impl workload median_ms min_ms rel_err_f32 rel_err_f64")
     results = {}
     for round_ in range(args.rounds):

@@ -15,6 +15,8 @@ import time
 
 import numpy
 
+from minimaml import backend
+
 DATA = os.environ.get("BENCH_DATA", "/tmp/bench-data")
 PEERS = os.environ.get("BENCH_PEERS", os.path.join(os.path.dirname(__file__), "..", "..", "shared",
                                                    "bench", "peers.py"))
@@ -47,13 +49,16 @@ def max_rel_diff(grads: list, reference: list) -> float:
 
 
 def time_calls(fn, repeats: int, warmup: int = 2) -> list:
-    """Milliseconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones."""
+    """Milliseconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones; on the GPU each call is
+    timed until its kernels have finished (``backend.synchronize``)."""
     for _ in range(warmup):
         fn()
+    backend.synchronize()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        backend.synchronize()
         times.append(1e3 * (time.perf_counter() - start))
     return times
 

@@ -9,6 +9,7 @@ This is the only module that imports CuPy. Everything else asks it for the array
 - ``xp()``: the namespace of the default device.
 - ``rng(seed)``: a seeded generator on the default device; ``to_numpy(a)``: a host copy.
 - ``scatter_add(out, index, values)``: ``out[index] += values`` with repeated indices summed.
+- ``synchronize()``: wait until the GPU has finished the work queued so far (timing; no-op on the CPU).
 """
 
 from __future__ import annotations
@@ -131,3 +132,10 @@ def scatter_add(out, index, values) -> None:
         cupyx.scatter_add(out, index, values)
     else:
         numpy.add.at(out, index, values)
+
+
+def synchronize() -> None:
+    """Wait for the work queued on the current GPU stream to finish (CuPy returns from a call once its
+    kernels are queued, so a timer must wait for them). Nothing to wait for on the CPU."""
+    if _cupy is not None:
+        _cupy.cuda.get_current_stream().synchronize()

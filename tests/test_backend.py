@@ -101,6 +101,7 @@ def test_cpu_helpers(restore_device):
     out = np.zeros(3)
     backend.scatter_add(out, np.array([0, 2, 0, 0]), np.array([1.0, 2.0, 3.0, 4.0]))
     np.testing.assert_array_equal(out, [8.0, 0.0, 2.0])
+    backend.synchronize()  # nothing queued on the CPU: returns at once
 
 
 def test_tensor_from_python_data_lives_on_the_default_device(restore_device):
@@ -123,6 +124,10 @@ def test_gpu_device_and_helpers(gpu):
     assert isinstance(Tensor([1.0]).data, gpu.ndarray)
     r1, r2 = backend.rng(5).standard_normal(3), backend.rng(5).standard_normal(3)
     assert isinstance(r1, gpu.ndarray) and bool((r1 == r2).all())
+    big = gpu.ones((2048, 2048), dtype=np.float32)
+    product = big @ big  # queued; synchronize waits until it is done
+    backend.synchronize()
+    assert gpu.cuda.get_current_stream().done and float(product[0, 0]) == 2048.0
     out = gpu.zeros(3)
     backend.scatter_add(out, gpu.asarray([0, 2, 0, 0]), gpu.asarray([1.0, 2.0, 3.0, 4.0]))
     np.testing.assert_array_equal(backend.to_numpy(out), [8.0, 0.0, 2.0])

@@ -1,6 +1,7 @@
 """The few-shot classification experiment end to end at toy scale, on random images in place of a dataset:
 training with validation and early stopping, the test table and files, and resuming a stopped run."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -57,25 +58,31 @@ def test_a_stopped_run_resumes_where_it_stopped(tmp_path, fake_omniglot):
     assert [r["val_accuracy"] for r in resumed["validation"]] == [r["val_accuracy"] for r in straight["validation"]]
 
 
-def test_a_run_stopped_before_its_first_validation_keeps_its_training_time(tmp_path, fake_omniglot, monkeypatch):
-    """The training clock lives in the checkpoint: a run interrupted before any validation record and then
-    resumed reports the training time of both sessions. Fake clock: each meta-step takes 10 s."""
+def _ten_second_steps(monkeypatch, stop_at=None):
+    """Fake the training clock: each meta-step takes 10 s; ``stop_at[0]``: the iteration that raises
+    KeyboardInterrupt (None: none does)."""
     clock = [0.0]
     monkeypatch.setattr(train.time, "perf_counter", lambda: clock[0])
     real_meta_step = classification.meta_step
-    stop_at = [3]
 
     def timed_meta_step(*args):
         step = real_meta_step(*args)
 
         def ten_seconds(params, rng, iteration):
-            if iteration == stop_at[0]:
+            if stop_at is not None and iteration == stop_at[0]:
                 raise KeyboardInterrupt
             clock[0] += 10.0
             return step(params, rng, iteration)
         return ten_seconds
 
     monkeypatch.setattr(classification, "meta_step", timed_meta_step)
+
+
+def test_a_run_stopped_before_its_first_validation_keeps_its_training_time(tmp_path, fake_omniglot, monkeypatch):
+    """The training clock lives in the checkpoint: a run interrupted before any validation record and then
+    resumed reports the training time of both sessions."""
+    stop_at = [3]
+    _ten_second_steps(monkeypatch, stop_at)
     config = _config(tmp_path, val_every=4)
     with pytest.raises(KeyboardInterrupt):
         classification.run(config, progress=False)
@@ -84,3 +91,19 @@ def test_a_run_stopped_before_its_first_validation_keeps_its_training_time(tmp_p
     stop_at[0] = None
     resumed = classification.run(config, resume=True, progress=False)
     assert resumed["train_seconds"] == 40.0  # 3 iterations before the stop, 1 after
+
+
+def test_the_training_budget_ends_meta_training_at_a_validation(tmp_path, fake_omniglot, monkeypatch, capsys):
+    """With max_train_minutes, meta-training stops at the first validation past the budget, the test
+    tasks are scored, and the table counts the iterations run; a resumed run with a larger budget goes on."""
+    _ten_second_steps(monkeypatch)
+    config = _config(tmp_path, n_iterations=8, max_train_minutes=0.5)  # 30 s: 3 iterations
+    results = classification.run(config, progress=False)
+    assert [r["iteration"] for r in results["validation"]] == [2, 4]
+    assert results["train_seconds"] == 40.0 and len(results["test_accuracy"]) == 4
+    assert "stopped at iteration 4 of 8" in capsys.readouterr().out
+    assert classification.results_row(results, omniglot.PAPER)[4] == 4  # the meta-iterations column
+    again = classification.run(config, resume=True, progress=False)  # the budget is already spent
+    assert [r["iteration"] for r in again["validation"]] == [2, 4]
+    longer = classification.run(dataclasses.replace(config, max_train_minutes=1.0), resume=True, progress=False)
+    assert [r["iteration"] for r in longer["validation"]] == [2, 4, 6]

@@ -5,7 +5,8 @@ class), computes the meta-gradient over the whole meta-batch at once, and takes 
 Evaluation: on a fixed, seeded set of test tasks, fine-tune on each task's support set for
 ``eval_steps`` steps and report the query accuracy after each step (mean and 95% CI over tasks).
 Early stopping: every ``val_every`` iterations the validation accuracy is measured and the best
-parameters are kept; the test set is scored with those.
+parameters are kept; the test set is scored with those. A time budget (``max_train_minutes``) ends
+meta-training at the first validation after the training clock has passed it.
 
 Loss scaling, as the authors' code: the inner loss is the summed cross-entropy / K (= N x the mean),
 which is the scale the paper's alpha applies to; the meta-gradient is scaled like their meta-loss
@@ -56,6 +57,7 @@ class ClassificationConfig:
     seed: int = 0
     out_dir: str = "runs/omniglot"
     checkpoint_every: int = 500
+    max_train_minutes: float = 0.0  # stop at the first validation past this much training time; 0 = no limit
 
     @property
     def key(self) -> str:
@@ -153,7 +155,8 @@ def run(config: ClassificationConfig, resume: bool = False, progress: bool = Tru
     curve = _load_curve(os.path.join(config.out_dir, "validation.json")) if resume else []
     best = max(curve, key=lambda r: r["val_accuracy"]) if curve else None
     done = curve[-1]["iteration"] if curve else 0
-    while done < config.n_iterations:
+    budget_seconds = 60 * config.max_train_minutes if config.max_train_minutes else float("inf")
+    while done < config.n_iterations and (curve[-1]["seconds"] if curve else 0.0) < budget_seconds:
         target = min(done + config.val_every, config.n_iterations)
         result = train.meta_train(params, optimizer, step, target, seed=config.seed,
                                   checkpoint_path=checkpoint, checkpoint_every=config.checkpoint_every,
@@ -167,9 +170,11 @@ def run(config: ClassificationConfig, resume: bool = False, progress: bool = Tru
             best = curve[-1]
             train.save_checkpoint(best_path, params, {}, done, config.seed, [])
         write_json(os.path.join(config.out_dir, "validation.json"), curve)
-        if progress:
-            print(f"iteration {done}: validation accuracy {val:.4f} (best {best['val_accuracy']:.4f} "
-                  f"at {best['iteration']})", flush=True)
+        print(f"iteration {done}: validation accuracy {val:.4f} (best {best['val_accuracy']:.4f} "
+              f"at {best['iteration']})", flush=True)
+    if done < config.n_iterations:
+        print(f"stopped at iteration {done} of {config.n_iterations}: the training budget of "
+              f"{config.max_train_minutes:g} minutes is spent ({curve[-1]['seconds'] / 60:.1f})", flush=True)
 
     best_params = train.load_checkpoint(best_path).params if os.path.exists(best_path) else params
     test_tasks = episodes.fixed_tasks(splits["test"], config.n_test_tasks, config.n_way, config.k_shot,
@@ -198,8 +203,9 @@ def results_row(results: dict, paper: dict) -> list:
     final = results["test_accuracy"][-1]
     steps = len(results["test_accuracy"]) - 1
     paper_value = paper.get(results["key"], "-")
+    iterations_run = results["validation"][-1]["iteration"] if results["validation"] else 0
     return [results["key"], f"{100 * final['mean']:.2f} ± {100 * final['ci95']:.2f}", steps,
-            paper_value, config["n_iterations"], results["best_iteration"],
+            paper_value, iterations_run, results["best_iteration"],
             f"{results['train_seconds'] / 60:.1f}", config["mode"]]
 
 

@@ -57,7 +57,7 @@ def main(argv=None):
     for field in ("n_iterations", "meta_batch_size", "q_train", "inner_steps", "eval_steps", "val_every",
                   "n_val_tasks", "n_test_tasks", "seed", "checkpoint_every"):
         parser.add_argument("--" + field.replace("_", "-"), type=int)
-    for field in ("inner_lr", "meta_lr", "grad_clip"):
+    for field in ("inner_lr", "meta_lr", "grad_clip", "max_train_minutes"):
         parser.add_argument("--" + field.replace("_", "-"), type=float)
     parser.add_argument("--out-dir")
     args = parser.parse_args(argv)

@@ -65,7 +65,7 @@ def main(argv=None):
     for field in ("n_iterations", "meta_batch_size", "q_train", "inner_steps", "eval_steps", "val_every",
                   "n_test_tasks", "seed", "checkpoint_every"):
         parser.add_argument("--" + field.replace("_", "-"), type=int)
-    for field in ("inner_lr", "meta_lr"):
+    for field in ("inner_lr", "meta_lr", "max_train_minutes"):
         parser.add_argument("--" + field.replace("_", "-"), type=float)
     parser.add_argument("--mode", choices=("second_order", "hvp", "first_order"))
     parser.add_argument("--out-dir")
