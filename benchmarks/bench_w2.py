@@ -11,9 +11,9 @@ norm eps 1e-5 with scale and shift, no conv bias, flattened features). Prints on
 max over parameters of ||g - g_ref||_inf / ||g_ref||_inf against ``$BENCH_DATA/ref_<workload>.npz``
 (float64; W2 agrees only to ~1e-3 in float32 for every implementation, see the peers' NOTES.md, so the
 float64 column, ~1e-12, is the tight check). minimaml is timed in float32. Peers run in their own
-processes (``peers.py``), alternating with minimaml in the same run (on the GPU with
-``MINIMAML_DEVICE=gpu``, and the PyTorch peers with ``BENCH_DEVICE=cuda``; ``gpu_check.sh`` does both); the last table gives each ratio
-peer / minimaml (of medians, per round). ``autograd`` is a peer too but takes ~8 s a step, so it is
+processes (``peers.py``), alternating with minimaml in the same run; the last table gives each ratio
+peer / minimaml (of medians, per round). On the GPU: ``MINIMAML_DEVICE=gpu`` for minimaml and
+``BENCH_DEVICE=cuda`` for the PyTorch peers (``gpu_check.sh`` sets both). ``autograd`` is a peer too but takes ~8 s a step, so it is
 left out unless named in ``--peers``. Numbers are printed, never asserted.
 
 The peers' arrays are NCHW images / OIHW filters with a flatten in (C, H, W) order; they are converted

@@ -139,7 +139,8 @@ def test_checkpoint_format_is_a_plain_npz(tmp_path):
     result = run(tmp_path, 4, log_every=2)
     with numpy.load(tmp_path / "ckpt.npz", allow_pickle=False) as data:
         assert set(data.files) == {
-            "iteration", "seed", "seconds", "param/w", "param/b", "opt/step", "opt/m/w", "opt/v/w", "opt/m/b", "opt/v/b",
+            "iteration", "seed", "seconds", "param/w", "param/b",
+            "opt/step", "opt/m/w", "opt/v/w", "opt/m/b", "opt/v/b",
             "history/iteration", "history/loss", "history/grad_norm",
         }
         assert int(data["iteration"]) == 4 and int(data["seed"]) == 7
