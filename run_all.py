@@ -22,7 +22,7 @@ import shutil
 import sys
 import time
 
-from minimaml import verify
+from minimaml import allocator, verify
 from minimaml.experiments import common, locomotion, miniimagenet, navigation, omniglot, sinusoid
 from minimaml.tasks.datadir import DataError
 
@@ -105,4 +105,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    allocator.keep_freed_memory()  # big arrays reused from step to step
     sys.exit(main())

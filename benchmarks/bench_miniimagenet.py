@@ -1,7 +1,7 @@
 """Time and memory of one MiniImagenet meta-step at the paper's settings, on random images.
 
     python benchmarks/bench_miniimagenet.py [--shots 1 5] [--modes first_order second_order]
-        [--repeats 3] [--blas-threads 1]
+        [--repeats 3] [--blas-threads 1] [--system-malloc]
 
 The step is ``maml.meta_gradient`` of ``miniimagenet_conv4`` (4 x [3x3 conv, 32 filters, batch norm,
 ReLU, 2x2 max-pool], 84x84x3 images): 5-way, 15 query images per class, 5 inner steps of alpha 0.01,
@@ -10,7 +10,8 @@ per (shot, mode), the median and min seconds over ``--repeats`` steps after one 
 memory of one step as ``tracemalloc`` sees it (NumPy reports its arrays there). No peer in
 ``../shared/bench`` has this workload, so there are no ratios; it tells how long the MiniImagenet
 training runs take and tracks the conv / batch-norm primitives over time. Numbers are printed, never
-asserted. BLAS is single-threaded by default, as in the training runs.
+asserted. BLAS is single-threaded by default, and freed arrays are kept for reuse
+(``minimaml.allocator``), as in the training runs; ``--system-malloc`` leaves glibc's defaults.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def parse_args(argv=None):
     parser.add_argument("--modes", nargs="+", default=["first_order", "second_order"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--blas-threads", type=int, default=1)
+    parser.add_argument("--system-malloc", action="store_true", help="leave glibc's malloc settings alone")
     return parser.parse_args(argv)
 
 
@@ -38,7 +40,7 @@ import numpy  # noqa: E402
 
 from common import summary, time_calls  # noqa: E402
 from minimaml import autodiff as ad  # noqa: E402
-from minimaml import maml  # noqa: E402
+from minimaml import allocator, maml  # noqa: E402
 from minimaml.experiments import miniimagenet  # noqa: E402
 from minimaml.nn.conv4 import miniimagenet_conv4  # noqa: E402
 
@@ -56,7 +58,8 @@ def main() -> None:
     rng = numpy.random.default_rng(0)
     net = miniimagenet_conv4()
     params = net.init(rng, 5, numpy.float32)
-    print(f"# OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}")
+    kept = not ARGS.system_malloc and allocator.keep_freed_memory()
+    print(f"# OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}, freed arrays kept for reuse: {kept}")
     print("shot mode meta_batch inner_steps median_s min_s peak_MB")
     for k_shot in ARGS.shots:
         cfg = miniimagenet.config(k_shot, "first_order", "full")

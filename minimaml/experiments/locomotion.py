@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .. import allocator
 from . import rl_common
 from .common import config_parser, overrides_from_args
 from .rl_common import RLConfig
@@ -86,4 +87,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    allocator.keep_freed_memory()  # big arrays reused from step to step
     main()

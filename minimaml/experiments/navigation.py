@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from .. import allocator
 from . import rl_common
 from .common import config_parser, overrides_from_args
 from .rl_common import RLConfig
@@ -104,4 +105,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    allocator.keep_freed_memory()  # big arrays reused from step to step
     main()

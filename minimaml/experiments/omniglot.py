@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 
+from .. import allocator
 from . import classification
 from .classification import ClassificationConfig
 
@@ -78,4 +79,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    allocator.keep_freed_memory()  # big arrays reused from step to step
     main()

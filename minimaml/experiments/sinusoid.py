@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy
 
 from .. import autodiff as ad
-from .. import backend, maml, optim, train
+from .. import allocator, backend, maml, optim, train
 from ..nn import mlp
 from ..tasks import sinusoid
 from .common import config_from_args, config_parser, markdown_table, mean_ci95, write_atomic, write_json
@@ -221,4 +221,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    allocator.keep_freed_memory()  # big arrays reused from step to step
     main()
