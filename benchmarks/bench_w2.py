@@ -13,8 +13,9 @@ max over parameters of ||g - g_ref||_inf / ||g_ref||_inf against ``$BENCH_DATA/r
 float64 column, ~1e-12, is the tight check). minimaml is timed in float32. Peers run in their own
 processes (``peers.py``), alternating with minimaml in the same run; the last table gives each ratio
 peer / minimaml (of medians, per round). On the GPU: ``MINIMAML_DEVICE=gpu`` for minimaml and
-``BENCH_DEVICE=cuda`` for the PyTorch peers (``gpu_check.sh`` sets both). ``autograd`` is a peer too but takes ~8 s a step, so it is
-left out unless named in ``--peers``. Numbers are printed, never asserted.
+``BENCH_DEVICE=cuda`` for the PyTorch peers (``gpu_check.sh`` sets both). ``autograd`` is a peer too
+but takes ~8 s a step, so it is left out unless named in ``--peers``. Numbers are printed, never
+asserted.
 
 The peers' arrays are NCHW images / OIHW filters with a flatten in (C, H, W) order; they are converted
 once, outside the timed region, to minimaml's NHWC / HWIO (and the head's rows permuted to the (H, W, C)

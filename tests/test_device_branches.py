@@ -1,9 +1,10 @@
 """The GPU side of the primitives' device branches, run on the CPU.
 
 Where an array is a CuPy array, the conv and batch-norm primitives make one block per pass and batched
-products go to a single ``@``; on NumPy they run in cache-sized blocks shared out over threads. CI has no GPU, so here NumPy stands in for CuPy (``backend._cupy`` points at a copy
-of the ``numpy`` namespace): every ``backend.is_gpu_array`` test then takes its GPU side, and the
-meta-gradients must equal those of the CPU path. The ``gpu``-marked tests are the checks on real CuPy.
+products go to a single ``@``; on NumPy they run in cache-sized blocks shared out over threads. CI has
+no GPU, so here NumPy stands in for CuPy (``backend._cupy`` points at a copy of the ``numpy``
+namespace): every ``backend.is_gpu_array`` test then takes its GPU side, and the meta-gradients must
+equal those of the CPU path. The ``gpu``-marked tests are the checks on real CuPy.
 """
 
 import types
