@@ -5,7 +5,8 @@
     python run_all.py --only sinusoid      # a subset of the experiments
 
 1. The derivative verification report (``minimaml.verify``): every primitive of the tape against
-   finite differences at first and second order. A failure stops here with exit status 1.
+   finite differences at first and second order, then the meta-gradient of each problem setting in each
+   mode and the MAML-TRPO Fisher-vector product. A failure stops here with exit status 1.
 2. Each experiment's ``run_profile(profile)``; each writes its results and figures under
    ``runs/<profile>/``.
 3. ``docs/results.md`` collects every experiment's table beside the paper's numbers, and its figures
@@ -78,7 +79,9 @@ def main(argv=None) -> int:
         parser.error(f"unknown experiments {unknown}: choose from {list(EXPERIMENTS)}")
 
     print("== derivative verification report ==")
-    if not verify.report():
+    primitives_ok = verify.report()
+    print()
+    if not (verify.meta_gradient_report() and primitives_ok):
         print("derivative checks failed: not running the experiments", file=sys.stderr)
         return 1
 

@@ -51,13 +51,14 @@ def random_tasks(rng, n_tasks: int, k_shot: int, q_query: int, n_way: int = 5) -
     query_x = rng.random((n_tasks, n_way * q_query, 84, 84, 3), dtype=numpy.float32)
     support_y = numpy.tile(numpy.repeat(numpy.arange(n_way), k_shot), (n_tasks, 1))
     query_y = numpy.tile(numpy.repeat(numpy.arange(n_way), q_query), (n_tasks, 1))
-    return maml.TaskBatch(support_x, support_y, query_x, query_y)
+    return maml.TaskBatch(maml.Examples(support_x, support_y), maml.Examples(query_x, query_y))
 
 
 def main() -> None:
     rng = numpy.random.default_rng(0)
     net = miniimagenet_conv4()
     params = net.init(rng, 5, numpy.float32)
+    task_loss = maml.supervised_loss(net.apply, ad.softmax_cross_entropy)
     kept = not ARGS.system_malloc and allocator.keep_freed_memory()
     print(f"# OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}, freed arrays kept for reuse: {kept}")
     print("shot mode meta_batch inner_steps median_s min_s peak_MB")
@@ -66,8 +67,7 @@ def main() -> None:
         tasks = random_tasks(rng, cfg.meta_batch_size, k_shot, cfg.q_train)
         for mode in ARGS.modes:
             def step():
-                return maml.meta_gradient(net.apply, ad.softmax_cross_entropy, params, tasks, cfg.inner_lr,
-                                          cfg.inner_steps, mode=mode)
+                return maml.meta_gradient(task_loss, params, tasks, cfg.inner_lr, cfg.inner_steps, mode=mode)
 
             med, best = summary(time_calls(step, ARGS.repeats, warmup=1))
             tracemalloc.start()

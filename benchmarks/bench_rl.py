@@ -11,6 +11,12 @@
    post-update trajectories), in the inner REINFORCE step, on the meta-gradient and the Fisher-product
    graph, in conjugate gradient (10 exact Fisher-vector products, third order through the inner step) and
    in the line search; the medians over ``--iterations`` iterations after one untimed warm-up.
+   The library holds no timing code: the benchmark times it from outside, by wrapping, for the timed
+   iterations only, the module-level functions the iteration calls (``Parts``): ``maml_rl.sample``,
+   ``maml.adapt`` (outside TRPO: the inner step; inside TRPO's objective it is part of the other parts),
+   ``trpo.trpo_step``, ``trpo.conjugate_gradient`` and ``trpo.line_search``. "gradient + graph" is
+   TRPO's step minus CG and line search: the surrogate, its gradient and grad D recorded for the
+   Fisher-vector products.
 
 BLAS runs single-threaded by default (``--blas-threads``; set before NumPy loads), as in the training
 runs, where two threads would compete with a second job or the simulator. MuJoCo envs need the
@@ -39,25 +45,88 @@ ARGS = parse_args()
 for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[variable] = str(ARGS.blas_threads)
 
-import statistics  # noqa: E402  (after the BLAS thread count is fixed)
+import functools  # noqa: E402  (after the BLAS thread count is fixed)
+import statistics  # noqa: E402
 import time  # noqa: E402
+from collections import defaultdict  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from minimaml.experiments.navigation import NavigationConfig  # noqa: E402
+from minimaml import maml  # noqa: E402
+from minimaml.experiments import locomotion, navigation  # noqa: E402
 from minimaml.experiments.rl_common import RLConfig, build_env, init_policy  # noqa: E402
 from minimaml.nn import policy as pol  # noqa: E402
-from minimaml.rl import maml_rl  # noqa: E402
+from minimaml.rl import maml_rl, trpo  # noqa: E402
 from minimaml.rl.sampler import sample_trajectories  # noqa: E402
 
-PARTS = ("time_sampling", "time_inner", "time_gradient", "time_cg", "time_line_search")
+PARTS = ("sampling", "inner", "gradient", "cg", "line_search")
 
 
 def config_for(env_name: str) -> RLConfig:
-    """The experiment's settings for ``env_name`` (navigation: alpha 0.5, actions x 0.1)."""
+    """The experiment's settings for ``env_name`` (navigation: alpha 0.5, actions x 0.1; locomotion:
+    alpha 0.1), with the benchmark's T and B."""
+    sizes = dict(meta_batch_size=ARGS.meta_batch, n_traj=ARGS.n_traj)
     if env_name == "navigation":
-        return NavigationConfig.for_profile("quick", meta_batch_size=ARGS.meta_batch, n_traj=ARGS.n_traj)
-    return RLConfig(env=env_name, meta_batch_size=ARGS.meta_batch, n_traj=ARGS.n_traj, inner_lr=0.1)
+        return navigation.config("quick", **sizes)
+    return locomotion.config("quick", env=env_name, **sizes)
+
+
+class Parts:
+    """Seconds spent in module-level functions, timed from outside: ``with Parts() as parts:`` replaces
+    each function in ``WRAPPED`` by a timing wrapper (the module attribute, which is what the library's
+    callers look up at call time) and puts the original back on exit. A part named in ``unless_inside``
+    is not timed while that part runs (``maml.adapt`` counts as the inner step only outside TRPO).
+    ``calls`` counts the timed calls, so a part the iteration no longer reaches shows as an error,
+    not as 0 seconds."""
+
+    # (module, function, part, unless inside part)
+    WRAPPED = ((maml_rl, "sample", "sampling", None),
+               (maml, "adapt", "inner", "trpo"),
+               (trpo, "trpo_step", "trpo", None),
+               (trpo, "conjugate_gradient", "cg", None),
+               (trpo, "line_search", "line_search", None))
+
+    def __init__(self):
+        self.seconds, self.calls, self._depth, self._originals = defaultdict(float), defaultdict(int), \
+            defaultdict(int), []
+
+    def _wrap(self, function, part, unless_inside):
+        @functools.wraps(function)
+        def timed(*args, **kwargs):
+            if unless_inside is not None and self._depth[unless_inside]:
+                return function(*args, **kwargs)
+            self._depth[part] += 1
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.seconds[part] += time.perf_counter() - start
+                self.calls[part] += 1
+                self._depth[part] -= 1
+        return timed
+
+    def __enter__(self):
+        for module, name, part, unless_inside in self.WRAPPED:
+            original = getattr(module, name)
+            self._originals.append((module, name, original))
+            setattr(module, name, self._wrap(original, part, unless_inside))
+        return self
+
+    def __exit__(self, *exc):
+        for module, name, original in reversed(self._originals):
+            setattr(module, name, original)
+        self._originals.clear()
+        return False
+
+    def shares(self, total: float) -> dict:
+        """The table's parts (seconds); gradient + graph = TRPO's step less its CG and line search."""
+        missing = [part for part in ("sampling", "inner", "trpo", "cg", "line_search") if not self.calls[part]]
+        if missing:
+            raise RuntimeError(f"bench_rl: the meta-iteration never called the wrapped function(s) of "
+                               f"{missing}: the library calls them some other way now; update Parts.WRAPPED")
+        s = self.seconds
+        return {"sampling": s["sampling"], "inner": s["inner"], "gradient": s["trpo"] - s["cg"] - s["line_search"],
+                "cg": s["cg"], "line_search": s["line_search"], "total": total}
 
 
 class TimedPolicy:
@@ -87,14 +156,18 @@ def bench_sampler(env, params, cfg: RLConfig) -> dict:
 
 
 def bench_meta_iteration(env, params, cfg: RLConfig) -> dict:
-    maml_cfg = cfg.maml_config()
-    maml_rl.meta_iteration(env, params, np.random.default_rng(1), maml_cfg)  # warm-up
+    def iteration(rng):
+        return maml_rl.meta_iteration(env, params, rng, cfg.trpo(), cfg.meta_batch_size, cfg.n_traj,
+                                      cfg.inner_lr, cfg.discount, cfg.gae_lambda)
+
+    iteration(np.random.default_rng(1))  # warm-up
     records = []
     for i in range(ARGS.iterations):
-        start = time.perf_counter()
-        _, stats = maml_rl.meta_iteration(env, params, np.random.default_rng([2, i]), maml_cfg)
-        stats["total"] = time.perf_counter() - start
-        records.append(stats)
+        with Parts() as parts:
+            start = time.perf_counter()
+            iteration(np.random.default_rng([2, i]))
+            total = time.perf_counter() - start
+        records.append(parts.shares(total))
     return {key: statistics.median(r[key] for r in records) for key in PARTS + ("total",)}
 
 

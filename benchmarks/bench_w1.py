@@ -24,18 +24,20 @@ from minimaml.nn import mlp
 PEER_ORDER = ["w0", "b0", "w1", "b1", "w2", "b2"]
 INNER_STEPS = {"W1": 1, "W1b": 5}
 ALPHA = 0.01
+TASK_LOSS = maml.supervised_loss(mlp.apply, ad.mse)
 
 
 def workload_inputs(dtype):
     """W1's parameters renamed to minimaml's MLP names, and its tasks."""
     z = load_workload("W1")
     params = {f"layer{i}.{kind}": z[f"{kind}{i}"].astype(dtype) for i in range(3) for kind in "wb"}
-    tasks = maml.TaskBatch(*(z[k].astype(dtype) for k in ("xs", "ys", "xq", "yq")))
+    tasks = maml.TaskBatch(maml.Examples(z["xs"].astype(dtype), z["ys"].astype(dtype)),
+                           maml.Examples(z["xq"].astype(dtype), z["yq"].astype(dtype)))
     return params, tasks
 
 
 def meta_step(params, tasks, workload, mode):
-    return maml.meta_gradient(mlp.apply, ad.mse, params, tasks, ALPHA, INNER_STEPS[workload], mode=mode)
+    return maml.meta_gradient(TASK_LOSS, params, tasks, ALPHA, INNER_STEPS[workload], mode=mode)
 
 
 def in_peer_order(grads):
@@ -44,7 +46,7 @@ def in_peer_order(grads):
 
 def peak_memory_kib(params, tasks, steps, mode) -> float:
     tracemalloc.start()
-    maml.meta_gradient(mlp.apply, ad.mse, params, tasks, ALPHA, steps, mode=mode)
+    maml.meta_gradient(TASK_LOSS, params, tasks, ALPHA, steps, mode=mode)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     return peak / 1024

@@ -46,6 +46,7 @@ LAYERS = 4
 MODES = {"W2": ("second_order", "hvp"), "W2fo": ("first_order",)}
 W2_NET = Conv4(image_size=28, in_channels=1, filters=64, stride=2, padding=1, features="flatten",
                bn_eps=1e-5, bn_scale=True, conv_bias=False)
+TASK_LOSS = maml.supervised_loss(W2_NET.apply, ad.softmax_cross_entropy)
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 31)}
 
 
@@ -67,13 +68,14 @@ def workload_inputs(dtype):
     params = {k: backend.asarray(numpy.ascontiguousarray(v), dtype=dtype) for k, v in params.items()}
     images = {k: backend.asarray(numpy.ascontiguousarray(z[k].transpose(0, 1, 3, 4, 2)), dtype=dtype)
               for k in ("xs", "xq")}
-    tasks = maml.TaskBatch(images["xs"], backend.asarray(z["ys"]), images["xq"], backend.asarray(z["yq"]))
+    tasks = maml.TaskBatch(maml.Examples(images["xs"], backend.asarray(z["ys"])),
+                           maml.Examples(images["xq"], backend.asarray(z["yq"])))
     return params, tasks
 
 
 def meta_step(params, tasks, mode):
     """d/dtheta sum_i L_Qi(theta - alpha grad L_Si(theta)), every parameter adapted, all tasks batched."""
-    return maml.meta_gradient(W2_NET.apply, ad.softmax_cross_entropy, params, tasks, ALPHA, 1, mode=mode)
+    return maml.meta_gradient(TASK_LOSS, params, tasks, ALPHA, 1, mode=mode)
 
 
 def in_peer_order(grads: dict) -> list:

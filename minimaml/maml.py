@@ -1,4 +1,4 @@
-"""MAML: inner adaptation and the meta-gradient, for a whole meta-batch of tasks at once.
+"""MAML: the inner loop and the meta-objective, for every problem setting, a whole meta-batch at once.
 
 Notation (Finn et al. 2017, Algorithm 1 and Sec. 2.2): task i has a support set S_i and a query set
 Q_i; ``alpha`` is ``inner_lr``; K is ``inner_steps``.
@@ -6,8 +6,16 @@ Q_i; ``alpha`` is ``inner_lr``; K is ``inner_steps``.
     inner loop    theta_i^0 = theta,   theta_i^{k+1} = theta_i^k - alpha * grad L_{S_i}(theta_i^k)
     meta-objective                      L(theta) = sum_i L_{Q_i}(theta_i^K)
 
+MAML is one algorithm: regression, classification and reinforcement learning differ only in the task
+loss ``task_loss(params, data) -> (T,)``, each task's loss on its own set (``data``: a set of a
+``TaskBatch``, e.g. ``Examples`` or ``rl.reinforce.Trajectories``):
+
+- regression and classification: ``supervised_loss(model.apply, loss_fn)``, e.g. the MSE or the
+  cross-entropy of the model's predictions;
+- reinforcement learning: ``rl.reinforce.reinforce_loss``, the policy-gradient loss on trajectories.
+
 The tasks ride on a leading task axis: the adapted parameters of all T tasks are one dict of arrays
-``(T, ...)``, and ``apply`` runs them on the task-axis data ``(T, N, ...)`` in one batched call. Because
+``(T, ...)``, and the task loss runs them on the task-axis data in one batched call. Because
 sum_i L_{S_i}(theta_i) has gradient grad L_{S_i}(theta_i) with respect to theta_i, one ``grad`` call
 gives every task's inner gradient.
 
@@ -31,125 +39,147 @@ shift); the query loss still depends on them directly and through the inner grad
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from . import autodiff as ad
 from . import backend
+from .tasks.batch import Examples, TaskBatch  # noqa: F401  (the record maml consumes, named here too)
 
 MODES = ("second_order", "hvp", "first_order")
 
 
-@dataclass
-class TaskBatch:
-    """A meta-batch of T tasks: ``support_x (T, N_s, ...)``, ``support_y (T, N_s, ...)``,
-    ``query_x (T, N_q, ...)``, ``query_y (T, N_q, ...)``."""
+def supervised_loss(apply, loss_fn):
+    """The task loss of regression and classification: per task, the loss of the model's predictions,
 
-    support_x: object
-    support_y: object
-    query_x: object
-    query_y: object
+        L_i(params) = loss_fn(apply(params_i, x_i), y_i),
 
-    @property
-    def n_tasks(self) -> int:
-        return self.support_x.shape[0]
+    as ``task_loss(params, examples: Examples) -> (T,)``. ``loss_fn(prediction, target)``: per-task
+    mean losses ``(T,)``, e.g. ``autodiff.mse`` or ``autodiff.softmax_cross_entropy``."""
+    def task_loss(params, examples):
+        return loss_fn(apply(params, examples.x), examples.y)
+    return task_loss
 
 
-def _task_loss(apply, loss_fn, params, x, y) -> ad.Tensor:
-    """sum_i L_i(params_i): the per-task mean losses, summed over the task axis."""
-    return ad.sum(loss_fn(apply(params, x), y))
+def _summed_loss(task_loss, params, data) -> ad.Tensor:
+    """sum_i L_i(params_i): the per-task losses, summed over the task axis."""
+    losses = task_loss(params, data)
+    if tuple(losses.shape) != (data.n_tasks,):
+        raise ValueError(f"maml: the task loss must return one loss per task, shape ({data.n_tasks},); got "
+                         f"shape {tuple(losses.shape)}")
+    return ad.sum(losses)
 
 
-def _per_task(params: dict, names, n_tasks: int) -> dict:
-    """theta_i^0 = theta for every task: the adapted parameters get a leading task axis."""
-    return {name: ad.broadcast_to(p, (n_tasks,) + p.shape) if name in names else p
-            for name, p in params.items()}
+def _inner_names(params: dict, inner_param_names) -> list:
+    names = list(params) if inner_param_names is None else list(inner_param_names)
+    unknown = [n for n in names if n not in params]
+    if unknown:
+        raise KeyError(f"maml: inner_param_names {unknown} are not parameters ({list(params)})")
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"maml: inner_param_names must name each adapted parameter once, and at least one; "
+                         f"got {names}")
+    return names
 
 
-def inner_step(apply, loss_fn, params: dict, x, y, inner_lr, names, create_graph: bool) -> dict:
-    """One step of every task's gradient descent on its own loss:
-    theta_i <- theta_i - alpha * grad L_i(theta_i) for the parameters in ``names``.
+def per_task(params: dict, n_tasks: int, inner_param_names=None) -> dict:
+    """theta_i^0 = theta for every task: the adapted parameters get a leading task axis ``(T, ...)``
+    (a recorded broadcast, so a gradient flows back to theta as the sum over the tasks)."""
+    if n_tasks < 1:
+        raise ValueError(f"maml: need at least one task, got {n_tasks}")
+    names = _inner_names(params, inner_param_names)
+    return {name: ad.broadcast_to(ad.as_tensor(p), (n_tasks,) + tuple(p.shape)) if name in names
+            else ad.as_tensor(p) for name, p in params.items()}
+
+
+def inner_step(task_loss, params: dict, support, inner_lr, inner_param_names=None,
+               create_graph: bool = False) -> dict:
+    """One step of every task's gradient descent on its own support loss, for the parameters in
+    ``inner_param_names`` (default: all), which carry the task axis (``per_task``):
+
+        theta_i <- theta_i - alpha * grad L_{S_i}(theta_i)
 
     ``inner_lr`` is a number, or a dict of per-parameter step sizes (Meta-SGD's learned alpha).
+    ``create_graph=True`` records the step, so the result stays a differentiable function of ``params``
+    (the second-order meta-gradient and MAML-TRPO differentiate through it); otherwise the result is
+    constants, ready to be the next step's starting point.
     """
-    # A constant parameter (e.g. at evaluation) becomes a leaf, so its inner gradient can be taken.
-    params = {n: ad.Tensor(p.data, requires_grad=True) if n in names and not p.requires_grad else p
+    names = _inner_names(params, inner_param_names)
+    # A constant (an array, or a Tensor that needs no gradient) becomes a leaf, so its gradient can be taken.
+    params = {n: p if isinstance(p, ad.Tensor) and (p.requires_grad or n not in names) else
+              ad.Tensor(p.data if isinstance(p, ad.Tensor) else p, requires_grad=n in names)
               for n, p in params.items()}
-    loss = _task_loss(apply, loss_fn, params, x, y)
+    loss = _summed_loss(task_loss, params, support)
     grads = ad.grad(loss, [params[n] for n in names], create_graph=create_graph)
     adapted = dict(params)
     for name, g in zip(names, grads):
         lr = inner_lr[name] if isinstance(inner_lr, dict) else inner_lr
         adapted[name] = params[name] - lr * g
+    if not create_graph:
+        adapted = {n: p.detach() for n, p in adapted.items()}
     return adapted
 
 
-def adaptation_steps(apply, loss_fn, params: dict, support_x, support_y, inner_lr, inner_steps: int,
-                     inner_param_names=None):
-    """Yield theta_i^0, theta_i^1, ..., theta_i^K for every task (dicts of Tensors; the adapted
-    parameters carry a leading task axis ``(T, ...)``), for evaluating after each fine-tuning step.
+def adapt(task_loss, params: dict, support, inner_lr, inner_steps: int, inner_param_names=None,
+          create_graph: bool = False) -> dict:
+    """theta_i^K for every task: ``inner_steps`` steps of gradient descent on each support set, from
+    the shared ``params`` (no task axis). Returns a dict of Tensors, the adapted ones ``(T, ...)``.
 
-    No meta-gradient is kept: each step's parameters are fresh leaves. ``inner_lr`` may be a callable
-    ``step -> lr`` (e.g. the RL test protocol halves the step size after the first step).
+    ``create_graph=True``: the whole inner loop is recorded (``params`` Tensors that require grad stay
+    connected to the result); ``False``: constants, for evaluation and first-order MAML.
     """
-    names = list(params) if inner_param_names is None else list(inner_param_names)
-    theta = {n: ad.Tensor(p.data if isinstance(p, ad.Tensor) else p, requires_grad=n in names)
-             for n, p in params.items()}
-    theta = _per_task(theta, names, support_x.shape[0])
-    yield theta
-    for step in range(inner_steps):
-        lr = inner_lr(step) if callable(inner_lr) else inner_lr
-        theta = inner_step(apply, loss_fn, theta, support_x, support_y, lr, names, create_graph=False)
-        theta = {n: ad.Tensor(p.data, requires_grad=n in names) for n, p in theta.items()}
-        yield theta
-
-
-def adapt(apply, loss_fn, params: dict, support_x, support_y, inner_lr, inner_steps: int,
-          inner_param_names=None) -> dict:
-    """theta_i^K for every task: ``inner_steps`` steps of gradient descent on each support set, with
-    no meta-gradient kept (for evaluation). ``params``: shared parameters (no task axis)."""
-    for theta in adaptation_steps(apply, loss_fn, params, support_x, support_y, inner_lr, inner_steps,
-                                  inner_param_names):
-        pass
+    theta = per_task(params, support.n_tasks, inner_param_names)
+    for _ in range(inner_steps):
+        theta = inner_step(task_loss, theta, support, inner_lr, inner_param_names, create_graph)
     return theta
 
 
-def meta_gradient(apply, loss_fn, params: dict, tasks: TaskBatch, inner_lr, inner_steps: int,
-                  mode: str = "second_order", inner_param_names=None):
+def adaptation_steps(task_loss, params: dict, support, inner_lr, inner_steps: int, inner_param_names=None):
+    """Yield theta_i^0, theta_i^1, ..., theta_i^K for every task (dicts of constant Tensors; the adapted
+    parameters carry a leading task axis ``(T, ...)``), for evaluating after each fine-tuning step.
+    ``inner_lr`` may be a callable ``step -> lr``."""
+    theta = {n: t.detach() for n, t in per_task(params, support.n_tasks, inner_param_names).items()}
+    yield theta
+    for step in range(inner_steps):
+        lr = inner_lr(step) if callable(inner_lr) else inner_lr
+        theta = inner_step(task_loss, theta, support, lr, inner_param_names)
+        yield theta
+
+
+def meta_gradient(task_loss, params: dict, tasks: TaskBatch, inner_lr, inner_steps: int,
+                  mode: str = "second_order", inner_param_names=None, query_loss=None):
     """The meta-objective L(theta) = sum_i L_{Q_i}(theta_i^K) and its gradient.
 
-    ``apply(params, x)``: the model; ``loss_fn(prediction, target)``: per-task mean losses ``(T,)``.
+    ``task_loss(params, data) -> (T,)``: each task's loss on a set (``supervised_loss`` for regression
+    and classification); ``query_loss``: the loss on the query sets, if not the same.
     ``params``: dict of arrays (no task axis). ``mode``: ``"second_order"``, ``"hvp"`` or
     ``"first_order"`` (see the module docstring). Returns ``(meta_loss: float, grads: dict)`` with
     ``grads`` named and shaped like ``params``.
     """
     if mode not in MODES:
         raise ValueError(f"meta_gradient: unknown mode {mode!r}: expected one of {MODES}")
-    if inner_steps < 0:
-        raise ValueError(f"meta_gradient: inner_steps must be >= 0, got {inner_steps}")
-    names = list(params) if inner_param_names is None else list(inner_param_names)
-    unknown = [n for n in names if n not in params]
-    if unknown:
-        raise KeyError(f"meta_gradient: inner_param_names {unknown} are not parameters ({list(params)})")
+    if int(inner_steps) != inner_steps or inner_steps < 0:
+        raise ValueError(f"meta_gradient: inner_steps must be an integer >= 0, got {inner_steps!r}")
+    if not isinstance(params, dict) or not params:
+        raise TypeError(f"meta_gradient: params must be a non-empty dict of named arrays, got "
+                        f"{type(params).__name__}")
+    if not isinstance(tasks, TaskBatch):
+        raise TypeError(f"meta_gradient: tasks must be a TaskBatch(support, query), got {type(tasks).__name__}")
+    names = _inner_names(params, inner_param_names)
+    query_loss = task_loss if query_loss is None else query_loss
     if mode == "hvp":
-        return _meta_gradient_hvp(apply, loss_fn, params, tasks, inner_lr, inner_steps, names)
+        return _meta_gradient_hvp(task_loss, query_loss, params, tasks, inner_lr, inner_steps, names)
 
     theta = {n: ad.Tensor(p, requires_grad=True) for n, p in params.items()}
-    adapted = _per_task(theta, names, tasks.n_tasks)
     if mode == "second_order":
-        for _ in range(inner_steps):
-            adapted = inner_step(apply, loss_fn, adapted, tasks.support_x, tasks.support_y, inner_lr,
-                                 names, create_graph=True)
+        adapted = adapt(task_loss, theta, tasks.support, inner_lr, inner_steps, names, create_graph=True)
     else:  # first order: theta_i^K = theta + delta_i, the inner displacement delta_i held constant
-        final = adapt(apply, loss_fn, params, tasks.support_x, tasks.support_y, inner_lr, inner_steps,
-                      names)
+        final = adapt(task_loss, params, tasks.support, inner_lr, inner_steps, names)
+        adapted = per_task(theta, tasks.n_tasks, names)
         adapted = {n: adapted[n] + ad.Tensor(final[n].data - params[n]) if n in names else adapted[n]
                    for n in params}
-    meta_loss = _task_loss(apply, loss_fn, adapted, tasks.query_x, tasks.query_y)
+    meta_loss = _summed_loss(query_loss, adapted, tasks.query)
     grads = ad.grad(meta_loss, list(theta.values()))
     return float(meta_loss.data), {n: g.data for n, g in zip(theta, grads)}
 
 
-def _meta_gradient_hvp(apply, loss_fn, params, tasks, inner_lr, inner_steps, names):
+def _meta_gradient_hvp(task_loss, query_loss, params, tasks, inner_lr, inner_steps, names):
     """The exact meta-gradient by the Hessian-vector-product chain (module docstring), which holds
     one inner step's graph at a time instead of the whole unrolled loop.
 
@@ -164,15 +194,13 @@ def _meta_gradient_hvp(apply, loss_fn, params, tasks, inner_lr, inner_steps, nam
     trajectory = [{n: xp.broadcast_to(params[n], (tasks.n_tasks,) + params[n].shape) for n in names}]
     fixed = {n: ad.Tensor(params[n]) for n in others}
     for _ in range(inner_steps):
-        theta = {n: ad.Tensor(a, requires_grad=True) for n, a in trajectory[-1].items()}
-        step = inner_step(apply, loss_fn, {**theta, **fixed}, tasks.support_x, tasks.support_y,
-                          inner_lr, names, create_graph=False)
+        step = inner_step(task_loss, {**trajectory[-1], **fixed}, tasks.support, inner_lr, names)
         trajectory.append({n: step[n].data for n in names})
 
     # v_K and grad_phi of the query loss at theta^K.
     theta = {n: ad.Tensor(a, requires_grad=True) for n, a in trajectory[-1].items()}
     phi = {n: ad.Tensor(params[n], requires_grad=True) for n in others}
-    meta_loss = _task_loss(apply, loss_fn, {**theta, **phi}, tasks.query_x, tasks.query_y)
+    meta_loss = _summed_loss(query_loss, {**theta, **phi}, tasks.query)
     grads = ad.grad(meta_loss, list(theta.values()) + list(phi.values()))
     v = {n: g.data for n, g in zip(names, grads)}
     phi_grad = {n: g.data for n, g in zip(others, grads[len(names):])}
@@ -181,7 +209,7 @@ def _meta_gradient_hvp(apply, loss_fn, params, tasks, inner_lr, inner_steps, nam
     for k in reversed(range(inner_steps)):
         theta = {n: ad.Tensor(a, requires_grad=True) for n, a in trajectory[k].items()}
         phi = {n: ad.Tensor(params[n], requires_grad=True) for n in others}
-        support_loss = _task_loss(apply, loss_fn, {**theta, **phi}, tasks.support_x, tasks.support_y)
+        support_loss = _summed_loss(task_loss, {**theta, **phi}, tasks.support)
         inner_grads = ad.grad(support_loss, list(theta.values()), create_graph=True)
         alpha = {n: inner_lr[n] if isinstance(inner_lr, dict) else inner_lr for n in names}
         # <grad L_S, alpha v>: its gradient is H (alpha v) for theta and the mixed term for phi.

@@ -1,25 +1,43 @@
-"""The meta-training loop shared by all experiments: seeding, logging, checkpoints, resume, NaN guard.
+"""The one training loop of every experiment: seeding, the clock, checkpoints, resume, the NaN/inf
+guard, progress, validation and early stopping.
 
-Each iteration ``i`` calls ``step_fn(params, rng, i) -> (loss, grads, metrics)`` with a generator
-derived from ``(seed, i)`` alone (``numpy.random.default_rng([seed, i])``), then applies
-``optimizer.update``. No random state outlives an iteration, so a run resumed from a checkpoint
-takes exactly (bitwise) the steps of an uninterrupted run.
+What an iteration does is a ``Step``: ``step(params, state, rng, iteration) -> (params, state, record)``.
+Two kinds plug in:
+
+- ``GradientStep``: Adam or SGD on a meta-gradient (sinusoid, Omniglot, MiniImagenet, and every
+  supervised baseline);
+- a TRPO step (``experiments.rl_common``: MAML-TRPO and the pretrained RL baseline).
+
+Iteration ``i`` gets the generator ``numpy.random.default_rng([seed, i])`` and nothing else random
+outlives it, so a run resumed from a checkpoint takes exactly (bitwise) the steps of an uninterrupted one.
 
 Checkpoint format (one ``.npz``, no pickle), written to a temporary file in the same folder and
 then renamed over the old one, so the file on disk is always complete:
 
-- ``param/<name>``: parameters; ``opt/<key>``: optimizer state (``opt/step``, ``opt/m/layer0.w``, ...)
+- ``param/<name>``: parameters; ``opt/<key>``: the step's state (Adam's ``opt/step``, ``opt/m/layer0.w``, ...)
 - ``iteration``: the number of completed iterations; ``seed``: the run's seed
-- ``history/<column>``: the logged records, one array per column (``iteration``, ``loss``, metrics)
-- ``seconds``: wall-clock seconds spent in ``meta_train`` up to this checkpoint, over all the sessions
-  of a resumed run (0 in checkpoints written before this entry existed)
+- ``history/<column>``: the logged records, one array per column (``iteration``, ``seconds``, ``loss``, ...)
+- ``seconds``: training seconds (steps only, validation excluded) over all the sessions of a resumed run
+- ``config``: the settings that shape training, as JSON, checked on resume; ``changes``: the settings
+  changed on purpose at a resume (JSON list of ``{"iteration", "setting", "from", "to"}``)
+- with validation: ``validation/<column>`` (``iteration``, ``score``, ``seconds``) and the best-scoring
+  parameters ``best/<name>`` with ``best_iteration``
+
+Guarantees, each tested: a run holds its folder (``folder_lock``), a second one refuses at once; a
+NaN or infinite loss, gradient or parameter stops the run with ``NonFiniteError`` and leaves on disk
+the last checkpoint whose parameters gave a finite loss; temporary files of a killed write are
+removed when the folder is next locked.
 """
 
 from __future__ import annotations
 
+import glob
+import json
+import math
 import os
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -30,15 +48,16 @@ from minimaml import backend
 
 
 class NonFiniteError(FloatingPointError):
-    """A loss or gradient was NaN or infinite; the message names the iteration and the parameter."""
+    """A loss, gradient or parameter was NaN or infinite; the message names the iteration and says
+    what the checkpoint on disk holds."""
 
 
-@dataclass
-class TrainResult:
-    params: dict
-    opt_state: dict
-    history: list = field(default_factory=list)  # one dict per logged iteration
-    seconds: float = 0.0  # wall-clock training time, resumed sessions included
+class ResumeError(ValueError):
+    """A checkpoint does not fit the run that would resume from it (seed, model, settings)."""
+
+
+class FolderLockedError(RuntimeError):
+    """Another live process is running in this output folder."""
 
 
 @dataclass
@@ -48,7 +67,25 @@ class Checkpoint:
     iteration: int  # completed iterations: the next one to run
     seed: int
     history: list
-    seconds: float = 0.0  # wall-clock training time up to this checkpoint
+    seconds: float = 0.0  # training seconds up to this checkpoint
+    config: dict | None = None  # None in checkpoints written before settings were stored
+    changes: list = field(default_factory=list)
+    validation: list = field(default_factory=list)
+    best_params: dict | None = None
+    best_iteration: int | None = None
+
+
+@dataclass
+class TrainResult:
+    params: dict  # after the last iteration
+    opt_state: dict
+    history: list = field(default_factory=list)  # one dict per logged iteration
+    seconds: float = 0.0  # training seconds, resumed sessions included
+    iterations: int = 0  # iterations completed (fewer than asked when a time budget stopped the run)
+    validation: list = field(default_factory=list)  # one dict per validation: iteration, score, seconds
+    best_params: dict | None = None  # the best-scoring parameters (with validation), else None
+    best_iteration: int | None = None
+    changes: list = field(default_factory=list)
 
 
 def iteration_rng(seed: int, iteration: int) -> numpy.random.Generator:
@@ -56,140 +93,310 @@ def iteration_rng(seed: int, iteration: int) -> numpy.random.Generator:
     return numpy.random.default_rng([seed, iteration])
 
 
-def meta_train(
+# --- what one iteration does ---------------------------------------------------------------------
+class Step:
+    """One training iteration: ``step(params, state, rng, iteration) -> (params, state, record)``,
+    ``record`` a dict of float metrics (the same keys every time). ``init(params)`` is the state
+    before the first iteration (here: none)."""
+
+    def init(self, params: dict) -> dict:
+        return {}
+
+    def __call__(self, params: dict, state: dict, rng, iteration: int) -> tuple:
+        raise NotImplementedError
+
+
+class GradientStep(Step):
+    """An optimizer (``optim.Adam``, ``optim.SGD``) on a gradient:
+    ``loss_and_grads(params, rng, iteration) -> (loss, grads, metrics)``, then
+    ``params, state <- optimizer.update(params, grads, state)``. The record is ``{"loss", **metrics}``,
+    at ``params`` before the update. A non-finite loss or gradient raises before the update."""
+
+    def __init__(self, loss_and_grads: Callable, optimizer):
+        self.loss_and_grads, self.optimizer = loss_and_grads, optimizer
+
+    def init(self, params: dict) -> dict:
+        return self.optimizer.init(params)
+
+    def __call__(self, params, state, rng, iteration):
+        loss, grads, metrics = self.loss_and_grads(params, rng, iteration)
+        loss = float(loss)
+        if not math.isfinite(loss):
+            raise NonFiniteError(f"iteration {iteration}: loss is {loss}")
+        _check_finite_arrays("gradient", grads, iteration)
+        params, state = self.optimizer.update(params, grads, state)
+        return params, state, {"loss": loss, **{k: float(v) for k, v in metrics.items()}}
+
+
+@dataclass
+class Validation:
+    """Early stopping: every ``every`` iterations (counted from 0, so first after ``every``),
+    ``score(params) -> float`` (higher is better); the best-scoring parameters are kept."""
+
+    score: Callable
+    every: int
+
+
+# --- the loop --------------------------------------------------------------------------------------
+def run(
     params: dict,
-    optimizer,
-    step_fn: Callable,
+    step: Step,
     n_iterations: int,
     seed: int,
     checkpoint_path: str | os.PathLike | None = None,
     checkpoint_every: int = 1000,
     resume: bool = False,
-    log_every: int = 100,
+    config: dict | None = None,
+    allow_changes=(),
+    log_every: int = 1,
+    validation: Validation | None = None,
+    max_train_seconds: float | None = None,
     progress: bool = True,
-    logger: Callable[[dict], None] | None = None,
+    desc: str = "train",
+    logger: Callable[[str], None] | None = None,
 ) -> TrainResult:
-    """Run iterations ``0 .. n_iterations - 1``: ``params, state <- optimizer.update(params, grads, state)``.
+    """Run iterations ``0 .. n_iterations - 1`` of ``step`` from ``params``.
 
-    ``step_fn(params, rng, iteration) -> (loss, grads, metrics)`` computes one meta-step: a float loss,
-    a gradient dict keyed like ``params`` and a dict of float metrics (the same keys every time).
-    Every ``log_every`` iterations (from iteration 0) the record ``{"iteration": i, "loss": loss,
-    **metrics}`` (the values at ``params`` before update ``i``) is appended to the history, passed
-    to ``logger`` and shown on the progress bar. With ``checkpoint_path``, a checkpoint is written
-    every ``checkpoint_every`` iterations and at the end; ``resume=True`` continues from it when the
-    file exists (its parameters replace ``params``; names and shapes must match). The checkpoint carries
-    the training clock, so ``TrainResult.seconds`` counts the time of every session of a resumed run.
+    Every ``log_every`` iterations (from iteration 0) the record ``{"iteration": i, "seconds": s,
+    **record}`` (``s``: the step's seconds) joins the history and the progress bar. With
+    ``checkpoint_path``, a checkpoint is written every ``checkpoint_every`` iterations, after each
+    validation and at the end; ``resume=True`` continues from it when the file exists. ``config`` (a
+    JSON-serialisable dict of the settings that shape training) is stored there; resuming with other
+    values is a ``ResumeError`` naming them, unless they are in ``allow_changes`` (then the change is
+    recorded in ``TrainResult.changes``). A longer ``n_iterations`` continues a finished run.
 
-    A NaN or infinite loss or gradient raises ``NonFiniteError`` before the update; the last
-    checkpoint on disk is left as it was.
+    ``validation``: scored every ``validation.every`` iterations; ``max_train_seconds``: meta-training
+    stops at the first validation past that many training seconds. ``logger(line)`` gets a line per
+    validation and per checkpoint (e.g. ``print`` when there is no progress bar).
+
+    A non-finite loss, record value or parameter raises ``NonFiniteError``; the checkpoint on disk is
+    then the last one whose parameters gave a finite loss.
     """
-    if n_iterations < 0 or checkpoint_every < 1 or log_every < 1:
-        raise ValueError(
-            f"meta_train: need n_iterations >= 0, checkpoint_every >= 1 and log_every >= 1, got "
-            f"{n_iterations}, {checkpoint_every} and {log_every}"
-        )
-    opt_state = optimizer.init(params)
-    start, history, earlier_seconds = 0, [], 0.0
+    _check_counts(n_iterations=(n_iterations, 0), checkpoint_every=(checkpoint_every, 1),
+                  log_every=(log_every, 1), **({"validation.every": (validation.every, 1)} if validation else {}))
+    if max_train_seconds is not None and not max_train_seconds > 0:
+        raise ValueError(f"train.run: max_train_seconds must be positive or None, got {max_train_seconds}")
+    config = None if config is None else json.loads(json.dumps(config))  # what the checkpoint will hold
+    state = step.init(params)
+    start, history, earlier_seconds, changes = 0, [], 0.0, []
+    curve, best_params, best_iteration = [], None, None
     if resume and checkpoint_path is not None and os.path.exists(checkpoint_path):
         ckpt = load_checkpoint(checkpoint_path)
-        _check_resume(ckpt, params, seed, checkpoint_path)
-        params, opt_state, start, history = ckpt.params, ckpt.opt_state, ckpt.iteration, ckpt.history
-        earlier_seconds = ckpt.seconds
-
-    clock = time.perf_counter()
+        changes = _check_resume(ckpt, params, seed, config, allow_changes, n_iterations, checkpoint_path)
+        params, state, start, history = ckpt.params, ckpt.opt_state, ckpt.iteration, ckpt.history
+        params = {k: backend.asarray(v, dtype=v.dtype) for k, v in params.items()}
+        earlier_seconds, curve = ckpt.seconds, ckpt.validation
+        best_params, best_iteration = ckpt.best_params, ckpt.best_iteration
+    say = logger or (lambda line: None)
+    step_seconds = 0.0  # this session's, validation excluded
 
     def seconds() -> float:
-        return earlier_seconds + time.perf_counter() - clock
+        return earlier_seconds + step_seconds
 
+    def save(path, done, at_params, at_state, at_history, at_curve, at_best, at_best_iteration, at_seconds):
+        save_checkpoint(path, at_params, at_state, done, seed, at_history, at_seconds, config=config,
+                        changes=changes, validation=at_curve, best_params=at_best,
+                        best_iteration=at_best_iteration)
+
+    budget_spent = bool(max_train_seconds and curve and curve[-1]["iteration"] == start
+                        and curve[-1]["seconds"] >= max_train_seconds)
+    # The state before the last step whose loss was finite: what the checkpoint falls back to.
+    good = None
     saved_at = start
-    with tqdm(total=n_iterations, initial=min(start, n_iterations), disable=not progress,
-              desc="meta-train") as bar:
-        for iteration in range(start, n_iterations):
-            loss, grads, metrics = step_fn(params, iteration_rng(seed, iteration), iteration)
-            loss = float(loss)
-            _check_finite(loss, grads, iteration)
+    iteration = start
+    with tqdm(total=n_iterations, initial=min(start, n_iterations), disable=not progress, desc=desc) as bar:
+        while iteration < n_iterations and not budget_spent:
+            clock = time.perf_counter()
+            try:
+                new_params, new_state, record = step(params, state, iteration_rng(seed, iteration), iteration)
+                _check_finite_record(record, iteration)
+            except NonFiniteError as err:
+                if good is not None and saved_at == iteration:  # the checkpoint holds the failing parameters
+                    at, good_params, good_state, n_history, n_curve, good_best, good_best_at, at_seconds = good
+                    save(checkpoint_path, at, good_params, good_state, history[:n_history], curve[:n_curve],
+                         good_best, good_best_at, at_seconds)
+                    saved_at = at
+                raise _non_finite(err, saved_at, iteration, checkpoint_path, resumed_bad=good is None) from None
+            if checkpoint_path is not None:
+                good = (iteration, params, state, len(history), len(curve), best_params, best_iteration, seconds())
+            try:
+                _check_finite_arrays("parameter", new_params, iteration)
+            except NonFiniteError as err:
+                raise _non_finite(err, saved_at, iteration, checkpoint_path, resumed_bad=False) from None
+            step_time = time.perf_counter() - clock
+            step_seconds += step_time
+            params, state = new_params, new_state
             if iteration % log_every == 0:
-                record = _record(iteration, loss, metrics, history)
-                history.append(record)
-                bar.set_postfix({k: v for k, v in record.items() if k != "iteration"}, refresh=False)
-                if logger is not None:
-                    logger(record)
-            params, opt_state = optimizer.update(params, grads, opt_state)
+                entry = _record(iteration, step_time, record, history)
+                history.append(entry)
+                bar.set_postfix({k: round(v, 4) for k, v in entry.items() if k != "iteration"}, refresh=False)
             bar.update(1)
-            done = iteration + 1
-            if checkpoint_path is not None and done % checkpoint_every == 0:
-                save_checkpoint(checkpoint_path, params, opt_state, done, seed, history, seconds())
-                saved_at = done
-    if checkpoint_path is not None and saved_at != max(start, n_iterations):
-        save_checkpoint(checkpoint_path, params, opt_state, n_iterations, seed, history, seconds())
-    return TrainResult(params, opt_state, history, seconds())
+            iteration += 1
+            validated = False
+            if validation is not None and iteration % validation.every == 0:
+                score = float(validation.score(params))
+                validated = True
+                curve.append({"iteration": iteration, "score": score, "seconds": seconds()})
+                if best_iteration is None or score >= _best_score(curve, best_iteration):
+                    best_params, best_iteration = params, iteration
+                say(f"{desc} iteration {iteration}: validation {score:.4f} (best "
+                    f"{_best_score(curve, best_iteration):.4f} at {best_iteration})")
+                budget_spent = bool(max_train_seconds and seconds() >= max_train_seconds)
+            if checkpoint_path is not None and (iteration % checkpoint_every == 0 or validated):
+                save(checkpoint_path, iteration, params, state, history, curve, best_params, best_iteration,
+                     seconds())
+                saved_at = iteration
+                if not progress and history:
+                    say(f"{desc} {iteration}/{n_iterations}: " + ", ".join(
+                        f"{k} {v:.4g}" for k, v in history[-1].items() if k != "iteration"))
+    if checkpoint_path is not None and saved_at != iteration:
+        save(checkpoint_path, iteration, params, state, history, curve, best_params, best_iteration, seconds())
+    if budget_spent and iteration < n_iterations:
+        say(f"{desc}: stopped at iteration {iteration} of {n_iterations}: the training budget of "
+            f"{max_train_seconds / 60:g} minutes is spent ({seconds() / 60:.1f})")
+    return TrainResult(params, state, history, seconds(), iteration, curve, best_params, best_iteration, changes)
 
 
-def _check_finite(loss: float, grads: dict, iteration: int) -> None:
-    if not numpy.isfinite(loss):
-        raise NonFiniteError(f"iteration {iteration}: loss is {loss}")
-    for key, g in grads.items():
-        xp = backend.array_namespace(g)
-        finite = xp.isfinite(g)
+def _best_score(curve: list, best_iteration: int) -> float:
+    return next(r["score"] for r in reversed(curve) if r["iteration"] == best_iteration)
+
+
+def _non_finite(err, saved_at: int, iteration: int, checkpoint_path, resumed_bad: bool) -> NonFiniteError:
+    """The error to raise: what failed, what the checkpoint on disk holds and how to go on.
+    ``resumed_bad``: the failing parameters are the ones this session resumed from."""
+    if checkpoint_path is None:
+        return NonFiniteError(f"{err}; no checkpoint is kept")
+    if not os.path.exists(checkpoint_path):
+        return NonFiniteError(f"{err}; no checkpoint was written before it")
+    if resumed_bad and saved_at == iteration:
+        held = f"iteration {saved_at}, the parameters this run resumed from, which gave it"
+    else:
+        held = f"iteration {saved_at}, whose parameters gave a finite loss"
+    return NonFiniteError(
+        f"{err}. The checkpoint {checkpoint_path} holds {held}. To go on, change what diverged (e.g. a "
+        f"smaller --meta-lr or --inner-lr) and resume with --resume --allow-change SETTING (the change is "
+        f"recorded in the run's history)")
+
+
+def _check_counts(**counts) -> None:
+    for name, (value, least) in counts.items():
+        if isinstance(value, bool) or int(value) != value or value < least:
+            raise ValueError(f"train.run: {name} must be an integer >= {least}, got {value!r}")
+
+
+def _check_finite_record(record: dict, iteration: int) -> None:
+    for key, value in record.items():
+        if not math.isfinite(float(value)):
+            raise NonFiniteError(f"iteration {iteration}: {key} is {value}")
+
+
+def _check_finite_arrays(kind: str, arrays: dict, iteration: int) -> None:
+    for key, a in arrays.items():
+        xp = backend.array_namespace(a)
+        finite = xp.isfinite(a)
         if not bool(xp.all(finite)):
             bad = int(finite.size - int(xp.count_nonzero(finite)))
-            raise NonFiniteError(
-                f"iteration {iteration}: gradient of {key!r} has {bad} non-finite value(s) "
-                f"out of {finite.size} (shape {tuple(g.shape)})"
-            )
+            raise NonFiniteError(f"iteration {iteration}: {kind} {key!r} has {bad} non-finite value(s) "
+                                 f"out of {finite.size} (shape {tuple(a.shape)})")
 
 
-def _record(iteration: int, loss: float, metrics: dict, history: list) -> dict:
-    """The history record of one iteration; its keys must match the earlier records'."""
-    record = {"iteration": iteration, "loss": loss}
-    for key, value in metrics.items():
-        if key in record:
-            raise ValueError(f"meta_train: metric name {key!r} is reserved")
-        record[key] = float(value)
-    if history and set(history[0]) != set(record):
+def _record(iteration: int, seconds: float, record: dict, history: list) -> dict:
+    """The history entry of one iteration; its keys must match the earlier entries'."""
+    entry = {"iteration": iteration, "seconds": seconds}
+    for key, value in record.items():
+        if key in entry:
+            raise ValueError(f"train.run: record name {key!r} is reserved")
+        entry[key] = float(value)
+    if history and set(history[0]) != set(entry):
         raise ValueError(
-            f"meta_train: iteration {iteration} logs {sorted(record)}, earlier records logged "
-            f"{sorted(history[0])}: step_fn must return the same metrics every iteration"
+            f"train.run: iteration {iteration} logs {sorted(entry)}, earlier records logged "
+            f"{sorted(history[0])}: the step must return the same metrics every iteration"
         )
-    return record
+    return entry
 
 
-def _check_resume(ckpt: Checkpoint, params: dict, seed: int, path) -> None:
+def _check_resume(ckpt: Checkpoint, params: dict, seed: int, config, allow_changes, n_iterations, path) -> list:
+    """Raise ``ResumeError`` unless the checkpoint fits this run; return the run's list of deliberate
+    changes, the new ones appended."""
     if ckpt.seed != seed:
-        raise ValueError(f"resume from {path}: checkpoint was made with seed {ckpt.seed}, this run has "
-                         f"seed {seed}; the resumed run would not match an uninterrupted one")
+        raise ResumeError(f"resume from {path}: checkpoint was made with seed {ckpt.seed}, this run has "
+                          f"seed {seed}; the resumed run would not match an uninterrupted one")
     expected = {k: tuple(v.shape) for k, v in params.items()}
     found = {k: tuple(v.shape) for k, v in ckpt.params.items()}
     if expected != found:
-        raise ValueError(f"resume from {path}: checkpoint parameters {found} do not match the model's "
-                         f"{expected}")
+        raise ResumeError(f"resume from {path}: checkpoint parameters {found} do not match the model's "
+                          f"{expected}")
+    if ckpt.iteration > n_iterations:
+        raise ResumeError(f"resume from {path}: the checkpoint has done {ckpt.iteration} iterations, more "
+                          f"than the {n_iterations} asked for; ask for at least {ckpt.iteration} (or use "
+                          f"another output folder)")
+    changes = list(ckpt.changes)
+    if config is None or ckpt.config is None:
+        return changes
+    differ = sorted(k for k in set(config) | set(ckpt.config) if config.get(k) != ckpt.config.get(k))
+    refused = [k for k in differ if k not in set(allow_changes)]
+    if refused:
+        described = "; ".join(f"{k}: {ckpt.config.get(k)!r} in the checkpoint, {config.get(k)!r} now"
+                              for k in refused)
+        raise ResumeError(f"resume from {path}: settings that shape training differ ({described}). Use the "
+                          f"checkpoint's values, another output folder, or allow the change on purpose "
+                          f"with --allow-change {','.join(refused)}")
+    changes += [{"iteration": ckpt.iteration, "setting": k, "from": ckpt.config.get(k), "to": config.get(k)}
+                for k in differ]
+    return changes
 
 
+# --- checkpoints -----------------------------------------------------------------------------------
 def save_checkpoint(path, params: dict, opt_state: dict, iteration: int, seed: int, history: list,
-                    seconds: float = 0.0) -> None:
+                    seconds: float = 0.0, config: dict | None = None, changes=(), validation=(),
+                    best_params: dict | None = None, best_iteration: int | None = None) -> None:
     """Write a checkpoint atomically: a temporary ``.npz`` in the same folder, then ``os.replace``."""
     arrays = {"iteration": numpy.asarray(iteration, dtype=numpy.int64),
               "seed": numpy.asarray(seed, dtype=numpy.int64),
               "seconds": numpy.asarray(seconds, dtype=numpy.float64)}
     arrays.update({f"param/{k}": backend.to_numpy(v) for k, v in params.items()})
     arrays.update({f"opt/{k}": backend.to_numpy(v) for k, v in opt_state.items()})
-    columns = list(history[0]) if history else []
-    for column in columns:
-        dtype = numpy.int64 if column == "iteration" else numpy.float64
-        arrays[f"history/{column}"] = numpy.asarray([r[column] for r in history], dtype=dtype)
+    arrays.update(_columns("history/", history))
+    if config is not None:
+        arrays["config"] = numpy.asarray(json.dumps(config, sort_keys=True))
+        arrays["changes"] = numpy.asarray(json.dumps(list(changes)))
+    if validation:
+        arrays.update(_columns("validation/", validation))
+    if best_params is not None:
+        arrays.update({f"best/{k}": backend.to_numpy(v) for k, v in best_params.items()})
+        arrays["best_iteration"] = numpy.asarray(best_iteration, dtype=numpy.int64)
+    write_file_atomic(path, lambda f: numpy.savez(f, **arrays))
 
+
+def _columns(prefix: str, records: list) -> dict:
+    columns = list(records[0]) if records else []
+    return {f"{prefix}{c}": numpy.asarray([r[c] for r in records],
+                                          dtype=numpy.int64 if c == "iteration" else numpy.float64)
+            for c in columns}
+
+
+def write_file_atomic(path, write: Callable) -> None:
+    """Create ``path`` by ``write(binary file)`` on ``<name>.XXXX.tmp`` in the same folder, flushed to
+    disk, then renamed over ``path``: the file on disk is always complete. Mode: the user's umask."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp_path = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            numpy.savez(f, **arrays)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
     except BaseException:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def load_checkpoint(path) -> Checkpoint:
@@ -206,11 +413,90 @@ def load_checkpoint(path) -> Checkpoint:
     def section(prefix):
         return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
 
+    def records(prefix):
+        columns = section(prefix)
+        n = len(columns.get("iteration", ()))
+        return [{c: (int(v[i]) if c == "iteration" else float(v[i])) for c, v in columns.items()} for i in range(n)]
+
     params = {k: backend.asarray(v) for k, v in section("param/").items()}
     opt_state = {k: v if k == "step" else backend.asarray(v) for k, v in section("opt/").items()}
-    columns = section("history/")
-    n_records = len(columns.get("iteration", ()))
-    history = [{c: (int(v[i]) if c == "iteration" else float(v[i])) for c, v in columns.items()}
-               for i in range(n_records)]
-    seconds = float(arrays["seconds"]) if "seconds" in arrays else 0.0
-    return Checkpoint(params, opt_state, int(arrays["iteration"]), int(arrays["seed"]), history, seconds)
+    best = section("best/")
+    return Checkpoint(
+        params, opt_state, int(arrays["iteration"]), int(arrays["seed"]), records("history/"),
+        seconds=float(arrays["seconds"]) if "seconds" in arrays else 0.0,
+        config=json.loads(str(arrays["config"])) if "config" in arrays else None,
+        changes=json.loads(str(arrays["changes"])) if "changes" in arrays else [],
+        validation=records("validation/"),
+        best_params={k: backend.asarray(v) for k, v in best.items()} if best else None,
+        best_iteration=int(arrays["best_iteration"]) if "best_iteration" in arrays else None)
+
+
+# --- one run per folder ----------------------------------------------------------------------------
+LOCK_NAME = ".lock"
+
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of process ``pid`` (Linux ``/proc``), to tell a live owner from a new
+    process that reuses a dead owner's pid; None where ``/proc`` is absent."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return start is None or _process_start(pid) in (None, start)
+
+
+@contextmanager
+def folder_lock(folder, say: Callable[[str], None] = print):
+    """Hold ``folder`` for this run: ``<folder>/.lock`` holds the owner's pid (created exclusively).
+    A second run on the folder fails at once with ``FolderLockedError``; a lock left by a process that
+    is no longer running is taken over, with a message. Holding the lock, the temporary files of writes
+    that a kill interrupted (``*.tmp``) are removed."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, LOCK_NAME)
+    me = f"{os.getpid()} {_process_start(os.getpid())}\n"
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    fields = f.read().split()
+                pid, start = int(fields[0]), (fields[1] if len(fields) > 1 and fields[1] != "None" else None)
+            except (OSError, ValueError, IndexError):
+                pid, start = None, None  # being written, or garbage: treat as stale below
+            if pid is not None and _alive(pid, start):
+                raise FolderLockedError(
+                    f"{folder} is in use by another run (process {pid}, lock file {path}); wait for it to "
+                    f"finish or give this run another --out-dir") from None
+            say(f"taking over {path}: left by process {pid}, which is no longer running")
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(me)
+        break
+    try:
+        for pattern in ("*.tmp", ".*.tmp"):  # glob's * skips names that start with a dot
+            for leftover in glob.glob(os.path.join(glob.escape(str(folder)), pattern)):
+                os.remove(leftover)
+        yield
+    finally:
+        try:
+            with open(path, encoding="utf-8") as f:
+                mine = f.read() == me
+            if mine:
+                os.remove(path)
+        except OSError:
+            pass

@@ -44,17 +44,18 @@ def test_gpu_branches_give_the_cpu_meta_gradient(monkeypatch, net, mode):
     rng = np.random.default_rng(0)
     params = model.init(rng, 5, np.float64)
     size, channels = model.image_size, model.in_channels
-    tasks = maml.TaskBatch(rng.standard_normal((3, 5, size, size, channels)), np.tile(np.arange(5), (3, 1)),
-                           rng.standard_normal((3, 10, size, size, channels)),
-                           np.tile(np.arange(5), (3, 2)))
+    tasks = maml.TaskBatch(
+        maml.Examples(rng.standard_normal((3, 5, size, size, channels)), np.tile(np.arange(5), (3, 1))),
+        maml.Examples(rng.standard_normal((3, 10, size, size, channels)), np.tile(np.arange(5), (3, 2))))
+    task_loss = maml.supervised_loss(model.apply, ad.softmax_cross_entropy)
 
     def meta_gradient():
-        return maml.meta_gradient(model.apply, ad.softmax_cross_entropy, params, tasks, 0.1, 2, mode=mode)
+        return maml.meta_gradient(task_loss, params, tasks, 0.1, 2, mode=mode)
 
     cpu_loss, cpu_grads = meta_gradient()
     monkeypatch.setattr(backend, "_cupy", numpy_standing_in_for_cupy())
     geometry = nnops._Geometry(3, 3, 1, ((1, 1), (1, 1)), (size, size))
-    assert len(nnops._conv_blocks(tasks.query_x, channels, geometry).pieces) == 1  # the GPU side: one block
+    assert len(nnops._conv_blocks(tasks.query.x, channels, geometry).pieces) == 1  # the GPU side: one block
     gpu_loss, gpu_grads = meta_gradient()
     np.testing.assert_allclose(gpu_loss, cpu_loss, rtol=1e-13)
     for name in cpu_grads:

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from minimaml.backend import to_numpy
+from minimaml.tasks.batch import Examples, TaskBatch
 from minimaml.tasks.episodes import draw_tasks, fixed_tasks, gather, iterate_batches, sample_episodes
 
 
@@ -25,20 +26,22 @@ def decode(x):
 def test_shapes_dtypes_and_range():
     images = tagged_images()
     ep = sample_episodes(images, n_tasks=3, n_way=5, k_shot=2, k_query=3, rng=np.random.default_rng(0))
-    assert to_numpy(ep.support_x).shape == (3, 10, 4, 4, 1) and to_numpy(ep.support_x).dtype == np.float32
-    assert to_numpy(ep.query_x).shape == (3, 15, 4, 4, 1) and to_numpy(ep.query_x).dtype == np.float32
-    assert to_numpy(ep.support_y).shape == (3, 10) and to_numpy(ep.support_y).dtype == np.int64
-    assert to_numpy(ep.query_y).shape == (3, 15) and to_numpy(ep.query_y).dtype == np.int64
-    assert to_numpy(ep.support_x).min() >= 0 and to_numpy(ep.support_x).max() == 1.0
+    assert isinstance(ep, TaskBatch) and isinstance(ep.support, Examples) and isinstance(ep.query, Examples)
+    assert ep.n_tasks == ep.support.n_tasks == ep.query.n_tasks == 3
+    assert to_numpy(ep.support.x).shape == (3, 10, 4, 4, 1) and to_numpy(ep.support.x).dtype == np.float32
+    assert to_numpy(ep.query.x).shape == (3, 15, 4, 4, 1) and to_numpy(ep.query.x).dtype == np.float32
+    assert to_numpy(ep.support.y).shape == (3, 10) and to_numpy(ep.support.y).dtype == np.int64
+    assert to_numpy(ep.query.y).shape == (3, 15) and to_numpy(ep.query.y).dtype == np.int64
+    assert to_numpy(ep.support.x).min() >= 0 and to_numpy(ep.support.x).max() == 1.0
 
 
 def test_labels_balanced_classes_distinct_and_support_query_disjoint():
     images = tagged_images()
     n_way, k_shot, k_query = 5, 3, 4
     ep = sample_episodes(images, 20, n_way, k_shot, k_query, np.random.default_rng(1))
-    s_class, s_image = decode(ep.support_x)
-    q_class, q_image = decode(ep.query_x)
-    s_y, q_y = to_numpy(ep.support_y), to_numpy(ep.query_y)
+    s_class, s_image = decode(ep.support.x)
+    q_class, q_image = decode(ep.query.x)
+    s_y, q_y = to_numpy(ep.support.y), to_numpy(ep.query.y)
     for t in range(20):
         assert np.array_equal(np.bincount(s_y[t], minlength=n_way), [k_shot] * n_way)
         assert np.array_equal(np.bincount(q_y[t], minlength=n_way), [k_query] * n_way)
@@ -56,7 +59,7 @@ def test_labels_balanced_classes_distinct_and_support_query_disjoint():
 def test_label_assignment_is_fresh_per_task():
     images = tagged_images(n_classes=5)  # every task uses all 5 classes: only the labelling differs
     ep = sample_episodes(images, 200, 5, 1, 1, np.random.default_rng(2))
-    s_class, _ = decode(ep.support_x)  # support is ordered by label: s_class[t, j] is the class of label j
+    s_class, _ = decode(ep.support.x)  # support is ordered by label: s_class[t, j] is the class of label j
     assert len({tuple(row) for row in s_class}) > 50
     assert np.array_equal(np.unique(s_class[:, 0]), np.arange(5)), "label 0 should fall on every class"
 
@@ -66,9 +69,11 @@ def test_seeded_reproducibility():
     first = sample_episodes(images, 4, 5, 1, 2, np.random.default_rng(7))
     again = sample_episodes(images, 4, 5, 1, 2, np.random.default_rng(7))
     other = sample_episodes(images, 4, 5, 1, 2, np.random.default_rng(8))
-    for name in ("support_x", "support_y", "query_x", "query_y"):
-        assert np.array_equal(to_numpy(getattr(first, name)), to_numpy(getattr(again, name)))
-    assert not np.array_equal(to_numpy(first.support_x), to_numpy(other.support_x))
+    for part in ("support", "query"):
+        for name in ("x", "y"):
+            assert np.array_equal(to_numpy(getattr(getattr(first, part), name)),
+                                  to_numpy(getattr(getattr(again, part), name)))
+    assert not np.array_equal(to_numpy(first.support.x), to_numpy(other.support.x))
 
 
 def test_fixed_tasks_iterated_in_meta_batches():
@@ -76,9 +81,12 @@ def test_fixed_tasks_iterated_in_meta_batches():
     tasks = fixed_tasks(images, n_tasks=10, n_way=3, k_shot=1, k_query=2, seed=5)
     assert np.array_equal(tasks.classes, fixed_tasks(images, 10, 3, 1, 2, seed=5).classes)
     batches = list(iterate_batches(images, tasks, meta_batch_size=4))
-    assert [to_numpy(b.query_x).shape[0] for b in batches] == [4, 4, 2]
+    assert all(isinstance(b, TaskBatch) for b in batches)
+    assert [b.n_tasks for b in batches] == [4, 4, 2]
+    assert [to_numpy(b.query.x).shape[0] for b in batches] == [4, 4, 2]
     whole = gather(images, tasks)
-    assert np.array_equal(np.concatenate([to_numpy(b.query_x) for b in batches]), to_numpy(whole.query_x))
+    assert np.array_equal(np.concatenate([to_numpy(b.query.x) for b in batches]), to_numpy(whole.query.x))
+    assert np.array_equal(np.concatenate([to_numpy(b.support.x) for b in batches]), to_numpy(whole.support.x))
 
 
 @pytest.mark.parametrize(
@@ -87,11 +95,21 @@ def test_fixed_tasks_iterated_in_meta_batches():
         (dict(n_way=11, k_shot=1, k_query=1), "n_way=11"),
         (dict(n_way=5, k_shot=5, k_query=4), r"images per class \(8\)"),
         (dict(n_way=5, k_shot=0, k_query=1), "k_shot >= 1"),
+        (dict(n_way=5, k_shot=1, k_query=0), "k_query >= 1"),
     ],
 )
 def test_bad_task_sizes_are_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         draw_tasks(10, 8, 2, rng=np.random.default_rng(0), **kwargs)
+
+
+def test_zero_tasks_are_errors():
+    with pytest.raises(ValueError, match="at least one task, got n_tasks=0"):
+        draw_tasks(10, 8, 0, 5, 1, 1, rng=np.random.default_rng(0))
+    with pytest.raises(ValueError, match="at least one task"):
+        sample_episodes(tagged_images(), 0, 5, 1, 1, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="at least one task"):
+        fixed_tasks(tagged_images(), n_tasks=0, n_way=5, k_shot=1, k_query=1, seed=0)
 
 
 def test_bad_inputs_are_errors():

@@ -62,7 +62,7 @@ def test_batch_norm_with_relu_is_relu_of_batch_norm(training):
         return layers.batch_norm(x, s, b, eps=1e-3, running=stats, training=training, relu=True)
 
     def separate(x, s, b):
-        return layers.relu(layers.batch_norm(x, s, b, eps=1e-3, running=stats, training=training))
+        return ad.relu(layers.batch_norm(x, s, b, eps=1e-3, running=stats, training=training))
 
     for f in (fused, separate):
         check_grads(lambda x, s, b: f(x, s, b) * x, [x, scale, shift], order=2)
@@ -76,7 +76,7 @@ def test_batch_norm_with_relu_is_relu_of_batch_norm(training):
 
 def test_max_pool_and_relu_second_order():
     x = randn(T, 2, 5, 4, 2)  # odd height: the last row is dropped
-    check_grads(lambda x: layers.relu(layers.max_pool2x2(x)) * x.sum(), [x], order=2)
+    check_grads(lambda x: ad.relu(layers.max_pool2x2(x)) * x.sum(), [x], order=2)
 
 
 # --- values ---------------------------------------------------------------------------------------
@@ -101,7 +101,7 @@ def test_conv2d_same_output_sizes():
 def block(x, w, scale, shift):
     """conv -> batch norm -> ReLU -> pool -> flatten -> linear: one of each layer."""
     h = layers.conv2d(x, w, stride=1)
-    h = layers.max_pool2x2(layers.relu(layers.batch_norm(h, scale, shift)))
+    h = layers.max_pool2x2(ad.relu(layers.batch_norm(h, scale, shift)))
     return layers.flatten(h, keep=h.ndim - 3)
 
 

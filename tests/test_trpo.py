@@ -5,22 +5,30 @@ import numpy as np
 import pytest
 
 from minimaml import autodiff as ad
+from minimaml import maml
 from minimaml.nn import policy as pol
 from minimaml.rl import trpo
-from minimaml.rl.maml_rl import MamlRLConfig, meta_iteration, meta_objective
-from minimaml.rl.reinforce import adapt, evaluation_step_sizes, inner_losses, masked_task_mean
+from minimaml.rl.maml_rl import meta_iteration, meta_objective
+from minimaml.rl.reinforce import (Trajectories, evaluation_step_sizes, masked_task_mean, reinforce_loss,
+                                   trajectories)
 
 T, B, H, OBS_DIM, ACT_DIM = 3, 4, 5, 2, 2
 ALPHA = 0.5
 
 
 def _data(rng):
-    """Fixed synthetic trajectories (T, B, H, ...) with some masked (finished) steps."""
+    """Fixed synthetic trajectories (T, B, H, ...) with some masked (finished) steps, as ``Trajectories``."""
     mask = np.ones((T, B, H))
     mask[0, 1, 3:] = 0
     mask[2, 0, 2:] = 0
-    return {"obs": rng.standard_normal((T, B, H, OBS_DIM)), "actions": rng.standard_normal((T, B, H, ACT_DIM)),
-            "mask": mask, "advantages": rng.standard_normal((T, B, H)) * mask}
+    batch = {"obs": rng.standard_normal((T, B, H, OBS_DIM)), "actions": rng.standard_normal((T, B, H, ACT_DIM)),
+             "mask": mask}
+    return trajectories(batch, rng.standard_normal((T, B, H)) * mask, np.float64)
+
+
+def _task(data: Trajectories, t: int) -> Trajectories:
+    """Task t alone (a task axis of 1)."""
+    return Trajectories(data.obs[t:t + 1], data.actions[t:t + 1], data.mask[t:t + 1], data.advantages[t:t + 1])
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +38,7 @@ def problem():
     params = pol.init(rng, OBS_DIM, ACT_DIM, hidden=(8, 8), dtype=np.float64)
     params = {k: v + 0.1 * rng.standard_normal(v.shape) for k, v in params.items()}
     pre, post = _data(rng), _data(rng)
-    old = adapt(params, pre, ALPHA, create_graph=False)
+    old = maml.adapt(reinforce_loss, params, pre, ALPHA, 1)
     return params, pre, post, {k: v.data for k, v in old.items()}, meta_objective(pre, post, old, ALPHA)
 
 
@@ -47,15 +55,53 @@ def _fvp_at(objective, params):
     return trpo.fisher_vector_product(kl, leaves, damping=0.0)
 
 
+def test_trajectories_record():
+    rng = np.random.default_rng(5)
+    batch = {"obs": rng.standard_normal((2, 3, 4, OBS_DIM)), "actions": rng.standard_normal((2, 3, 4, ACT_DIM)),
+             "mask": np.ones((2, 3, 4)), "episode_returns": np.zeros((2, 3))}
+    adv = rng.standard_normal((2, 3, 4))
+    data = trajectories(batch, adv, np.float32)
+    assert data.n_tasks == 2
+    for name, expected in (("obs", batch["obs"]), ("actions", batch["actions"]), ("mask", batch["mask"]),
+                           ("advantages", adv)):
+        value = getattr(data, name)
+        assert value.dtype == np.float32
+        np.testing.assert_array_equal(value, expected.astype(np.float32))
+
+
 def test_adapt_is_one_reinforce_step_per_task(problem):
+    """``maml.adapt(reinforce_loss, ...)`` (all tasks in one batched call) = a loop over the tasks, each
+    theta - alpha grad L_i(theta) on its own trajectories only; with and without a recorded graph."""
     params, pre, _, old, _ = problem
     names = list(params)
+    recorded = maml.adapt(reinforce_loss, {k: ad.Tensor(v, requires_grad=True) for k, v in params.items()},
+                          pre, ALPHA, 1, create_graph=True)
+    assert all(recorded[k].requires_grad for k in names)  # still a function of theta
+    stepped = maml.inner_step(reinforce_loss, maml.per_task(params, T), pre, ALPHA)
     for t in range(T):
-        task = {k: v[t:t + 1] for k, v in pre.items()}
         leaves = [ad.Tensor(params[k], requires_grad=True) for k in names]
-        loss = ad.sum(inner_losses({k: ad.reshape(x, (1,) + x.shape) for k, x in zip(names, leaves)}, task))
-        for k, g in zip(names, ad.grad(loss, leaves)):
-            np.testing.assert_allclose(old[k][t], params[k] - ALPHA * g.data, rtol=1e-12, atol=1e-14)
+        loss = reinforce_loss(dict(zip(names, leaves)), _task(pre, t))  # shared params, one task: (1,)
+        assert loss.shape == (1,)
+        for k, g in zip(names, ad.grad(ad.sum(loss), leaves)):
+            expected = params[k] - ALPHA * g.data
+            assert np.abs(g.data).max() > 1e-6  # every parameter really moves
+            np.testing.assert_allclose(old[k][t], expected, rtol=1e-12, atol=1e-14)
+            np.testing.assert_allclose(recorded[k].data[t], expected, rtol=1e-12, atol=1e-14)
+            np.testing.assert_allclose(stepped[k].data[t], expected, rtol=1e-12, atol=1e-14)
+    assert all(old[k].shape == (T,) + params[k].shape for k in names)
+
+
+def test_reinforce_loss_matches_closed_form(problem):
+    """L_i = -sum m log pi(a|s) A / sum m per task, with the Gaussian log-density written out in NumPy."""
+    params, pre, _, _, _ = problem
+    x = pre.obs
+    for i in range(3):
+        x = x @ params[f"layer{i}.w"] + params[f"layer{i}.b"]
+        x = np.maximum(x, 0) if i < 2 else x
+    std = np.exp(params["log_std"])
+    log_prob = np.sum(-0.5 * ((pre.actions - x) / std) ** 2 - np.log(std) - 0.5 * np.log(2 * np.pi), axis=-1)
+    expected = -(pre.mask * log_prob * pre.advantages).sum(axis=(1, 2)) / pre.mask.sum(axis=(1, 2))
+    np.testing.assert_allclose(reinforce_loss(params, pre).data, expected, rtol=1e-12)
 
 
 def test_inner_loss_is_masked_mean():
@@ -78,7 +124,7 @@ def test_at_theta_old_ratio_is_one_and_kl_is_flat(problem):
     names = list(params)
     leaves = [ad.Tensor(params[k], requires_grad=True) for k in names]
     loss, kl = objective(dict(zip(names, leaves)), create_graph=True)
-    expected = -masked_task_mean(ad.Tensor(post["advantages"]), post["mask"]).data.mean()
+    expected = -masked_task_mean(ad.Tensor(post.advantages), post.mask).data.mean()
     assert loss.item() == pytest.approx(expected, rel=1e-12) and abs(kl.item()) < 1e-14
     assert np.abs(trpo.flatten(ad.grad(kl, leaves))).max() < 1e-12
 
@@ -105,17 +151,17 @@ def test_fisher_vector_product_equals_jt_fprime_j(problem):
     per_task = [np.broadcast_to(params[k], (T,) + params[k].shape).copy() for k in names]
 
     def inner(*values):
-        return ad.sum(inner_losses(dict(zip(names, values)), pre))
+        return ad.sum(reinforce_loss(dict(zip(names, values)), pre))
 
     def inner_jacobian(vectors):  # (J_i x_i)_i = x_i - alpha H_i x_i, H block-diagonal over tasks
         return [x - ALPHA * hx for x, hx in zip(vectors, ad.hvp(inner, per_task, vectors))]
 
     with ad.no_grad():
-        old_mean, old_log_std = pol.apply(old, post["obs"])
+        old_mean, old_log_std = pol.apply(old, post.obs)
 
     def kl_adapted(*values):  # D as a function of the adapted (batched) parameters theta'
-        mean, log_std = pol.apply(dict(zip(names, values)), post["obs"])
-        return ad.mean(masked_task_mean(pol.gaussian_kl(old_mean, old_log_std, mean, log_std), post["mask"]))
+        mean, log_std = pol.apply(dict(zip(names, values)), post.obs)
+        return ad.mean(masked_task_mean(pol.gaussian_kl(old_mean, old_log_std, mean, log_std), post.mask))
 
     u = inner_jacobian([np.broadcast_to(v[k], (T,) + v[k].shape) for k in names])
     w = ad.hvp(kl_adapted, [old[k] for k in names], u)
@@ -238,9 +284,27 @@ class _Corridor:
 def test_meta_iteration_runs_and_reports_stats():
     rng = np.random.default_rng(0)
     params = pol.init(rng, 2, 2, hidden=(8, 8))
-    cfg = MamlRLConfig(meta_batch_size=3, n_traj=4, inner_lr=0.5)
-    new, stats = meta_iteration(_Corridor(), params, rng, cfg)
+    settings = trpo.TRPO(max_kl=0.01)
+    new, stats = meta_iteration(_Corridor(), params, rng, settings, meta_batch_size=3, n_traj=4, inner_lr=0.5)
     assert set(new) == set(params) and all(new[k].dtype == np.float32 for k in new)
-    for key in ("pre_return", "post_return", "time_sampling", "time_inner", "time_cg", "time_line_search"):
+    assert set(stats) == {"pre_return", "post_return", "loss_before", "loss_after", "accepted", "backtracks",
+                          "kl", "grad_norm"}  # no timing: the library's bodies hold none
+    for key in ("pre_return", "post_return", "loss_before", "loss_after", "kl", "grad_norm"):
         assert np.isfinite(stats[key])
-    assert stats["kl"] <= cfg.max_kl
+    assert stats["kl"] <= settings.max_kl
+    if stats["accepted"]:
+        assert any(not np.array_equal(new[k], params[k]) for k in params)
+
+
+def test_trpo_settings_step_is_trpo_step_with_them(problem):
+    """``TRPO(...).step`` passes every setting on: the same result as ``trpo_step`` with them, and a
+    different one than the defaults (so a dropped setting would show)."""
+    params, _, _, _, objective = problem
+    settings = trpo.TRPO(max_kl=0.003, cg_iters=3, damping=1e-3, backtrack_ratio=0.5, max_backtracks=7)
+    new, stats = settings.step(objective, params)
+    expected, expected_stats = trpo.trpo_step(objective, params, max_kl=0.003, cg_iters=3, damping=1e-3,
+                                              backtrack_ratio=0.5, max_backtracks=7)
+    assert stats == expected_stats and "time_cg" not in stats
+    assert all(np.array_equal(new[k], expected[k]) for k in params)
+    default, _ = trpo.TRPO().step(objective, params)
+    assert any(not np.allclose(new[k], default[k]) for k in params)

@@ -16,7 +16,6 @@ which is the scale the paper's alpha applies to; the meta-gradient is scaled lik
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
 
@@ -26,38 +25,40 @@ from .. import autodiff as ad
 from .. import backend, maml, optim, train
 from ..nn import conv4
 from ..tasks import episodes
-from .common import markdown_table, mean_ci95, write_json
+from .common import check_config, log, markdown_table, setting, summary, training_settings, write_json
 
 
 @dataclass
 class ClassificationConfig:
     """Hyper-parameters of one few-shot classification run (defaults: Omniglot 5-way 1-shot)."""
 
-    profile: str = "quick"
-    dataset: str = "omniglot"  # or "miniimagenet"
-    model: str = "conv"  # "conv" or "mlp" (Omniglot "no conv")
-    n_way: int = 5
-    k_shot: int = 1
-    q_train: int = 15  # query images per class in training
-    q_eval: int = 15  # query images per class at evaluation
-    meta_batch_size: int = 32
-    inner_lr: float = 0.4
-    inner_steps: int = 1
-    eval_steps: int = 3
-    meta_lr: float = 1e-3
-    grad_clip: float = 0.0  # clip meta-gradients to [-c, c] (MiniImagenet: 10); 0 = off
-    mode: str = "second_order"  # or "hvp", "first_order"
-    adapt_bn_shift: bool = True
-    n_iterations: int = 60_000
-    val_every: int = 1_000
-    n_val_tasks: int = 100
-    n_test_tasks: int = 600
-    eval_batch: int = 25  # test tasks adapted at once
-    sample_data: bool = False  # MiniImagenet: use the 12-image-per-class sample set
-    seed: int = 0
-    out_dir: str = "runs/omniglot"
-    checkpoint_every: int = 500
-    max_train_minutes: float = 0.0  # stop at the first validation past this much training time; 0 = no limit
+    profile: str = setting("quick", "which profile the other values come from", training=False)
+    dataset: str = setting("omniglot", "the data set", choices=("omniglot", "miniimagenet"))
+    model: str = setting("conv", "the 4-block conv net, or the batch-normed MLP (Omniglot 'no conv')",
+                         choices=("conv", "mlp"))
+    n_way: int = setting(5, "classes per task", least=2)
+    k_shot: int = setting(1, "support images per class", least=1)
+    q_train: int = setting(15, "query images per class in training", least=1)
+    q_eval: int = setting(15, "query images per class at validation and test", least=1)
+    meta_batch_size: int = setting(32, "tasks per meta-batch", least=1)
+    inner_lr: float = setting(0.4, "inner step size alpha (training and fine-tuning)", positive=True)
+    inner_steps: int = setting(1, "inner steps in training", least=0)
+    eval_steps: int = setting(3, "fine-tuning steps at validation and test", least=0)
+    meta_lr: float = setting(1e-3, "Adam's step size", positive=True)
+    grad_clip: float = setting(0.0, "clip meta-gradients to [-c, c] (MiniImagenet: 10); 0 = off", least=0.0)
+    mode: str = setting("second_order", "meta-gradient", choices=maml.MODES)
+    adapt_bn_shift: bool = setting(True, "adapt the batch-norm shifts in the inner loop (else meta-learned only)")
+    n_iterations: int = setting(60_000, "meta-iterations", least=0, training=False)
+    val_every: int = setting(1_000, "iterations between validations (early stopping)", least=1)
+    n_val_tasks: int = setting(100, "validation tasks", least=1)
+    n_test_tasks: int = setting(600, "test tasks", least=1, training=False)
+    eval_batch: int = setting(25, "test tasks adapted at once", least=1, training=False)
+    sample_data: bool = setting(False, "MiniImagenet: the 12-image-per-class sample set")
+    seed: int = setting(0, "initialisation and training; validation tasks use seed + 1, test tasks seed + 2")
+    out_dir: str = setting("runs/omniglot", "output folder (checkpoints, results, figures)", training=False)
+    checkpoint_every: int = setting(500, "iterations between checkpoints", least=1, training=False)
+    max_train_minutes: float = setting(0.0, "stop at the first validation past this much training time; 0 = no "
+                                       "limit", least=0.0, training=False)
 
     @property
     def key(self) -> str:
@@ -67,11 +68,12 @@ class ClassificationConfig:
 
 
 def make_config(settings: dict, overrides: dict) -> ClassificationConfig:
-    """A config from a setting's values and the command line's overrides; unless given, the output
-    folder is ``runs/<profile>/<setting key>``."""
+    """A config from a setting's values and the command line's overrides, checked; unless given, the
+    output folder is ``runs/<profile>/<setting key>``."""
     config = dataclasses.replace(ClassificationConfig(**settings), **overrides)
     if "out_dir" not in overrides:
         config = dataclasses.replace(config, out_dir=f"runs/{config.profile}/{config.key}")
+    check_config(config)
     return config
 
 
@@ -102,100 +104,89 @@ def inner_loss(n_way: int):
     return loss
 
 
+def task_loss(model, n_way: int):
+    """L_i: the inner loss of the model's logits on task i's examples (``maml.supervised_loss``)."""
+    return maml.supervised_loss(model.apply, inner_loss(n_way))
+
+
 def accuracy(logits, labels):
     """Per-task fraction of correct argmax predictions: ``(T,)`` host array."""
     predictions = backend.to_numpy(logits.data).argmax(axis=-1)
     return (predictions == backend.to_numpy(labels)).mean(axis=-1)
 
 
-def meta_step(config: ClassificationConfig, model, train_images, names):
-    loss_fn = inner_loss(config.n_way)
+def meta_step(config: ClassificationConfig, model, train_images, names) -> train.GradientStep:
+    """Adam (clipped as ``grad_clip`` says) on the meta-gradient of a fresh meta-batch."""
+    loss = task_loss(model, config.n_way)
     queries = config.n_way * config.q_train
     # ours: sum_i N mean CE_q = sum_i sum_q CE / Q; the authors': sum_i sum_q CE / (K T)
     scale = queries / (config.k_shot * config.meta_batch_size)
 
-    def step(params, rng, iteration):
-        batch = episodes.sample_episodes(train_images, config.meta_batch_size, config.n_way,
+    def loss_and_grads(params, rng, iteration):
+        tasks = episodes.sample_episodes(train_images, config.meta_batch_size, config.n_way,
                                          config.k_shot, config.q_train, rng)
-        tasks = maml.TaskBatch(batch.support_x, batch.support_y, batch.query_x, batch.query_y)
-        loss, grads = maml.meta_gradient(model.apply, loss_fn, params, tasks, config.inner_lr,
-                                         config.inner_steps, mode=config.mode, inner_param_names=names)
-        return loss * scale, {n: g * scale for n, g in grads.items()}, {}
-    return step
+        meta_loss, grads = maml.meta_gradient(loss, params, tasks, config.inner_lr, config.inner_steps,
+                                              mode=config.mode, inner_param_names=names)
+        return meta_loss * scale, {n: g * scale for n, g in grads.items()}, {}
+    return train.GradientStep(loss_and_grads, optim.Adam(config.meta_lr, clip_value=config.grad_clip or None))
 
 
 def evaluate(model, params, images, task_index, config: ClassificationConfig, names) -> numpy.ndarray:
     """Query accuracy of every task after 0..eval_steps fine-tuning steps: ``(eval_steps + 1, n_tasks)``."""
-    loss_fn = inner_loss(config.n_way)
+    loss = task_loss(model, config.n_way)
     columns = []
-    for batch in episodes.iterate_batches(images, task_index, config.eval_batch):
+    for tasks in episodes.iterate_batches(images, task_index, config.eval_batch):
         per_step = []
-        for theta in maml.adaptation_steps(model.apply, loss_fn, params, batch.support_x,
-                                           batch.support_y, config.inner_lr, config.eval_steps, names):
+        for theta in maml.adaptation_steps(loss, params, tasks.support, config.inner_lr, config.eval_steps, names):
             with ad.no_grad():
-                per_step.append(accuracy(model.apply(theta, batch.query_x), batch.query_y))
+                per_step.append(accuracy(model.apply(theta, tasks.query.x), tasks.query.y))
         columns.append(numpy.stack(per_step))
     return numpy.concatenate(columns, axis=1)
 
 
-def run(config: ClassificationConfig, resume: bool = False, progress: bool = True) -> dict:
-    """Meta-train with validation-based early stopping, then score the test tasks."""
-    os.makedirs(config.out_dir, exist_ok=True)
+def run(config: ClassificationConfig, resume: bool = False, progress: bool = True, allow_changes=()) -> dict:
+    """Meta-train with validation-based early stopping, then score the test tasks with the
+    best-validation parameters."""
+    with train.folder_lock(config.out_dir):
+        return _run(config, resume, progress, allow_changes)
+
+
+def _run(config: ClassificationConfig, resume: bool, progress: bool, allow_changes) -> dict:
     splits = load_splits(config)
     model = make_model(config)
     params = model.init(numpy.random.default_rng(config.seed), config.n_way)
     names = conv4.inner_param_names(params, adapt_bn_shift=config.adapt_bn_shift)
     val_tasks = episodes.fixed_tasks(splits["val"], config.n_val_tasks, config.n_way, config.k_shot,
                                      config.q_eval, seed=config.seed + 1)
-    optimizer = optim.Adam(config.meta_lr, clip_value=config.grad_clip or None)
-    step = meta_step(config, model, splits["train"], names)
-
-    checkpoint = os.path.join(config.out_dir, "maml.ckpt.npz")
-    best_path = os.path.join(config.out_dir, "best.npz")
-    curve = _load_curve(os.path.join(config.out_dir, "validation.json")) if resume else []
-    best = max(curve, key=lambda r: r["val_accuracy"]) if curve else None
-    done = curve[-1]["iteration"] if curve else 0
-    budget_seconds = 60 * config.max_train_minutes if config.max_train_minutes else float("inf")
-    while done < config.n_iterations and (curve[-1]["seconds"] if curve else 0.0) < budget_seconds:
-        target = min(done + config.val_every, config.n_iterations)
-        result = train.meta_train(params, optimizer, step, target, seed=config.seed,
-                                  checkpoint_path=checkpoint, checkpoint_every=config.checkpoint_every,
-                                  resume=True if done else resume, log_every=max(config.val_every // 10, 1),
-                                  progress=progress)
-        params, done = result.params, target
-        val = evaluate(model, params, splits["val"], val_tasks, config, names)[-1].mean()
-        curve.append({"iteration": done, "val_accuracy": float(val), "seconds": result.seconds,
-                      "train_loss": result.history[-1]["loss"] if result.history else None})
-        if best is None or val >= best["val_accuracy"]:
-            best = curve[-1]
-            train.save_checkpoint(best_path, params, {}, done, config.seed, [])
-        write_json(os.path.join(config.out_dir, "validation.json"), curve)
-        print(f"iteration {done}: validation accuracy {val:.4f} (best {best['val_accuracy']:.4f} "
-              f"at {best['iteration']})", flush=True)
-    if done < config.n_iterations:
-        print(f"stopped at iteration {done} of {config.n_iterations}: the training budget of "
-              f"{config.max_train_minutes:g} minutes is spent ({curve[-1]['seconds'] / 60:.1f})", flush=True)
-
-    best_params = train.load_checkpoint(best_path).params if os.path.exists(best_path) else params
     test_tasks = episodes.fixed_tasks(splits["test"], config.n_test_tasks, config.n_way, config.k_shot,
                                       config.q_eval, seed=config.seed + 2)
+
+    def validation_accuracy(at_params) -> float:
+        return float(evaluate(model, at_params, splits["val"], val_tasks, config, names)[-1].mean())
+
+    result = train.run(params, meta_step(config, model, splits["train"], names), config.n_iterations,
+                       seed=config.seed, checkpoint_path=os.path.join(config.out_dir, "maml.ckpt.npz"),
+                       checkpoint_every=config.checkpoint_every, resume=resume,
+                       config=training_settings(config), allow_changes=allow_changes,
+                       log_every=max(config.val_every // 10, 1),
+                       validation=train.Validation(validation_accuracy, config.val_every),
+                       max_train_seconds=60 * config.max_train_minutes or None, progress=progress,
+                       desc=config.key, logger=log)
+    losses = {r["iteration"]: r["loss"] for r in result.history}
+    curve = [{"iteration": r["iteration"], "val_accuracy": r["score"], "seconds": r["seconds"],
+              "train_loss": losses.get(max((i for i in losses if i < r["iteration"]), default=-1))}
+             for r in result.validation]
+    write_json(os.path.join(config.out_dir, "validation.json"), curve)
+    best_params = result.best_params if result.best_params is not None else result.params
     test = evaluate(model, best_params, splits["test"], test_tasks, config, names)
-    results = {"config": dataclasses.asdict(config), "key": config.key,
-               "train_seconds": curve[-1]["seconds"] if curve else 0.0,
-               "best_iteration": best["iteration"] if best else 0,
-               "validation": curve,
-               "test_accuracy": [dict(zip(("mean", "ci95"), mean_ci95(row))) for row in test]}
+    results = {"config": dataclasses.asdict(config), "key": config.key, "train_seconds": result.seconds,
+               "iterations": result.iterations, "best_iteration": result.best_iteration or 0,
+               "validation": curve, "changes": result.changes,
+               "test_accuracy": [summary(row) for row in test]}
     write_json(os.path.join(config.out_dir, "results.json"), results)
     plot_training(results, os.path.join(config.out_dir, "training.png"))
     plot_steps(results, os.path.join(config.out_dir, "accuracy_vs_steps.png"))
     return results
-
-
-def _load_curve(path: str) -> list:
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 def results_row(results: dict, paper: dict) -> list:
@@ -203,7 +194,7 @@ def results_row(results: dict, paper: dict) -> list:
     final = results["test_accuracy"][-1]
     steps = len(results["test_accuracy"]) - 1
     paper_value = paper.get(results["key"], "-")
-    iterations_run = results["validation"][-1]["iteration"] if results["validation"] else 0
+    iterations_run = results.get("iterations", results["validation"][-1]["iteration"] if results["validation"] else 0)
     return [results["key"], f"{100 * final['mean']:.2f} ± {100 * final['ci95']:.2f}", steps,
             paper_value, iterations_run, results["best_iteration"],
             f"{results['train_seconds'] / 60:.1f}", config["mode"]]
@@ -249,3 +240,9 @@ def plot_steps(results: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+if __name__ == "__main__":
+    from .common import not_a_command
+    not_a_command("minimaml.experiments.classification",
+                  "python -m minimaml.experiments.omniglot or python -m minimaml.experiments.miniimagenet")

@@ -23,11 +23,11 @@ Profiles (every field can still be overridden by its flag):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
 
-from .. import allocator
+from .. import allocator, train
 from . import rl_common
-from .common import config_parser, overrides_from_args
+from .common import allowed_changes, check_config, config_parser, overrides_from_args
 from .rl_common import RLConfig
 
 TASKS = ("cheetah_velocity", "cheetah_direction", "ant_velocity", "ant_direction")
@@ -41,25 +41,25 @@ PROFILE_TASKS = {"quick": ("cheetah_direction",), "reduced": ("cheetah_direction
                  "full": TASKS}
 
 
-@dataclass
-class LocomotionConfig(RLConfig):
-    @classmethod
-    def for_profile(cls, profile: str, env: str = "cheetah_direction", **overrides) -> "LocomotionConfig":
-        if profile not in PROFILES:
-            raise ValueError(f"locomotion: unknown profile {profile!r}; expected one of {PROFILES}")
-        if env not in TASKS:
-            raise ValueError(f"locomotion: unknown task {env!r}; expected one of {TASKS}")
-        settings = dict(profile=profile, env=env, inner_lr=0.1, checkpoint_every=5,
-                        out_dir=f"runs/{profile}/{env}", **PROFILE_SETTINGS[profile])
-        if profile == "full" and env == "ant_direction":
-            settings["n_traj"] = 40
-        return cls(**{**settings, **overrides})
+def config(profile: str = "quick", env: str = "cheetah_direction", **overrides) -> RLConfig:
+    """The settings of a profile and task (see the module docstring), with overrides, checked."""
+    if profile not in PROFILES:
+        raise ValueError(f"locomotion: unknown profile {profile!r}; expected one of {PROFILES}")
+    if env not in TASKS:
+        raise ValueError(f"locomotion: unknown task {env!r}; expected one of {TASKS}")
+    settings = dict(profile=profile, env=env, inner_lr=0.1, checkpoint_every=5,
+                    out_dir=f"runs/{profile}/{env}", **PROFILE_SETTINGS[profile])
+    if profile == "full" and env == "ant_direction":
+        settings["n_traj"] = 40
+    cfg = RLConfig(**{**settings, **overrides})
+    check_config(cfg)
+    return cfg
 
 
-def run(cfg: LocomotionConfig, resume: bool = False, progress: bool = True) -> dict:
+def run(cfg: RLConfig, resume: bool = False, progress: bool = True, allow_changes=()) -> dict:
     """Train, evaluate, write results.json / results.md and the figures into ``cfg.out_dir``. Raises an
     ImportError that says how to install MuJoCo when the optional extra is missing."""
-    results, _ = rl_common.run(cfg, resume=resume, progress=progress)
+    results, _ = rl_common.run(cfg, resume=resume, progress=progress, allow_changes=allow_changes)
     return results
 
 
@@ -68,21 +68,26 @@ def run_profile(profile: str, resume: bool = False, progress: bool = True) -> tu
     Returns (markdown, [output folders])."""
     tables, folders = [], []
     for env in PROFILE_TASKS[profile]:
-        cfg = LocomotionConfig.for_profile(profile, env=env)
+        cfg = config(profile, env=env)
         tables.append(rl_common.results_markdown(run(cfg, resume=resume, progress=progress)))
         folders.append(cfg.out_dir)
     return "\n".join(tables), folders
 
 
 def main(argv=None):
-    parser = config_parser(LocomotionConfig, __doc__, PROFILES)
+    examples = {env: functools.partial(config, env=env) for env in TASKS}
+    parser = config_parser(RLConfig, __doc__, examples, PROFILES, skip=("env",))
+    parser.add_argument("--env", choices=TASKS, default="cheetah_direction",
+                        help="the locomotion task (default cheetah_direction)")
     args = parser.parse_args(argv)
-    overrides = overrides_from_args(LocomotionConfig, args)
-    cfg = LocomotionConfig.for_profile(args.profile, **overrides)
+    overrides = {k: v for k, v in overrides_from_args(RLConfig, args).items() if k != "env"}
     try:
-        results = run(cfg, resume=args.resume, progress=not args.no_progress)
+        cfg = config(args.profile, env=args.env, **overrides)
+        results = run(cfg, resume=args.resume, progress=not args.no_progress, allow_changes=allowed_changes(args))
     except ImportError as err:
         parser.exit(2, f"{parser.prog}: {err}\n")
+    except (ValueError, train.NonFiniteError, train.FolderLockedError) as err:
+        parser.exit(1, f"{parser.prog}: error: {err}\n")
     print(rl_common.results_markdown(results))
 
 

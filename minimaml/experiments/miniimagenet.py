@@ -12,15 +12,16 @@ docs/data.md for assembling the 60,000 images); ``--sample-data`` uses the 12-im
 
 from __future__ import annotations
 
-import argparse
-
-from .. import allocator
+from .. import allocator, train
+from ..tasks.datadir import DataError
 from . import classification
 from .classification import ClassificationConfig
+from .common import allowed_changes, config_parser, overrides_from_args
 
 PAPER = {"miniimagenet-5way-1shot": "48.70 ± 1.84", "miniimagenet-5way-5shot": "63.11 ± 0.92",
          "miniimagenet-5way-1shot-fo": "48.07 ± 1.75", "miniimagenet-5way-5shot-fo": "63.15 ± 0.91"}
 
+SELECTORS = ("k_shot", "mode")  # flags that pick the paper's settings, not overrides
 # "quick" fits a few minutes on 2 cores: a smoke run on the real images, far from convergence.
 QUICK = dict(n_iterations=200, val_every=100, n_val_tasks=50, n_test_tasks=100, eval_steps=5)
 
@@ -48,24 +49,20 @@ def run_profile(profile: str, resume: bool = False, progress: bool = True) -> tu
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--k-shot", type=int, default=1)
-    parser.add_argument("--mode", choices=("second_order", "hvp", "first_order"), default="second_order")
-    parser.add_argument("--profile", choices=("quick", "full"), default="quick")
-    parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--sample-data", action="store_true", help="the 12-image-per-class sample set")
-    for field in ("n_iterations", "meta_batch_size", "q_train", "inner_steps", "eval_steps", "val_every",
-                  "n_val_tasks", "n_test_tasks", "seed", "checkpoint_every"):
-        parser.add_argument("--" + field.replace("_", "-"), type=int)
-    for field in ("inner_lr", "meta_lr", "grad_clip", "max_train_minutes"):
-        parser.add_argument("--" + field.replace("_", "-"), type=float)
-    parser.add_argument("--out-dir")
+    examples = {"1-shot": lambda p: config(1, "second_order", p), "5-shot": lambda p: config(5, "second_order", p)}
+    parser = config_parser(ClassificationConfig, __doc__, examples, skip=SELECTORS + ("dataset", "n_way", "model"))
+    parser.add_argument("--k-shot", type=int, default=1, help="support images per class: 1 or 5 pick the "
+                        "paper's settings for it (default 1)")
+    parser.add_argument("--mode", choices=("second_order", "hvp", "first_order"), default="second_order",
+                        help="meta-gradient (default second_order)")
     args = parser.parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items()
-                 if v not in (None, False) and k not in ("k_shot", "mode", "profile", "resume", "no_progress")}
-    cfg = config(args.k_shot, args.mode, args.profile, **overrides)
-    results = classification.run(cfg, resume=args.resume, progress=not args.no_progress)
+    overrides = {k: v for k, v in overrides_from_args(ClassificationConfig, args).items() if k not in SELECTORS}
+    try:
+        cfg = config(args.k_shot, args.mode, args.profile, **overrides)
+        results = classification.run(cfg, resume=args.resume, progress=not args.no_progress,
+                                     allow_changes=allowed_changes(args))
+    except (ValueError, DataError, train.NonFiniteError, train.FolderLockedError) as err:
+        parser.exit(1, f"{parser.prog}: error: {err}\n")
     print(classification.results_table([results], PAPER, f"MiniImagenet ({args.profile} profile)"))
 
 

@@ -21,30 +21,29 @@ pretrained baseline.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
-from .. import allocator
+from .. import allocator, train
 from . import rl_common
-from .common import config_parser, overrides_from_args
+from .common import allowed_changes, check_config, config_parser, overrides_from_args
 from .rl_common import RLConfig
 
 PROFILES = ("quick", "full")
 TRAJECTORY_TASKS = 3  # test tasks drawn in the trajectory figure
 
 
-@dataclass
-class NavigationConfig(RLConfig):
-    @classmethod
-    def for_profile(cls, profile: str, **overrides) -> "NavigationConfig":
-        if profile not in PROFILES:
-            raise ValueError(f"navigation: unknown profile {profile!r}; expected one of {PROFILES}")
-        settings = dict(profile=profile, env="navigation", meta_batch_size=20, n_traj=20, inner_lr=0.5,
-                        action_scale=0.1, out_dir=f"runs/{profile}/navigation")
-        if profile == "full":
-            settings.update(meta_batch_size=40, maml_iterations=100, pretrain_iterations=100)
-        else:
-            settings.update(maml_iterations=100, pretrain_iterations=50)
-        return cls(**{**settings, **overrides})
+def config(profile: str = "quick", **overrides) -> RLConfig:
+    """The settings of a profile (see the module docstring), with overrides, checked."""
+    if profile not in PROFILES:
+        raise ValueError(f"navigation: unknown profile {profile!r}; expected one of {PROFILES}")
+    settings = dict(profile=profile, env="navigation", meta_batch_size=20, n_traj=20, inner_lr=0.5,
+                    action_scale=0.1, out_dir=f"runs/{profile}/navigation")
+    if profile == "full":
+        settings.update(meta_batch_size=40, maml_iterations=100, pretrain_iterations=100)
+    else:
+        settings.update(maml_iterations=100, pretrain_iterations=50)
+    cfg = RLConfig(**{**settings, **overrides})
+    check_config(cfg)
+    return cfg
 
 
 def plot_trajectories(shown: dict, cfg: RLConfig, path: str) -> None:
@@ -83,24 +82,28 @@ def _env():
     return make_env("navigation")
 
 
-def run(cfg: NavigationConfig, resume: bool = False, progress: bool = True) -> dict:
+def run(cfg: RLConfig, resume: bool = False, progress: bool = True, allow_changes=()) -> dict:
     """Train, evaluate, write results.json / results.md and the figures into ``cfg.out_dir``."""
-    results, shown = rl_common.run(cfg, resume=resume, progress=progress, n_show=TRAJECTORY_TASKS)
+    results, shown = rl_common.run(cfg, resume=resume, progress=progress, n_show=TRAJECTORY_TASKS,
+                                   allow_changes=allow_changes)
     plot_trajectories(shown, cfg, os.path.join(cfg.out_dir, "navigation_trajectories.png"))
     return results
 
 
 def run_profile(profile: str, resume: bool = False, progress: bool = True) -> tuple:
     """run_all's entry: (markdown table, [output folder])."""
-    cfg = NavigationConfig.for_profile(profile)
+    cfg = config(profile)
     return rl_common.results_markdown(run(cfg, resume=resume, progress=progress)), [cfg.out_dir]
 
 
 def main(argv=None):
-    parser = config_parser(NavigationConfig, __doc__, PROFILES)
+    parser = config_parser(RLConfig, __doc__, {"navigation": config}, PROFILES, skip=("env",))
     args = parser.parse_args(argv)
-    cfg = NavigationConfig.for_profile(args.profile, **overrides_from_args(NavigationConfig, args))
-    results = run(cfg, resume=args.resume, progress=not args.no_progress)
+    try:
+        cfg = config(args.profile, **overrides_from_args(RLConfig, args))
+        results = run(cfg, resume=args.resume, progress=not args.no_progress, allow_changes=allowed_changes(args))
+    except (ValueError, train.NonFiniteError, train.FolderLockedError) as err:
+        parser.exit(1, f"{parser.prog}: error: {err}\n")
     print(rl_common.results_markdown(results))
 
 

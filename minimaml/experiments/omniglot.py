@@ -10,11 +10,11 @@ test; 20-way: 5 inner steps, alpha 0.1, meta-batch 16, 5 steps at test; 60,000 m
 
 from __future__ import annotations
 
-import argparse
-
-from .. import allocator
+from .. import allocator, train
+from ..tasks.datadir import DataError
 from . import classification
 from .classification import ClassificationConfig
+from .common import allowed_changes, config_parser, overrides_from_args
 
 PAPER = {"omniglot-5way-1shot": "98.7 ± 0.4", "omniglot-5way-5shot": "99.9 ± 0.1",
          "omniglot-20way-1shot": "95.8 ± 0.3", "omniglot-20way-5shot": "98.9 ± 0.2",
@@ -26,6 +26,7 @@ PAPER = {"omniglot-5way-1shot": "98.7 ± 0.4", "omniglot-5way-5shot": "99.9 ± 0
 # itself used K query images per class).
 QUICK = dict(n_iterations=4_000, meta_batch_size=8, q_train=5, val_every=500, n_val_tasks=100,
              n_test_tasks=600)
+SELECTORS = ("n_way", "k_shot", "model")  # flags that pick the paper's settings, not overrides
 FULL_SETTINGS = [(5, 1, "conv"), (5, 5, "conv"), (20, 1, "conv"), (20, 5, "conv"), (5, 1, "mlp"),
                  (5, 5, "mlp")]
 
@@ -56,25 +57,21 @@ def run_profile(profile: str, resume: bool = False, progress: bool = True) -> tu
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n-way", type=int, default=5)
-    parser.add_argument("--k-shot", type=int, default=1)
-    parser.add_argument("--model", choices=("conv", "mlp"), default="conv")
-    parser.add_argument("--profile", choices=("quick", "full"), default="quick")
-    parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--no-progress", action="store_true")
-    for field in ("n_iterations", "meta_batch_size", "q_train", "inner_steps", "eval_steps", "val_every",
-                  "n_test_tasks", "seed", "checkpoint_every"):
-        parser.add_argument("--" + field.replace("_", "-"), type=int)
-    for field in ("inner_lr", "meta_lr", "max_train_minutes"):
-        parser.add_argument("--" + field.replace("_", "-"), type=float)
-    parser.add_argument("--mode", choices=("second_order", "hvp", "first_order"))
-    parser.add_argument("--out-dir")
+    examples = {"5-way": lambda p: config(5, 1, "conv", p), "20-way": lambda p: config(20, 1, "conv", p)}
+    parser = config_parser(ClassificationConfig, __doc__, examples, skip=SELECTORS + ("dataset", "sample_data"))
+    parser.add_argument("--n-way", type=int, default=5, help="classes per task: 5 or 20 pick the paper's "
+                        "settings for that many (default 5)")
+    parser.add_argument("--k-shot", type=int, default=1, help="support images per class (default 1)")
+    parser.add_argument("--model", choices=("conv", "mlp"), default="conv",
+                        help="the conv net, or the 'no conv' MLP (default conv)")
     args = parser.parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items()
-                 if v is not None and k not in ("n_way", "k_shot", "model", "profile", "resume", "no_progress")}
-    cfg = config(args.n_way, args.k_shot, args.model, args.profile, **overrides)
-    results = classification.run(cfg, resume=args.resume, progress=not args.no_progress)
+    overrides = {k: v for k, v in overrides_from_args(ClassificationConfig, args).items() if k not in SELECTORS}
+    try:
+        cfg = config(args.n_way, args.k_shot, args.model, args.profile, **overrides)
+        results = classification.run(cfg, resume=args.resume, progress=not args.no_progress,
+                                     allow_changes=allowed_changes(args))
+    except (ValueError, DataError, train.NonFiniteError, train.FolderLockedError) as err:
+        parser.exit(1, f"{parser.prog}: error: {err}\n")
     print(classification.results_table([results], PAPER, f"Omniglot ({args.profile} profile)"))
 
 

@@ -24,21 +24,19 @@ locomotion run is statistically, not bitwise, the same. A non-finite parameter o
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 from dataclasses import dataclass
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from .. import backend, train
+from .. import train
 from ..nn import policy as pol
 from ..rl import maml_rl
-from ..rl.reinforce import device_batch
+from ..rl.reinforce import trajectories
 from ..rl.sampler import advantages, average_returns, sample_trajectories
-from ..rl.trpo import trpo_step
-from .common import markdown_table, mean_ci95, write_atomic, write_json
+from ..rl.trpo import TRPO
+from .common import cell, log, markdown_table, setting, summary, training_settings, write_atomic, write_json
 
 METHODS = ("maml", "pretrained", "random")
 LABELS = {"maml": "MAML", "pretrained": "pretrained", "random": "random init", "oracle": "oracle"}
@@ -76,38 +74,44 @@ PAPER = {
 
 @dataclass
 class RLConfig:
-    """One RL experiment: an environment, the MAML-TRPO settings, the baselines and the evaluation."""
+    """One RL experiment: an environment, the MAML-TRPO settings, the baselines and the evaluation.
+    The experiments (``navigation.config``, ``locomotion.config``) fill it in for each profile."""
 
-    profile: str = "quick"
-    env: str = "navigation"  # envs.make_env name
-    maml_iterations: int = 100  # MAML-TRPO meta-iterations
-    pretrain_iterations: int = 100  # TRPO iterations of the pretrained baseline
-    meta_batch_size: int = 20  # tasks per meta-iteration (pretrained: tasks per TRPO batch)
-    n_traj: int = 20  # trajectories per task and inner step in training (testing: test_batch_steps)
-    inner_lr: float = 0.5  # alpha (navigation: 0.5 as the authors' code; locomotion 0.1)
-    max_kl: float = 0.01
-    cg_iters: int = 10
-    cg_damping: float = 1e-5
-    n_test_tasks: int = 40
-    eval_steps: int = 3
-    test_batch_steps: int = 4000  # time steps per test task and step (the authors' tests); 0 = n_traj trajectories
-    action_scale: float = 1.0  # policy actions x this before the env: rllab's normalize(), 0.1 for navigation
-    test_seed: int = 2017  # the fixed test tasks (and evaluation noise), the same for every method
-    seed: int = 0  # policy initialisation and training
-    checkpoint_every: int = 10
-    methods: str = "maml,pretrained,random"  # comma-separated subset of METHODS
-    out_dir: str = "runs/quick/navigation"
+    profile: str = setting("quick", "which profile the other values come from", training=False)
+    env: str = setting("navigation", "the task family (rl.envs.make_env)")
+    maml_iterations: int = setting(100, "MAML-TRPO meta-iterations", least=0, training=False)
+    pretrain_iterations: int = setting(100, "TRPO iterations of the pretrained baseline", least=0, training=False)
+    meta_batch_size: int = setting(20, "tasks per meta-iteration (pretrained: tasks per TRPO batch)", least=1)
+    n_traj: int = setting(20, "trajectories per task and inner step in training", least=1)
+    inner_lr: float = setting(0.5, "inner REINFORCE step size alpha", positive=True)
+    discount: float = setting(0.99, "discount gamma of the returns and GAE", positive=True)
+    gae_lambda: float = setting(1.0, "GAE's lambda", least=0.0)
+    max_kl: float = setting(0.01, "TRPO's trust region: the mean KL of a step", positive=True)
+    cg_iters: int = setting(10, "conjugate-gradient iterations per TRPO step", least=1)
+    cg_damping: float = setting(1e-5, "damping added to the Fisher-vector products", least=0.0)
+    n_test_tasks: int = setting(40, "fixed test tasks", least=1, training=False)
+    eval_steps: int = setting(3, "fine-tuning steps at test time (alpha, then alpha / 2)", least=0, training=False)
+    test_batch_steps: int = setting(4000, "time steps per test task and step (the authors' tests); 0 = n_traj "
+                                    "trajectories", least=0, training=False)
+    action_scale: float = setting(1.0, "policy actions x this before the env (rllab's normalize(); 0.1 for "
+                                  "navigation)", positive=True)
+    test_seed: int = setting(2017, "the fixed test tasks and evaluation noise, the same for every method",
+                             training=False)
+    seed: int = setting(0, "policy initialisation and training")
+    checkpoint_every: int = setting(10, "iterations between checkpoints", least=1, training=False)
+    methods: str = setting("maml,pretrained,random", "comma-separated subset of maml, pretrained, random",
+                           training=False)
+    out_dir: str = setting("runs/quick/navigation", "output folder (checkpoints, results, figures)",
+                           training=False)
 
-    def maml_config(self) -> maml_rl.MamlRLConfig:
-        return maml_rl.MamlRLConfig(meta_batch_size=self.meta_batch_size, n_traj=self.n_traj,
-                                    inner_lr=self.inner_lr, max_kl=self.max_kl, cg_iters=self.cg_iters,
-                                    cg_damping=self.cg_damping, test_batch_steps=self.test_batch_steps)
+    def trpo(self) -> TRPO:
+        return TRPO(max_kl=self.max_kl, cg_iters=self.cg_iters, damping=self.cg_damping)
 
     def method_list(self) -> list:
         methods = [m.strip() for m in self.methods.split(",") if m.strip()]
         unknown = sorted(set(methods) - set(METHODS))
         if unknown or not methods:
-            raise ValueError(f"RLConfig.methods: {self.methods!r} must name some of {METHODS}")
+            raise ValueError(f"--methods: {self.methods!r} must name some of {', '.join(METHODS)}")
         return methods
 
 
@@ -140,84 +144,47 @@ def init_policy(env, seed: int) -> dict:
     return pol.init(np.random.default_rng([seed, 0]), env.obs_dim, env.act_dim)
 
 
-def maml_step(env, cfg: RLConfig):
-    """``(params, rng) -> (params, record)``: one MAML-TRPO meta-iteration."""
-    maml_cfg = cfg.maml_config()
+class MamlStep(train.Step):
+    """One MAML-TRPO meta-iteration (``maml_rl.meta_iteration``)."""
 
-    def step(params, rng):
-        params, stats = maml_rl.meta_iteration(env, params, rng, maml_cfg)
-        return params, {"return": stats["pre_return"], "adapted_return": stats["post_return"],
-                        "kl": stats["kl"], "accepted": float(stats["accepted"]),
-                        "time_sampling": stats["time_sampling"], "time_cg": stats["time_cg"]}
-    return step
+    def __init__(self, env, cfg: RLConfig):
+        self.env, self.cfg = env, cfg
+
+    def __call__(self, params, state, rng, iteration):
+        cfg = self.cfg
+        params, stats = maml_rl.meta_iteration(self.env, params, rng, cfg.trpo(), cfg.meta_batch_size, cfg.n_traj,
+                                               cfg.inner_lr, cfg.discount, cfg.gae_lambda)
+        return params, state, {"return": stats["pre_return"], "adapted_return": stats["post_return"],
+                               "kl": stats["kl"], "accepted": float(stats["accepted"])}
 
 
-def pretrain_step(env, cfg: RLConfig):
-    """``(params, rng) -> (params, record)``: one TRPO step of the pretrained baseline on
-    ``meta_batch_size x n_traj`` trajectories of freshly drawn tasks, pooled into one batch with one
-    linear baseline (the policy never sees which task it is on)."""
-    def step(params, rng):
-        start = time.perf_counter()
-        tasks = env.sample_tasks(rng, cfg.meta_batch_size)
-        batch = sample_trajectories(env, pol.sampler_policy(params), tasks, cfg.n_traj, rng)
+class PretrainStep(train.Step):
+    """One TRPO step of the pretrained baseline on ``meta_batch_size x n_traj`` trajectories of freshly
+    drawn tasks, pooled into one batch with one linear baseline (the policy never sees which task it
+    is on)."""
+
+    def __init__(self, env, cfg: RLConfig):
+        self.env, self.cfg = env, cfg
+
+    def __call__(self, params, state, rng, iteration):
+        cfg = self.cfg
+        tasks = self.env.sample_tasks(rng, cfg.meta_batch_size)
+        batch = sample_trajectories(self.env, pol.sampler_policy(params), tasks, cfg.n_traj, rng)
         pooled = {k: v.reshape((1, -1) + v.shape[2:]) for k, v in batch.items()}
-        adv = advantages(pooled)
-        time_sampling = time.perf_counter() - start
-        data = device_batch(pooled, adv, params["log_std"].dtype)
-        params, stats = trpo_step(maml_rl.surrogate_objective(data, params), params, cfg.max_kl, cfg.cg_iters,
-                                  cfg.cg_damping)
-        return params, {"return": float(batch["episode_returns"].mean()), "kl": stats["kl"],
-                        "accepted": float(stats["accepted"]), "time_sampling": time_sampling,
-                        "time_cg": stats["time_cg"]}
-    return step
+        data = trajectories(pooled, advantages(pooled, cfg.discount, cfg.gae_lambda), params["log_std"].dtype)
+        params, stats = cfg.trpo().step(maml_rl.surrogate_objective(data, params), params)
+        return params, state, {"return": float(batch["episode_returns"].mean()), "kl": stats["kl"],
+                               "accepted": float(stats["accepted"])}
 
 
-def _check_finite(name: str, iteration: int, params: dict, record: dict) -> None:
-    for key, value in record.items():
-        if not math.isfinite(value):
-            raise train.NonFiniteError(f"{name}, iteration {iteration}: {key} is {value}")
-    for key, value in params.items():
-        if not bool(backend.array_namespace(value).all(backend.array_namespace(value).isfinite(value))):
-            raise train.NonFiniteError(f"{name}, iteration {iteration}: parameter {key!r} has non-finite values")
-
-
-def train_policy(name: str, step_fn, params: dict, n_iterations: int, cfg: RLConfig, resume: bool = False,
-                 progress: bool = True) -> tuple:
-    """Run iterations ``0 .. n_iterations - 1`` of ``step_fn(params, rng) -> (params, record)``.
-
-    Checkpoint: ``<out_dir>/<name>.ckpt.npz``, every ``cfg.checkpoint_every`` iterations and at the end.
-    Returns ``(params, history)``, history one record per iteration (``iteration``, ``seconds``, and the
-    record's floats: ``return``, ``kl``, ...)."""
-    path = os.path.join(cfg.out_dir, f"{name}.ckpt.npz")
-    start, history = 0, []
-    if resume and os.path.exists(path):
-        ckpt = train.load_checkpoint(path)
-        if ckpt.seed != cfg.seed:
-            raise ValueError(f"resume from {path}: made with seed {ckpt.seed}, this run has seed {cfg.seed}")
-        found = {k: tuple(v.shape) for k, v in ckpt.params.items()}
-        if found != {k: tuple(v.shape) for k, v in params.items()}:
-            raise ValueError(f"resume from {path}: checkpoint parameters {found} do not match the policy's")
-        params = {k: backend.asarray(v, dtype=params[k].dtype) for k, v in ckpt.params.items()}
-        start, history = ckpt.iteration, ckpt.history
-    with tqdm(total=n_iterations, initial=min(start, n_iterations), disable=not progress, desc=name) as bar:
-        for iteration in range(start, n_iterations):
-            clock = time.perf_counter()
-            new_params, record = step_fn(params, train.iteration_rng(cfg.seed, iteration))
-            record = {"iteration": iteration, "seconds": time.perf_counter() - clock,
-                      **{k: float(v) for k, v in record.items()}}
-            _check_finite(name, iteration, new_params, record)
-            params = new_params
-            history.append(record)
-            bar.set_postfix({k: round(record[k], 2) for k in ("return", "adapted_return", "seconds")
-                             if k in record}, refresh=False)
-            bar.update(1)
-            done = iteration + 1
-            if done % cfg.checkpoint_every == 0 or done == n_iterations:
-                train.save_checkpoint(path, params, {}, done, cfg.seed, history)
-                if not progress:  # a log line per checkpoint instead of the bar
-                    print(f"{name} {done}/{n_iterations}: " + ", ".join(
-                        f"{k} {v:.2f}" for k, v in record.items() if k != "iteration"), flush=True)
-    return params, history
+def train_policy(name: str, step: train.Step, params: dict, n_iterations: int, cfg: RLConfig, resume: bool = False,
+                 progress: bool = True, allow_changes=()) -> train.TrainResult:
+    """``train.run`` of one method, checkpointed to ``<out_dir>/<name>.ckpt.npz`` every
+    ``cfg.checkpoint_every`` iterations and at the end; every iteration logged."""
+    return train.run(params, step, n_iterations, seed=cfg.seed,
+                     checkpoint_path=os.path.join(cfg.out_dir, f"{name}.ckpt.npz"),
+                     checkpoint_every=cfg.checkpoint_every, resume=resume, config=training_settings(cfg),
+                     allow_changes=allow_changes, log_every=1, progress=progress, desc=name, logger=log)
 
 
 # --- evaluation --------------------------------------------------------------------------------------
@@ -234,11 +201,11 @@ def evaluate_policy(env, params: dict, cfg: RLConfig, n_show: int = 0) -> tuple:
     ``obs (n_show, H, obs_dim)`` and ``mask (n_show, H)`` (for trajectory plots)."""
     tasks = test_tasks(env, cfg)
     rng = np.random.default_rng([cfg.test_seed, 1])  # the same noise for every method
-    maml_cfg = cfg.maml_config()
     returns, shown = [], None
     for begin in range(0, len(tasks), cfg.meta_batch_size):
         chunk = tasks[begin:begin + cfg.meta_batch_size]
-        batches = maml_rl.adaptation_batches(env, params, chunk, cfg.eval_steps, maml_cfg, rng)
+        batches = maml_rl.adaptation_batches(env, params, chunk, cfg.inner_lr, cfg.eval_steps, rng,
+                                             cfg.test_batch_steps, cfg.n_traj)
         returns.append(np.stack([average_returns(b) for b in batches]))
         if shown is None:
             shown = [{"obs": b["obs"][:n_show, 0], "mask": b["mask"][:n_show, 0]} for b in batches]
@@ -246,33 +213,40 @@ def evaluate_policy(env, params: dict, cfg: RLConfig, n_show: int = 0) -> tuple:
 
 
 # --- the whole experiment ----------------------------------------------------------------------------
-def run(cfg: RLConfig, resume: bool = False, progress: bool = True, n_show: int = 0) -> tuple:
+def run(cfg: RLConfig, resume: bool = False, progress: bool = True, n_show: int = 0, allow_changes=()) -> tuple:
     """Train the methods of ``cfg.methods``, evaluate them on the test tasks, write ``results.json``,
     ``results.md`` and the figures into ``cfg.out_dir``. Returns ``(results, shown)`` with ``shown`` the
     trajectories of the first ``n_show`` test tasks (``evaluate_policy``) per method."""
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    methods = cfg.method_list()
     env = build_env(cfg)
+    with train.folder_lock(cfg.out_dir):
+        return _run(cfg, env, methods, resume, progress, n_show, allow_changes)
+
+
+def _run(cfg: RLConfig, env, methods, resume, progress, n_show, allow_changes) -> tuple:
     initial = init_policy(env, cfg.seed)
-    steps = {"maml": (maml_step(env, cfg), cfg.maml_iterations),
-             "pretrained": (pretrain_step(env, cfg), cfg.pretrain_iterations)}
+    steps = {"maml": (MamlStep(env, cfg), cfg.maml_iterations),
+             "pretrained": (PretrainStep(env, cfg), cfg.pretrain_iterations)}
     results = {"config": dataclasses.asdict(cfg), "returns": {}, "per_task": {}, "history": {},
-               "train_seconds": {}, "seconds_per_iteration": {}, "eval_seconds": {},
+               "train_seconds": {}, "seconds_per_iteration": {}, "eval_seconds": {}, "changes": {},
                "paper": {m: {"mean": v[0], "ci95": v[1]} for m, v in PAPER.get(cfg.env, {}).items()}}
     shown = {}
-    for name in cfg.method_list():
-        params, history = initial, []
+    for name in methods:
+        params = initial
         if name in steps:
-            step_fn, n_iterations = steps[name]
-            params, history = train_policy(name, step_fn, initial, n_iterations, cfg, resume, progress)
+            step, n_iterations = steps[name]
+            result = train_policy(name, step, initial, n_iterations, cfg, resume, progress, allow_changes)
+            params, history = result.params, result.history
             results["history"][name] = history
-            results["train_seconds"][name] = float(sum(r["seconds"] for r in history))
+            results["changes"][name] = result.changes
+            results["train_seconds"][name] = result.seconds
             results["seconds_per_iteration"][name] = (float(np.median([r["seconds"] for r in history]))
                                                       if history else None)
         clock = time.perf_counter()
         per_task, shown[name] = evaluate_policy(env, params, cfg, n_show)
         results["eval_seconds"][name] = time.perf_counter() - clock
-        results["per_task"][name] = per_task.tolist()
-        results["returns"][name] = [dict(zip(("mean", "ci95"), mean_ci95(row))) for row in per_task]
+        results["per_task"][name] = np.where(np.isfinite(per_task), per_task, None).tolist()
+        results["returns"][name] = [summary(row) for row in per_task]
         write_json(os.path.join(cfg.out_dir, "results.json"), results)  # partial results survive a crash
     write_atomic(os.path.join(cfg.out_dir, "results.md"), results_markdown(results))
     plot_steps(results, os.path.join(cfg.out_dir, f"{cfg.env}_steps.png"))
@@ -293,7 +267,7 @@ def results_markdown(results: dict) -> str:
     for name in list(results["returns"]) + [m for m in ("oracle",) if m in results["paper"]]:
         if name in results["returns"]:
             ours = results["returns"][name]
-            rows.append([LABELS[name], "ours", *_cells([r["mean"] for r in ours], [r["ci95"] for r in ours])])
+            rows.append([LABELS[name], "ours", *[cell(r, digits=2) for r in ours]])
         paper = results["paper"].get(name)
         rows.append([LABELS[name], "paper",
                      *(_cells(paper["mean"], paper["ci95"])[:n_steps + 1] if paper else ["n/a"] * (n_steps + 1))])
@@ -319,7 +293,8 @@ def plot_steps(results: dict, path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for name, rows in results["returns"].items():
-        means, cis = np.array([r["mean"] for r in rows]), np.array([r["ci95"] for r in rows])
+        means = np.array([np.nan if r["mean"] is None else r["mean"] for r in rows])  # nan: diverged
+        cis = np.array([np.nan if r["ci95"] is None else r["ci95"] for r in rows])
         x = np.arange(len(rows))
         ax.plot(x, means, "o-", color=COLORS[name], label=f"{LABELS[name]} (ours)")
         ax.fill_between(x, means - cis, means + cis, color=COLORS[name], alpha=0.2)
@@ -358,3 +333,9 @@ def plot_training(results: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+if __name__ == "__main__":
+    from .common import not_a_command
+    not_a_command("minimaml.experiments.rl_common",
+                  "python -m minimaml.experiments.navigation or python -m minimaml.experiments.locomotion")

@@ -23,96 +23,107 @@ from .. import autodiff as ad
 from .. import allocator, backend, maml, optim, train
 from ..nn import mlp
 from ..tasks import sinusoid
-from .common import config_from_args, config_parser, markdown_table, mean_ci95, write_atomic, write_json
+from .common import (allowed_changes, cell, check_config, log, config_parser, markdown_table, overrides_from_args,
+                     setting, summary, training_settings, write_atomic, write_json)
 
 PAPER_MSE_5SHOT = {"maml": {1: 0.67, 5: 0.38, 10: 0.35}, "pretrained": {1: 2.41, 5: 2.23, 10: 2.19}}
+PROFILES = ("quick", "full")
 
 
 @dataclass
 class Config:
-    profile: str = "quick"
-    n_iterations: int = 10_000  # meta-iterations (the authors' code: 70,000)
-    meta_batch_size: int = 25
-    k_shot: int = 10  # support = query size in training
-    inner_lr: float = 0.01
-    inner_steps: int = 1
-    meta_lr: float = 1e-3
-    mode: str = "second_order"  # or "hvp", "first_order"
-    init: str = "paper"  # truncated normal std 0.01 (authors' code) or "uniform"
-    n_test_tasks: int = 600
-    eval_steps: int = 10
-    seed: int = 0
-    out_dir: str = "runs/quick/sinusoid"
-    checkpoint_every: int = 2_000
+    profile: str = setting("quick", "which profile the other values come from", training=False)
+    n_iterations: int = setting(10_000, "meta-iterations (the authors' code: 70,000)", least=0, training=False)
+    meta_batch_size: int = setting(25, "tasks per meta-batch", least=1)
+    k_shot: int = setting(10, "support points per task in training (and as many query points)", least=1)
+    inner_lr: float = setting(0.01, "inner step size alpha (training and fine-tuning)", positive=True)
+    inner_steps: int = setting(1, "inner steps in training", least=0)
+    meta_lr: float = setting(1e-3, "Adam's step size", positive=True)
+    mode: str = setting("second_order", "meta-gradient", choices=maml.MODES)
+    init: str = setting("paper", "initialisation: truncated normal std 0.01 (the authors' code) or PyTorch's "
+                        "uniform", choices=("paper", "uniform"))
+    n_test_tasks: int = setting(600, "test tasks", least=1, training=False)
+    eval_steps: int = setting(10, "fine-tuning steps at test time (scored after each)", least=10, training=False)
+    seed: int = setting(0, "initialisation and training; the test tasks use seed + 1")
+    out_dir: str = setting("runs/quick/sinusoid", "output folder (checkpoints, results, figures)", training=False)
+    checkpoint_every: int = setting(2_000, "iterations between checkpoints", least=1, training=False)
 
     @classmethod
-    def for_profile(cls, profile: str) -> "Config":
+    def for_profile(cls, profile: str = "quick", **overrides) -> "Config":
+        if profile not in PROFILES:
+            raise ValueError(f"sinusoid: unknown profile {profile!r}; expected one of {PROFILES}")
+        settings = dict(profile=profile, out_dir=f"runs/{profile}/sinusoid")
         if profile == "full":
-            return cls(profile="full", n_iterations=70_000, out_dir="runs/full/sinusoid")
-        return cls(profile="quick", out_dir="runs/quick/sinusoid")
+            settings.update(n_iterations=70_000)
+        config = cls(**{**settings, **overrides})
+        check_config(config)
+        return config
 
 
 def _mse_loss(prediction, target):
     return ad.mse(prediction, target)
 
 
+TASK_LOSS = maml.supervised_loss(mlp.apply, _mse_loss)  # L_i: the MSE of task i's predictions
+
+
 def maml_step(config: Config):
     """One MAML meta-step: the meta-gradient of the mean query MSE over a fresh meta-batch
     (mean over tasks, as the authors' code averages; the gradient is ``meta_gradient``'s / T)."""
-    def step(params, rng, iteration):
-        batch = sinusoid.sample_batch(rng, config.meta_batch_size, config.k_shot)
-        tasks = maml.TaskBatch(*batch)
-        loss, grads = maml.meta_gradient(mlp.apply, _mse_loss, params, tasks, config.inner_lr,
-                                         config.inner_steps, mode=config.mode)
+    def loss_and_grads(params, rng, iteration):
+        tasks = sinusoid.sample_batch(rng, config.meta_batch_size, config.k_shot)
+        loss, grads = maml.meta_gradient(TASK_LOSS, params, tasks, config.inner_lr, config.inner_steps,
+                                         mode=config.mode)
         scale = 1.0 / config.meta_batch_size
         return loss * scale, {n: g * scale for n, g in grads.items()}, {}
-    return step
+    return train.GradientStep(loss_and_grads, optim.Adam(config.meta_lr))
 
 
 def pretrain_step(config: Config):
     """One step of the baseline: regression on all tasks jointly, the mean MSE over a batch of
     tasks' points (support and query pooled: the same data the MAML step sees)."""
-    def step(params, rng, iteration):
-        batch = sinusoid.sample_batch(rng, config.meta_batch_size, config.k_shot)
-        xp = backend.array_namespace(batch.support_x)
-        x = xp.concatenate([batch.support_x, batch.query_x], axis=1)
-        y = xp.concatenate([batch.support_y, batch.query_y], axis=1)
+    def loss_and_grads(params, rng, iteration):
+        tasks = sinusoid.sample_batch(rng, config.meta_batch_size, config.k_shot)
+        xp = backend.array_namespace(tasks.support.x)
+        x = xp.concatenate([tasks.support.x, tasks.query.x], axis=1)
+        y = xp.concatenate([tasks.support.y, tasks.query.y], axis=1)
         leaves = {n: ad.Tensor(p, requires_grad=True) for n, p in params.items()}
         loss = ad.mean(_mse_loss(mlp.apply(leaves, x), y))
         grads = ad.grad(loss, list(leaves.values()))
         return float(loss.data), {n: g.data for n, g in zip(leaves, grads)}, {}
-    return step
+    return train.GradientStep(loss_and_grads, optim.Adam(config.meta_lr))
 
 
 def fine_tune_curve(params: dict, test_set, inner_lr: float, steps: int) -> numpy.ndarray:
-    """MSE on each test task's evaluation grid after 0..steps fine-tuning steps on its K points:
-    an array ``(steps + 1, n_tasks)``."""
+    """MSE on each test task's evaluation grid (its query set) after 0..steps fine-tuning steps on its
+    K points: an array ``(steps + 1, n_tasks)``."""
     curve = []
-    for theta in maml.adaptation_steps(mlp.apply, _mse_loss, params, test_set.support_x,
-                                       test_set.support_y, inner_lr, steps):
+    tasks = test_set.tasks
+    for theta in maml.adaptation_steps(TASK_LOSS, params, tasks.support, inner_lr, steps):
         with ad.no_grad():
-            curve.append(backend.to_numpy(_mse_loss(mlp.apply(theta, test_set.eval_x), test_set.eval_y).data))
+            curve.append(backend.to_numpy(TASK_LOSS(theta, tasks.query).data))
     return numpy.stack(curve)
 
 
-def _train(name: str, step_fn, params, config: Config, resume: bool, progress: bool):
-    checkpoint = os.path.join(config.out_dir, f"{name}.ckpt.npz")
-    result = train.meta_train(params, optim.Adam(config.meta_lr), step_fn, config.n_iterations,
-                              seed=config.seed, checkpoint_path=checkpoint,
-                              checkpoint_every=config.checkpoint_every, resume=resume,
-                              log_every=max(config.n_iterations // 100, 1), progress=progress)
-    return result
-
-
-def run(config: Config, resume: bool = False, progress: bool = True) -> dict:
+def run(config: Config, resume: bool = False, progress: bool = True, allow_changes=()) -> dict:
     """Train MAML and the pretrained baseline, evaluate both, write results and figures."""
-    os.makedirs(config.out_dir, exist_ok=True)
+    check_config(config)
+    with train.folder_lock(config.out_dir):
+        return _run(config, resume, progress, allow_changes)
+
+
+def _run(config: Config, resume: bool, progress: bool, allow_changes) -> dict:
     start = time.time()
     init_params = mlp.init(numpy.random.default_rng(config.seed), scheme=config.init)
-    trained, histories = {}, {}
+    trained, histories, changes = {}, {}, {}
     for name, step in (("maml", maml_step(config)), ("pretrained", pretrain_step(config))):
-        result = _train(name, step, init_params, config, resume, progress)
-        trained[name], histories[name] = result.params, result.history
+        result = train.run(init_params, step, config.n_iterations, seed=config.seed,
+                           checkpoint_path=os.path.join(config.out_dir, f"{name}.ckpt.npz"),
+                           checkpoint_every=config.checkpoint_every, resume=resume,
+                           config=training_settings(config), allow_changes=allow_changes,
+                           log_every=max(config.n_iterations // 100, 1), progress=progress, desc=name,
+                           logger=log)
+        trained[name], histories[name], changes[name] = result.params, result.history, result.changes
     train_seconds = time.time() - start
 
     evaluation = {}
@@ -120,12 +131,11 @@ def run(config: Config, resume: bool = False, progress: bool = True) -> dict:
         test_set = sinusoid.fixed_test_tasks(config.n_test_tasks, k_shot=k, seed=config.seed + 1)
         for name, params in trained.items():
             curve = fine_tune_curve(params, test_set, config.inner_lr, config.eval_steps)
-            evaluation[f"{name}/k{k}"] = [mean_ci95(row) for row in curve]
-    results = {"config": dataclasses.asdict(config), "train_seconds": train_seconds,
-               "mse": {key: [{"mean": m, "ci95": c} for m, c in rows] for key, rows in evaluation.items()},
+            evaluation[f"{name}/k{k}"] = [summary(row) for row in curve]
+    results = {"config": dataclasses.asdict(config), "train_seconds": train_seconds, "mse": evaluation,
                "training_loss": {name: [(h["iteration"], h["loss"]) for h in hist]
                                  for name, hist in histories.items()},
-               "paper_mse_5shot": PAPER_MSE_5SHOT}
+               "changes": changes, "paper_mse_5shot": PAPER_MSE_5SHOT}
     write_json(os.path.join(config.out_dir, "results.json"), results)
     write_atomic(os.path.join(config.out_dir, "results.md"), results_markdown(results))
     plot_fits(trained, config, os.path.join(config.out_dir, "sinusoid_fits.png"))
@@ -139,8 +149,7 @@ def results_markdown(results: dict) -> str:
     rows = []
     for k in (5, 10, 20):
         for name in ("maml", "pretrained"):
-            cells = [f"{results['mse'][f'{name}/k{k}'][s]['mean']:.3f} ± {results['mse'][f'{name}/k{k}'][s]['ci95']:.3f}"
-                     for s in (0, 1, 5, 10)]
+            cells = [cell(results["mse"][f"{name}/k{k}"][s]) for s in (0, 1, 5, 10)]
             paper = " / ".join(str(PAPER_MSE_5SHOT[name][s]) for s in (1, 5, 10)) if k == 5 else "-"
             rows.append([name, k, *cells, paper])
     header = ["method", "K", "0 steps", "1 step", "5 steps", "10 steps", "paper (1 / 5 / 10)"]
@@ -165,17 +174,18 @@ def plot_fits(trained: dict, config: Config, path: str) -> None:
             ax = axes[row, col]
             ax.plot(grid, sinusoid.true_function(grid, test_set.amplitude[0], test_set.phase[0]),
                     "r", label="ground truth")
-            for step, theta in enumerate(maml.adaptation_steps(mlp.apply, _mse_loss, params,
-                                                               test_set.support_x, test_set.support_y,
-                                                               config.inner_lr, 10)):
+            support = test_set.tasks.support
+            for step, theta in enumerate(maml.adaptation_steps(TASK_LOSS, params, support, config.inner_lr, 10)):
                 if step in (0, 1, 10):
                     with ad.no_grad():
                         y = backend.to_numpy(mlp.apply(theta, x).data)[0, :, 0]
                     ax.plot(grid, y, {0: ":", 1: "--", 10: "-"}[step], color="C0" if step else "C2",
                             label={0: "before update", 1: "after 1 grad step", 10: "after 10 grad steps"}[step])
-            ax.scatter(backend.to_numpy(test_set.support_x)[0, :, 0], backend.to_numpy(test_set.support_y)[0, :, 0],
+            ax.scatter(backend.to_numpy(support.x)[0, :, 0], backend.to_numpy(support.y)[0, :, 0],
                        marker="^", color="k", zorder=3, label=f"{k} points used for gradient")
             ax.set_title(f"{'MAML' if name == 'maml' else 'pretrained'}, K={k}")
+            ax.set_xlabel("x")
+            ax.set_ylabel("y")
     axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -192,8 +202,8 @@ def plot_curves(results: dict, path: str) -> None:
     for ax, k in zip(axes, (5, 10, 20)):
         for name, color in (("maml", "C0"), ("pretrained", "C1")):
             rows = results["mse"][f"{name}/k{k}"]
-            means = numpy.array([r["mean"] for r in rows])
-            cis = numpy.array([r["ci95"] for r in rows])
+            means = numpy.array([numpy.nan if r["mean"] is None else r["mean"] for r in rows])  # nan: diverged
+            cis = numpy.array([numpy.nan if r["ci95"] is None else r["ci95"] for r in rows])
             steps = numpy.arange(len(rows))
             ax.plot(steps, means, "o-", color=color, label="MAML" if name == "maml" else "pretrained")
             ax.fill_between(steps, means - cis, means + cis, color=color, alpha=0.2)
@@ -213,11 +223,21 @@ def run_profile(profile: str, resume: bool = False, progress: bool = True) -> tu
 
 
 def main(argv=None):
-    parser = config_parser(Config, __doc__)
+    parser = config_parser(Config, __doc__, {"sinusoid": Config.for_profile}, PROFILES)
     args = parser.parse_args(argv)
-    config = config_from_args(Config, args)
-    results = run(config, resume=args.resume, progress=not args.no_progress)
+    try:
+        config = Config.for_profile(args.profile, **overrides_from_args(Config, args))
+        results = run(config, resume=args.resume, progress=not args.no_progress,
+                      allow_changes=allowed_changes(args))
+    except (ValueError, train.NonFiniteError, train.FolderLockedError) as err:
+        parser.exit(1, f"{parser.prog}: error: {err}\n")
     print(results_markdown(results))
+    diverged = {key: max(row["n_diverged"] for row in rows) for key, rows in results["mse"].items()}
+    diverged = {key: n for key, n in diverged.items() if n}
+    if diverged:  # the results are written, the cells say "diverged"; the exit status says so too
+        parser.exit(3, f"{parser.prog}: fine-tuning diverged (non-finite MSE) with --inner-lr {config.inner_lr:g}: "
+                       + ", ".join(f"{key} on {n} of {config.n_test_tasks} tasks" for key, n in diverged.items())
+                       + "\n")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Functional layers on the tape: linear, conv2d, batch_norm, relu, max_pool2x2, flatten.
+"""Functional layers on the tape: linear, conv2d, batch_norm, max_pool2x2, flatten (a ReLU is
+``autodiff.relu``, or fused into ``batch_norm(..., relu=True)``).
 
 Each layer is a function of its input and its parameters (arrays or Tensors); nothing is stored.
 
@@ -150,11 +151,6 @@ def _check_channels(param: Tensor, x: Tensor, name: str) -> Tensor:
     if param.shape[-1] != x.shape[-1]:
         raise ShapeError(f"batch_norm: {name} has {param.shape[-1]} channels, input {x.shape} has {x.shape[-1]}")
     return param
-
-
-def relu(x) -> Tensor:
-    """max(x, 0)."""
-    return ad.relu(x)
 
 
 def max_pool2x2(x) -> Tensor:

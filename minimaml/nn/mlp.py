@@ -42,7 +42,7 @@ def init(rng, sizes=PAPER_SIZES, scheme: str = "paper", dtype=numpy.float32) -> 
 
 def apply(params: dict, x) -> ad.Tensor:
     """y = W_L relu(... relu(W_0 x + b_0) ...) + b_L for ``x: (*task, N, in)``; returns ``(*task, N, out)``."""
-    n_layers = len(params) // 2
+    n_layers = sum(1 for name in params if name.startswith("layer") and name.endswith(".w"))
     h = x
     for i in range(n_layers):
         h = linear(h, params[f"layer{i}.w"], params[f"layer{i}.b"])

@@ -1,8 +1,9 @@
-"""Gaussian MLP policy for MAML-RL: obs -> 100 -> 100 -> act (ReLU), state-independent log-std.
+"""Gaussian MLP policy for MAML-RL: the MLP of ``nn.mlp`` (obs -> 100 -> 100 -> act, ReLU) for the
+mean, plus a learned state-independent log-std.
 
     mean = W2 relu(W1 relu(W0 o + b0) + b1) + b2,    pi(a | o) = N(a; mean, diag(exp(log_std))^2)
 
-Parameters are a dict ``layer{i}.w (in, out)``, ``layer{i}.b (out,)``, ``log_std (act_dim,)``.
+Parameters are ``mlp``'s dict ``layer{i}.w (in, out)``, ``layer{i}.b (out,)``, plus ``log_std (act_dim,)``.
 A *batched* dict carries a leading task axis T on every entry (``(T, in, out)``, ``(T, out)``,
 ``(T, act_dim)``): the T per-task adapted policies of MAML then run in one call on obs ``(T, N, obs_dim)``
 or ``(T, B, H, obs_dim)``. Entries may be arrays or tape Tensors.
@@ -16,6 +17,7 @@ import numpy as np
 
 from minimaml import autodiff as ad
 from minimaml import backend
+from minimaml.nn import mlp
 
 
 def init(rng: np.random.Generator, obs_dim: int, act_dim: int, hidden=(100, 100), dtype=np.float32) -> dict:
@@ -32,10 +34,6 @@ def init(rng: np.random.Generator, obs_dim: int, act_dim: int, hidden=(100, 100)
     return {k: backend.asarray(v, dtype=dtype) for k, v in params.items()}
 
 
-def n_layers(params: dict) -> int:
-    return sum(1 for k in params if k.endswith(".w"))
-
-
 def is_batched(params: dict) -> bool:
     """True when the parameters carry a leading task axis (``layer0.w`` is (T, in, out))."""
     return params["layer0.w"].ndim == 3
@@ -46,21 +44,15 @@ def apply(params: dict, obs):
 
     Unbatched params: obs (..., obs_dim) -> mean (..., act_dim), log_std (act_dim,).
     Batched params (task axis T): obs (T, ..., obs_dim) -> mean (T, ..., act_dim), log_std (T, act_dim).
+    The observations go through the MLP as one matrix of rows per task, ``(T, N, obs_dim)`` (or
+    ``(N, obs_dim)``), so each layer is one matrix product per task, whatever the trajectory layout.
     """
-    p = {k: ad.as_tensor(v) for k, v in params.items()}
     x = ad.as_tensor(obs)
     lead = x.shape[:-1]
-    # rows flattened: (T, N, d) so each task's weights meet its own rows, or (N, d) for one policy
-    x = ad.reshape(x, ((lead[0], -1) if is_batched(params) else (-1,)) + x.shape[-1:])
-    n = n_layers(params)
-    for i in range(n):
-        w, b = p[f"layer{i}.w"], p[f"layer{i}.b"]
-        if b.ndim == 2:
-            b = ad.reshape(b, (b.shape[0], 1, b.shape[1]))
-        x = ad.add(ad.matmul(x, w), b)
-        if i < n - 1:
-            x = ad.relu(x)
-    return ad.reshape(x, lead + (x.shape[-1],)), p["log_std"]
+    rows = x.reshape(((lead[0], -1) if is_batched(params) else (-1,)) + x.shape[-1:])
+    weights = {name: value for name, value in params.items() if name != "log_std"}
+    mean = mlp.apply(weights, rows)
+    return mean.reshape(lead + mean.shape[-1:]), ad.as_tensor(params["log_std"])
 
 
 def _expand_log_std(log_std, ndim: int):
@@ -74,10 +66,10 @@ def gaussian_log_prob(mean, log_std, actions):
     """log N(a; mean, diag(sigma^2)) = -sum_d [ (a_d - mean_d)^2 / (2 sigma_d^2) + log sigma_d ]
     - (d / 2) log(2 pi). mean, actions: (..., act_dim) -> (...,)."""
     log_std = _expand_log_std(log_std, mean.ndim)
-    z = ad.multiply(ad.subtract(actions, mean), ad.exp(ad.negative(log_std)))
-    per_dim = ad.add(ad.multiply(ad.multiply(z, z), 0.5), log_std)
+    z = (actions - mean) * ad.exp(-log_std)  # (a - mean) / sigma
+    per_dim = z * z * 0.5 + log_std
     act_dim = mean.shape[-1]
-    return ad.subtract(ad.negative(ad.sum(per_dim, axis=-1)), 0.5 * act_dim * math.log(2 * math.pi))
+    return -per_dim.sum(axis=-1) - 0.5 * act_dim * math.log(2 * math.pi)
 
 
 def log_prob(params: dict, obs, actions):
@@ -95,11 +87,11 @@ def gaussian_kl(old_mean, old_log_std, mean, log_std):
     """
     old_log_std = _expand_log_std(ad.as_tensor(old_log_std), mean.ndim)
     log_std = _expand_log_std(log_std, mean.ndim)
-    inv_var = ad.exp(ad.multiply(log_std, -2.0))
-    diff = ad.subtract(ad.as_tensor(old_mean), mean)
-    spread = ad.add(ad.exp(ad.multiply(old_log_std, 2.0)), ad.multiply(diff, diff))
-    per_dim = ad.add(ad.subtract(log_std, old_log_std), ad.multiply(ad.multiply(spread, inv_var), 0.5))
-    return ad.subtract(ad.sum(per_dim, axis=-1), 0.5 * mean.shape[-1])
+    inv_var = ad.exp(log_std * -2.0)  # 1 / sigma^2
+    diff = ad.as_tensor(old_mean) - mean
+    spread = ad.exp(old_log_std * 2.0) + diff * diff  # sigma_old^2 + (mean_old - mean)^2
+    per_dim = (log_std - old_log_std) + spread * inv_var * 0.5
+    return per_dim.sum(axis=-1) - 0.5 * mean.shape[-1]
 
 
 def sampler_policy(params: dict):

@@ -16,13 +16,14 @@ D depends on theta through the inner update theta'_i(theta), so F v needs third 
 policy; equivalently F = J^T F' J with J = I - alpha H_inner (D has zero gradient at theta_old, so
 the curvature of theta' drops out). The paper used finite differences of grad D instead.
 
-CG and the line search work on flat float64 host vectors (``flatten`` / ``unflatten``).
+CG and the line search work on flat float64 host vectors (``flatten`` / ``unflatten``). ``TRPO`` holds
+the settings and takes the step, as ``optim.Adam`` does for the supervised meta-gradient.
 """
 
 from __future__ import annotations
 
 import math
-import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -110,32 +111,39 @@ def trpo_step(objective, params: dict, max_kl: float = 0.01, cg_iters: int = 10,
     """One TRPO update of ``params`` (dict of arrays); returns (new params dict, stats).
 
     ``objective(params: dict of Tensors, create_graph: bool) -> (loss, mean_kl)`` scalar Tensors; with
-    ``create_graph=False`` it only needs values. Stats: loss before/after, kl, line-search outcome and the
-    seconds spent on the gradient (``time_gradient``), CG (``time_cg``) and line search.
+    ``create_graph=False`` it only needs values. Stats: loss before/after, kl, the gradient's norm and
+    the line search's outcome.
     """
     names = list(params)
-    start = time.perf_counter()
     leaves = [ad.Tensor(params[k], requires_grad=True) for k in names]
     loss, kl = objective(dict(zip(names, leaves)), create_graph=True)
     g = flatten(ad.grad(loss, leaves))
     fvp = fisher_vector_product(kl, leaves, damping)
-    time_gradient = time.perf_counter() - start
 
-    start = time.perf_counter()
     x, fisher_x = conjugate_gradient(fvp, g, cg_iters)
     step = math.sqrt(2 * max_kl / (x @ fisher_x + 1e-8)) * x
-    time_cg = time.perf_counter() - start
 
     def evaluate(flat):
         candidate = [ad.Tensor(a, requires_grad=True) for a in unflatten(flat, leaves)]
         loss_c, kl_c = objective(dict(zip(names, candidate)), create_graph=False)
         return loss_c.item(), kl_c.item()
 
-    start = time.perf_counter()
     theta, info = line_search(evaluate, flatten(leaves), step, loss.item(), max_kl, backtrack_ratio, max_backtracks)
-    time_line_search = time.perf_counter() - start
-
     new_params = dict(zip(names, unflatten(theta, leaves))) if info["accepted"] else dict(params)
-    stats = {"loss_before": loss.item(), **info, "grad_norm": float(np.linalg.norm(g)),
-             "time_gradient": time_gradient, "time_cg": time_cg, "time_line_search": time_line_search}
-    return new_params, stats
+    return new_params, {"loss_before": loss.item(), **info, "grad_norm": float(np.linalg.norm(g))}
+
+
+@dataclass(frozen=True)
+class TRPO:
+    """TRPO's settings: the trust region ``max_kl`` (delta), CG's iterations and damping, the line
+    search's backtracking. ``step(objective, params)`` is ``trpo_step`` with them."""
+
+    max_kl: float = 0.01
+    cg_iters: int = 10
+    damping: float = 1e-5
+    backtrack_ratio: float = 0.8
+    max_backtracks: int = 15
+
+    def step(self, objective, params: dict):
+        return trpo_step(objective, params, self.max_kl, self.cg_iters, self.damping, self.backtrack_ratio,
+                         self.max_backtracks)

@@ -57,11 +57,14 @@ def file_stat(path: Path) -> list:
 def atomic_write(path: Path, write) -> None:
     """Create ``path`` by calling ``write(tmp_path)`` on a temporary file beside it, then renaming it.
 
-    If ``write`` raises, the temporary file is removed and ``path`` is left untouched.
+    If ``write`` raises, the temporary file is removed and ``path`` is left untouched. The temporary
+    file's name carries the writer's pid (``.<name>.<pid>.XXXX.tmp``): those of writers that are no
+    longer running (killed mid-write) are removed first, while another live process may be writing.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_dead_writers_files(path)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     os.close(handle)
     try:
         write(Path(tmp))
@@ -69,6 +72,24 @@ def atomic_write(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_dead_writers_files(path: Path) -> None:
+    """Remove the temporary files that ``atomic_write`` left beside ``path`` in processes that died."""
+    for leftover in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = leftover.name[len(path.name) + 2:].split(".")[0]
+        if not pid.isdigit() or not _running(int(pid)):
+            leftover.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def save_npz(path: Path, **arrays: np.ndarray) -> None:

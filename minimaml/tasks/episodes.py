@@ -5,7 +5,7 @@ draw is a random ordered sample, every task has a fresh random class-to-label as
 guard against memorising labels). Each class gives ``k_shot`` support and ``k_query`` query images,
 all distinct. Within a set, examples are ordered by label: ``y = [0]*K + [1]*K + ...``.
 
-Tasks are first drawn as indices (``TaskIndex``), then gathered into batched arrays (``Episodes``),
+Tasks are first drawn as indices (``TaskIndex``), then gathered into batched arrays (a ``TaskBatch``),
 so a fixed evaluation set (e.g. 600 test tasks) costs only its indices until it is iterated.
 """
 
@@ -17,6 +17,7 @@ from typing import Iterator
 import numpy as np
 
 from minimaml import backend
+from minimaml.tasks.batch import Examples, TaskBatch
 
 
 @dataclass(frozen=True)
@@ -25,20 +26,6 @@ class ClassSplit:
 
     images: np.ndarray
     names: np.ndarray
-
-
-@dataclass(frozen=True)
-class Episodes:
-    """A meta-batch of T tasks, on the default device.
-
-    support_x: (T, N*K, H, W, ch) float32 in [0, 1]; support_y: (T, N*K) int64;
-    query_x: (T, N*Q, H, W, ch) float32 in [0, 1]; query_y: (T, N*Q) int64.
-    """
-
-    support_x: object
-    support_y: object
-    query_x: object
-    query_y: object
 
 
 @dataclass(frozen=True)
@@ -65,9 +52,11 @@ def draw_tasks(
         raise TypeError(f"episodes: rng must be a numpy.random.Generator (host sampling), got {type(rng)}")
     if not 1 <= n_way <= n_classes:
         raise ValueError(f"episodes: n_way={n_way} needs 1 <= n_way <= number of classes ({n_classes})")
-    if k_shot < 1 or k_query < 0 or k_shot + k_query > n_per_class:
+    if n_tasks < 1:
+        raise ValueError(f"episodes: need at least one task, got n_tasks={n_tasks}")
+    if k_shot < 1 or k_query < 1 or k_shot + k_query > n_per_class:
         raise ValueError(
-            f"episodes: k_shot={k_shot}, k_query={k_query} need k_shot >= 1, k_query >= 0 and "
+            f"episodes: k_shot={k_shot}, k_query={k_query} need k_shot >= 1, k_query >= 1 and "
             f"k_shot + k_query <= images per class ({n_per_class})"
         )
     per_class = k_shot + k_query
@@ -80,8 +69,10 @@ def draw_tasks(
     return TaskIndex(classes, images, k_shot)
 
 
-def gather(images: np.ndarray, tasks: TaskIndex) -> Episodes:
-    """The arrays of ``tasks`` from ``images: (C, M, H, W, ch)`` uint8, moved to the default device.
+def gather(images: np.ndarray, tasks: TaskIndex) -> TaskBatch:
+    """The arrays of ``tasks`` from ``images: (C, M, H, W, ch)`` uint8, moved to the default device:
+    support ``x (T, N*K, H, W, ch)`` float32 in [0, 1], ``y (T, N*K)`` int64; query ``x (T, N*Q, H, W, ch)``,
+    ``y (T, N*Q)``.
 
     The uint8 pixels are moved first and scaled to float32 [0, 1] there (4x less to copy to a GPU).
     """
@@ -93,17 +84,17 @@ def gather(images: np.ndarray, tasks: TaskIndex) -> Episodes:
     support = pixels[:, :, :k_shot].reshape(n_tasks, n_way * k_shot, *shape)
     query = pixels[:, :, k_shot:].reshape(n_tasks, n_way * k_query, *shape)
     labels = np.arange(n_way, dtype=np.int64)
-    return Episodes(
-        support_x=backend.asarray(support).astype(np.float32) / 255,
-        support_y=backend.asarray(np.tile(np.repeat(labels, k_shot), (n_tasks, 1))),
-        query_x=backend.asarray(query).astype(np.float32) / 255,
-        query_y=backend.asarray(np.tile(np.repeat(labels, k_query), (n_tasks, 1))),
+    return TaskBatch(
+        support=Examples(x=backend.asarray(support).astype(np.float32) / 255,
+                         y=backend.asarray(np.tile(np.repeat(labels, k_shot), (n_tasks, 1)))),
+        query=Examples(x=backend.asarray(query).astype(np.float32) / 255,
+                       y=backend.asarray(np.tile(np.repeat(labels, k_query), (n_tasks, 1)))),
     )
 
 
 def sample_episodes(
     images: np.ndarray, n_tasks: int, n_way: int, k_shot: int, k_query: int, rng: np.random.Generator
-) -> Episodes:
+) -> TaskBatch:
     """A fresh meta-batch of ``n_tasks`` tasks from ``images: (C, M, H, W, ch)`` uint8."""
     _check_images(images)
     return gather(images, draw_tasks(*images.shape[:2], n_tasks, n_way, k_shot, k_query, rng))
@@ -117,7 +108,7 @@ def fixed_tasks(
     return draw_tasks(*images.shape[:2], n_tasks, n_way, k_shot, k_query, np.random.default_rng(seed))
 
 
-def iterate_batches(images: np.ndarray, tasks: TaskIndex, meta_batch_size: int) -> Iterator[Episodes]:
+def iterate_batches(images: np.ndarray, tasks: TaskIndex, meta_batch_size: int) -> Iterator[TaskBatch]:
     """``tasks`` in order, ``meta_batch_size`` at a time (the last batch may be smaller)."""
     if meta_batch_size < 1:
         raise ValueError(f"episodes: meta_batch_size must be >= 1, got {meta_batch_size}")

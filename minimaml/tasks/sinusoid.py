@@ -4,9 +4,10 @@ A task draws ``A ~ U[0.1, 5.0]`` and ``phase ~ U[0, pi]``; its points draw ``x ~
 of a batch of ``T`` tasks carry the task axis first: ``x, y: (T, K, 1)``.
 
 - ``sample_tasks``, ``sample_points``: host (NumPy, float64) draws from a generator passed in.
-- ``sample_batch``: a meta-training batch (support and query sets) on the default device.
+- ``sample_batch``: a meta-training batch, a ``TaskBatch`` of support and query ``Examples`` on the
+  default device.
 - ``fixed_test_tasks``: the seeded evaluation set, ``K`` support points per task and a dense grid
-  of evaluation points.
+  of evaluation points (the query set).
 - ``true_function``: ``A sin(x - phase)``, for targets and plots.
 """
 
@@ -18,34 +19,24 @@ from typing import NamedTuple
 import numpy
 
 from minimaml import backend
+from minimaml.tasks.batch import Examples, TaskBatch
 
 AMPLITUDE_RANGE = (0.1, 5.0)
 PHASE_RANGE = (0.0, math.pi)
 INPUT_RANGE = (-5.0, 5.0)
 
 
-class SinusoidBatch(NamedTuple):
-    """Support and query sets of ``T`` tasks on the default device, each ``(T, K, 1)``."""
-
-    support_x: object
-    support_y: object
-    query_x: object
-    query_y: object
-
-
 class SinusoidTestSet(NamedTuple):
     """A fixed evaluation set of ``n_tasks`` tasks.
 
-    ``amplitude, phase: (n_tasks,)`` stay on the host (float64) for plots; ``support_x, support_y:
-    (n_tasks, k_shot, 1)`` and ``eval_x, eval_y: (n_tasks, n_eval, 1)`` are on the default device.
+    ``amplitude, phase: (n_tasks,)`` stay on the host (float64) for plots; ``tasks``: the support
+    points ``(n_tasks, k_shot, 1)`` and, as the query set, the evaluation grid ``(n_tasks, n_eval, 1)``,
+    on the default device.
     """
 
     amplitude: numpy.ndarray
     phase: numpy.ndarray
-    support_x: object
-    support_y: object
-    eval_x: object
-    eval_y: object
+    tasks: TaskBatch
 
 
 def true_function(x, amplitude, phase):
@@ -74,14 +65,19 @@ def sample_points(rng: numpy.random.Generator, amplitude, phase, k: int) -> tupl
 
 
 def sample_batch(rng: numpy.random.Generator, meta_batch_size: int, k_shot: int, k_query: int | None = None,
-                 dtype=numpy.float32) -> SinusoidBatch:
+                 dtype=numpy.float32) -> TaskBatch:
     """A meta-training batch: ``meta_batch_size`` fresh tasks, each with ``k_shot`` support and
     ``k_query`` (default ``k_shot``) query points drawn independently; arrays ``(T, K, 1)`` of
     ``dtype`` on the default device. Draw order: tasks, support points, query points."""
     amplitude, phase = sample_tasks(rng, meta_batch_size)
-    support_x, support_y = sample_points(rng, amplitude, phase, k_shot)
-    query_x, query_y = sample_points(rng, amplitude, phase, k_shot if k_query is None else k_query)
-    return SinusoidBatch(*(backend.asarray(a, dtype=dtype) for a in (support_x, support_y, query_x, query_y)))
+    support = sample_points(rng, amplitude, phase, k_shot)
+    query = sample_points(rng, amplitude, phase, k_shot if k_query is None else k_query)
+    return TaskBatch(_on_device(support, dtype), _on_device(query, dtype))
+
+
+def _on_device(points: tuple, dtype) -> Examples:
+    x, y = points
+    return Examples(backend.asarray(x, dtype=dtype), backend.asarray(y, dtype=dtype))
 
 
 def fixed_test_tasks(n_tasks: int = 600, k_shot: int = 5, seed: int = 0, n_eval: int = 100,
@@ -101,8 +97,8 @@ def fixed_test_tasks(n_tasks: int = 600, k_shot: int = 5, seed: int = 0, n_eval:
     grid = numpy.linspace(*INPUT_RANGE, n_eval)
     eval_x = numpy.tile(grid[None, :, None], (n_tasks, 1, 1))
     eval_y = true_function(eval_x, amplitude[:, None, None], phase[:, None, None])
-    on_device = (backend.asarray(a, dtype=dtype) for a in (support_x, support_y, eval_x, eval_y))
-    return SinusoidTestSet(amplitude, phase, *on_device)
+    tasks = TaskBatch(_on_device((support_x, support_y), dtype), _on_device((eval_x, eval_y), dtype))
+    return SinusoidTestSet(amplitude, phase, tasks)
 
 
 def _check_positive(**counts) -> None:
