@@ -23,21 +23,18 @@ then renamed over the old one, so the file on disk is always complete:
 - with validation: ``validation/<column>`` (``iteration``, ``score``, ``seconds``) and the best-scoring
   parameters ``best/<name>`` with ``best_iteration``
 
-Guarantees, each tested: a run holds its folder (``folder_lock``), a second one refuses at once; a
-NaN or infinite loss, gradient or parameter stops the run with ``NonFiniteError`` and leaves on disk
-the last checkpoint whose parameters gave a finite loss; temporary files of a killed write are
-removed when the folder is next locked.
+Guarantees, each tested: a NaN or infinite loss, gradient or parameter stops the run with
+``NonFiniteError`` and leaves on disk the last checkpoint whose parameters gave a finite loss; a
+resume with other settings is a ``ResumeError`` naming them. (The experiments hold their folder with
+``files.folder_lock``: one run per folder.)
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import math
 import os
-import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -45,6 +42,7 @@ import numpy
 from tqdm.auto import tqdm
 
 from minimaml import backend
+from minimaml.files import write_atomic
 
 
 class NonFiniteError(FloatingPointError):
@@ -54,10 +52,6 @@ class NonFiniteError(FloatingPointError):
 
 class ResumeError(ValueError):
     """A checkpoint does not fit the run that would resume from it (seed, model, settings)."""
-
-
-class FolderLockedError(RuntimeError):
-    """Another live process is running in this output folder."""
 
 
 @dataclass
@@ -365,7 +359,7 @@ def save_checkpoint(path, params: dict, opt_state: dict, iteration: int, seed: i
     if best_params is not None:
         arrays.update({f"best/{k}": backend.to_numpy(v) for k, v in best_params.items()})
         arrays["best_iteration"] = numpy.asarray(best_iteration, dtype=numpy.int64)
-    write_file_atomic(path, lambda f: numpy.savez(f, **arrays))
+    write_atomic(path, lambda f: numpy.savez(f, **arrays))
 
 
 def _columns(prefix: str, records: list) -> dict:
@@ -373,30 +367,6 @@ def _columns(prefix: str, records: list) -> dict:
     return {f"{prefix}{c}": numpy.asarray([r[c] for r in records],
                                           dtype=numpy.int64 if c == "iteration" else numpy.float64)
             for c in columns}
-
-
-def write_file_atomic(path, write: Callable) -> None:
-    """Create ``path`` by ``write(binary file)`` on ``<name>.XXXX.tmp`` in the same folder, flushed to
-    disk, then renamed over ``path``: the file on disk is always complete. Mode: the user's umask."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp_path = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp_path, 0o666 & ~_umask())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def load_checkpoint(path) -> Checkpoint:
@@ -429,74 +399,3 @@ def load_checkpoint(path) -> Checkpoint:
         validation=records("validation/"),
         best_params={k: backend.asarray(v) for k, v in best.items()} if best else None,
         best_iteration=int(arrays["best_iteration"]) if "best_iteration" in arrays else None)
-
-
-# --- one run per folder ----------------------------------------------------------------------------
-LOCK_NAME = ".lock"
-
-
-def _process_start(pid: int) -> str | None:
-    """The kernel's start time of process ``pid`` (Linux ``/proc``), to tell a live owner from a new
-    process that reuses a dead owner's pid; None where ``/proc`` is absent."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _alive(pid: int, start: str | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return start is None or _process_start(pid) in (None, start)
-
-
-@contextmanager
-def folder_lock(folder, say: Callable[[str], None] = print):
-    """Hold ``folder`` for this run: ``<folder>/.lock`` holds the owner's pid (created exclusively).
-    A second run on the folder fails at once with ``FolderLockedError``; a lock left by a process that
-    is no longer running is taken over, with a message. Holding the lock, the temporary files of writes
-    that a kill interrupted (``*.tmp``) are removed."""
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, LOCK_NAME)
-    me = f"{os.getpid()} {_process_start(os.getpid())}\n"
-    while True:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-        except FileExistsError:
-            try:
-                with open(path, encoding="utf-8") as f:
-                    fields = f.read().split()
-                pid, start = int(fields[0]), (fields[1] if len(fields) > 1 and fields[1] != "None" else None)
-            except (OSError, ValueError, IndexError):
-                pid, start = None, None  # being written, or garbage: treat as stale below
-            if pid is not None and _alive(pid, start):
-                raise FolderLockedError(
-                    f"{folder} is in use by another run (process {pid}, lock file {path}); wait for it to "
-                    f"finish or give this run another --out-dir") from None
-            say(f"taking over {path}: left by process {pid}, which is no longer running")
-            try:
-                os.remove(path)
-            except FileNotFoundError:
-                pass
-            continue
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(me)
-        break
-    try:
-        for pattern in ("*.tmp", ".*.tmp"):  # glob's * skips names that start with a dot
-            for leftover in glob.glob(os.path.join(glob.escape(str(folder)), pattern)):
-                os.remove(leftover)
-        yield
-    finally:
-        try:
-            with open(path, encoding="utf-8") as f:
-                mine = f.read() == me
-            if mine:
-                os.remove(path)
-        except OSError:
-            pass

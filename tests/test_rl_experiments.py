@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from minimaml import train
+from minimaml import files, train
 from minimaml.experiments import locomotion, navigation, rl_common
 from minimaml.rl.envs import make_env
 
@@ -32,7 +32,7 @@ def test_navigation_end_to_end(tmp_path):
         assert (tmp_path / figure).stat().st_size > 0
     table = rl_common.results_markdown(results)
     assert "-40.41 ± 4.01" in table and "| MAML | ours |" in table
-    assert not (tmp_path / train.LOCK_NAME).exists()  # the folder lock is released
+    assert not (tmp_path / files.LOCK_NAME).exists()  # the folder lock is released
 
 
 @pytest.mark.parametrize("method", ["maml", "pretrained"])

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy
 
 from .. import autodiff as ad
-from .. import backend, maml, optim, train
+from .. import backend, files, maml, optim, train
 from ..nn import conv4
 from ..tasks import episodes
 from .common import check_config, log, markdown_table, setting, summary, training_settings, write_json
@@ -147,7 +147,7 @@ def evaluate(model, params, images, task_index, config: ClassificationConfig, na
 def run(config: ClassificationConfig, resume: bool = False, progress: bool = True, allow_changes=()) -> dict:
     """Meta-train with validation-based early stopping, then score the test tasks with the
     best-validation parameters."""
-    with train.folder_lock(config.out_dir):
+    with files.folder_lock(config.out_dir):
         return _run(config, resume, progress, allow_changes)
 
 

@@ -14,11 +14,12 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 
 import numpy
 
-from ..train import write_file_atomic
+from .. import files
 
 PROFILES = ("quick", "full")
 _FIELD_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
@@ -80,7 +81,8 @@ def cell(entry: dict, scale: float = 1.0, digits: int = 3) -> str:
 
 def write_atomic(path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename: never half-written."""
-    write_file_atomic(path, lambda f: f.write(text.encode("utf-8")))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    files.write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def write_json(path, data) -> None:

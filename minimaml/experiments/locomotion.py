@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 
-from .. import allocator, train
+from .. import allocator, files, train
 from . import rl_common
 from .common import allowed_changes, check_config, config_parser, overrides_from_args
 from .rl_common import RLConfig
@@ -86,7 +86,7 @@ def main(argv=None):
         results = run(cfg, resume=args.resume, progress=not args.no_progress, allow_changes=allowed_changes(args))
     except ImportError as err:
         parser.exit(2, f"{parser.prog}: {err}\n")
-    except (ValueError, train.NonFiniteError, train.FolderLockedError) as err:
+    except (ValueError, train.NonFiniteError, files.FolderLockedError) as err:
         parser.exit(1, f"{parser.prog}: error: {err}\n")
     print(rl_common.results_markdown(results))
 

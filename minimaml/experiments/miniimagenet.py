@@ -12,7 +12,7 @@ docs/data.md for assembling the 60,000 images); ``--sample-data`` uses the 12-im
 
 from __future__ import annotations
 
-from .. import allocator, train
+from .. import allocator, files, train
 from ..tasks.datadir import DataError
 from . import classification
 from .classification import ClassificationConfig
@@ -61,7 +61,7 @@ def main(argv=None):
         cfg = config(args.k_shot, args.mode, args.profile, **overrides)
         results = classification.run(cfg, resume=args.resume, progress=not args.no_progress,
                                      allow_changes=allowed_changes(args))
-    except (ValueError, DataError, train.NonFiniteError, train.FolderLockedError) as err:
+    except (ValueError, DataError, train.NonFiniteError, files.FolderLockedError) as err:
         parser.exit(1, f"{parser.prog}: error: {err}\n")
     print(classification.results_table([results], PAPER, f"MiniImagenet ({args.profile} profile)"))
 

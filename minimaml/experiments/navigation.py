@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 
-from .. import allocator, train
+from .. import allocator, files, train
 from . import rl_common
 from .common import allowed_changes, check_config, config_parser, overrides_from_args
 from .rl_common import RLConfig
@@ -102,7 +102,7 @@ def main(argv=None):
     try:
         cfg = config(args.profile, **overrides_from_args(RLConfig, args))
         results = run(cfg, resume=args.resume, progress=not args.no_progress, allow_changes=allowed_changes(args))
-    except (ValueError, train.NonFiniteError, train.FolderLockedError) as err:
+    except (ValueError, train.NonFiniteError, files.FolderLockedError) as err:
         parser.exit(1, f"{parser.prog}: error: {err}\n")
     print(rl_common.results_markdown(results))
 

@@ -10,7 +10,7 @@ test; 20-way: 5 inner steps, alpha 0.1, meta-batch 16, 5 steps at test; 60,000 m
 
 from __future__ import annotations
 
-from .. import allocator, train
+from .. import allocator, files, train
 from ..tasks.datadir import DataError
 from . import classification
 from .classification import ClassificationConfig
@@ -70,7 +70,7 @@ def main(argv=None):
         cfg = config(args.n_way, args.k_shot, args.model, args.profile, **overrides)
         results = classification.run(cfg, resume=args.resume, progress=not args.no_progress,
                                      allow_changes=allowed_changes(args))
-    except (ValueError, DataError, train.NonFiniteError, train.FolderLockedError) as err:
+    except (ValueError, DataError, train.NonFiniteError, files.FolderLockedError) as err:
         parser.exit(1, f"{parser.prog}: error: {err}\n")
     print(classification.results_table([results], PAPER, f"Omniglot ({args.profile} profile)"))
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import train
+from .. import files, train
 from ..nn import policy as pol
 from ..rl import maml_rl
 from ..rl.reinforce import trajectories
@@ -219,7 +219,7 @@ def run(cfg: RLConfig, resume: bool = False, progress: bool = True, n_show: int 
     trajectories of the first ``n_show`` test tasks (``evaluate_policy``) per method."""
     methods = cfg.method_list()
     env = build_env(cfg)
-    with train.folder_lock(cfg.out_dir):
+    with files.folder_lock(cfg.out_dir):
         return _run(cfg, env, methods, resume, progress, n_show, allow_changes)
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from minimaml.files import process_running
+
 DEFAULT_DIR = Path("~/.cache/minimaml")
 
 
@@ -78,18 +80,8 @@ def remove_dead_writers_files(path: Path) -> None:
     """Remove the temporary files that ``atomic_write`` left beside ``path`` in processes that died."""
     for leftover in path.parent.glob(f".{path.name}.*.tmp"):
         pid = leftover.name[len(path.name) + 2:].split(".")[0]
-        if not pid.isdigit() or not _running(int(pid)):
+        if not pid.isdigit() or not process_running(int(pid)):
             leftover.unlink(missing_ok=True)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 def save_npz(path: Path, **arrays: np.ndarray) -> None:
