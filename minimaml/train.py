@@ -178,7 +178,6 @@ def run(
         ckpt = load_checkpoint(checkpoint_path)
         changes = _check_resume(ckpt, params, seed, config, allow_changes, n_iterations, checkpoint_path)
         params, state, start, history = ckpt.params, ckpt.opt_state, ckpt.iteration, ckpt.history
-        params = {k: backend.asarray(v, dtype=v.dtype) for k, v in params.items()}
         earlier_seconds, curve = ckpt.seconds, ckpt.validation
         best_params, best_iteration = ckpt.best_params, ckpt.best_iteration
     say = logger or (lambda line: None)

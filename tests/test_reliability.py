@@ -121,3 +121,26 @@ def test_divergence_is_reported_not_tabulated(tmp_path):
     assert "fine-tuning diverged" in err
     text = (tmp_path / "results.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
+
+
+def test_a_diverged_run_resumes_with_a_deliberate_change_of_step_size(tmp_path):
+    """The audit's case: --meta-lr 1e4 with a checkpoint every iteration. The run stops naming the
+    iteration, the checkpoint it leaves gave a finite loss, a resume with the same settings fails the
+    same way, one with another --meta-lr is refused unless allowed, and then it goes on."""
+    args = ["--n-iterations", "50", "--checkpoint-every", "1"]
+    code, _, err = _sinusoid(tmp_path, *args, "--meta-lr", "1e4")
+    assert code == 1 and "loss is nan" in err and "whose parameters gave a finite loss" in err
+    code, _, err = _sinusoid(tmp_path, *args, "--meta-lr", "1e-3", "--resume")
+    assert code == 1 and "meta_lr: 10000.0 in the checkpoint, 0.001 now" in err and "--allow-change meta_lr" in err
+    code, out, err = _sinusoid(tmp_path, *args, "--meta-lr", "1e-3", "--resume", "--allow-change", "meta_lr")
+    assert code == 0, err
+    changes = __import__("json").loads((tmp_path / "results.json").read_text())["changes"]["maml"]
+    assert [c["setting"] for c in changes] == ["meta_lr"] and changes[0]["to"] == 0.001
+
+
+def test_resuming_a_finished_run_with_fewer_iterations_is_refused(tmp_path):
+    code, _, err = _sinusoid(tmp_path, "--n-iterations", "30")
+    assert code == 0, err
+    code, _, err = _sinusoid(tmp_path, "--n-iterations", "10", "--resume")
+    assert code == 1 and "done 30 iterations, more than the 10 asked for" in err
+    assert '"n_iterations": 30' in (tmp_path / "results.json").read_text()  # the results still say 30

@@ -1,4 +1,5 @@
-"""What the RL experiments (2D navigation, locomotion) share: config, training loops, evaluation, plots.
+"""What the RL experiments (2D navigation, locomotion) share: the config, the two TRPO steps, evaluation,
+plots.
 
 Three policies are compared on the same fixed, seeded test tasks (paper Sec. 5.3, Figs. 4-5):
 
@@ -13,12 +14,12 @@ each step: mean and 95% CI over the test tasks. As in the authors' test scripts,
 trajectories until they add up to ``test_batch_steps`` = 4000 time steps per task (rllab's VPG
 ``batch_size``): 40 trajectories on 2D navigation, more once episodes end at the goal; 20 on locomotion.
 
-Training runs meta-iteration ``i`` with the generator ``train.iteration_rng(seed, i)`` and writes an atomic
-checkpoint (``train.save_checkpoint``: parameters + per-iteration history) every ``checkpoint_every``
-iterations; ``resume=True`` continues from it. On 2D navigation a resumed run is bitwise the
+Training is the one loop, ``train.run``, with a TRPO step (``MamlStep``, ``PretrainStep``) in place of
+Adam: iteration ``i`` gets the generator ``train.iteration_rng(seed, i)``, checkpoints are atomic every
+``checkpoint_every`` iterations, ``resume=True`` continues (checking the settings), and a non-finite
+parameter or return raises ``train.NonFiniteError``. On 2D navigation a resumed run is bitwise the
 uninterrupted one; MuJoCo envs draw their initial-state noise from their own generator, so a resumed
-locomotion run is statistically, not bitwise, the same. A non-finite parameter or return raises
-``train.NonFiniteError`` before anything is saved, so the last checkpoint stays good.
+locomotion run is statistically, not bitwise, the same.
 """
 
 from __future__ import annotations

@@ -16,10 +16,6 @@ from dataclasses import dataclass
 from minimaml import backend
 from minimaml.nn import policy as pol
 
-NAVIGATION_INNER_LR = 0.5  # the authors' code for 2D navigation (the paper's text: 0.1 for all RL tasks)
-INNER_LR = 0.1
-
-
 @dataclass(frozen=True)
 class Trajectories:
     """Sampled trajectories of T tasks on the default device, as the RL task loss reads them:
