@@ -68,6 +68,9 @@ def _summed_loss(task_loss, params, data) -> ad.Tensor:
 
 
 def _inner_names(params: dict, inner_param_names) -> list:
+    """The adapted parameters' names, checked against ``params`` (a dict of named arrays)."""
+    if not isinstance(params, dict):
+        raise TypeError(f"maml: params must be a dict of named arrays (or Tensors), got a {type(params).__name__}")
     names = list(params) if inner_param_names is None else list(inner_param_names)
     unknown = [n for n in names if n not in params]
     if unknown:

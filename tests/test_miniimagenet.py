@@ -1,6 +1,7 @@
 """mini-ImageNet: the Ravi & Larochelle layout, the cache, and every bad input, on fake copies in tmp_path."""
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +43,16 @@ def test_loads_classes_in_csv_order(tmp_path):
 
 
 def test_sample_folder(tmp_path):
-    fake_miniimagenet(tmp_path / "data", name="miniimagenet-sample")
-    assert load(tmp_path, sample=True).images.shape == (3, 4, 84, 84, 3)
+    """``sample=True`` reads ``miniimagenet-sample``, and only then: with both folders present (2 and 4
+    images per class) each load gets its own folder's images, decoded, and its own cache."""
+    fake_miniimagenet(tmp_path / "data", name="miniimagenet-sample", per_class=2)
+    fake_miniimagenet(tmp_path / "data", per_class=4)
+    for sample, per_class in ((True, 2), (False, 4), (True, 2)):  # the last one from the cache
+        split = load(tmp_path, sample=sample)
+        assert split.images.shape == (3, per_class, 84, 84, 3) and split.names.tolist() == list(CLASSES)
+        assert np.allclose(split.images.reshape(3, -1, 3).mean(axis=1), COLOURS, atol=3)
+    caches = sorted(p.name.split("-train-")[0] for p in (tmp_path / "cache").glob("*.npz"))
+    assert caches == ["miniimagenet", "miniimagenet-sample"]
 
 
 def test_other_sizes_and_grey_images_become_84x84_rgb(tmp_path):
@@ -137,3 +146,151 @@ def test_real_sample(tmp_path):
         assert all(name.startswith("n") and len(name) == 9 for name in data.names)
         assert 20 < data.images.mean() < 235
     assert shapes == {"train": (64, 12, 84, 84, 3), "val": (16, 12, 84, 84, 3), "test": (20, 12, 84, 84, 3)}
+
+
+# --- labels, splits, checksums, messages, the cache folder -------------------------------------------------
+
+
+def test_label_disagreeing_with_the_files_wordnet_id_names_file_row_and_both_ids(tmp_path):
+    root = fake_miniimagenet(tmp_path / "data")
+    table = root / "train.csv"
+    table.write_text(table.read_text().replace(f"{CLASSES[0]}00000001.jpg,{CLASSES[0]}",
+                                               f"{CLASSES[0]}00000001.jpg,{CLASSES[1]}"))
+    with pytest.raises(DataError, match=rf"train\.csv: row 3: label {CLASSES[1]} disagrees with the WordNet id "
+                                        rf"{CLASSES[0]} of its file {CLASSES[0]}00000001\.jpg"):
+        load(tmp_path)
+
+
+def test_file_name_without_a_wordnet_id_is_refused(tmp_path):
+    root = fake_miniimagenet(tmp_path / "data")
+    with open(root / "train.csv", "a") as f:
+        f.write(f"photo.jpg,{CLASSES[0]}\n")
+    with pytest.raises(DataError, match=r"row 14: file photo\.jpg does not start with a WordNet id"):
+        load(tmp_path)
+
+
+def test_a_class_in_two_splits_is_refused(tmp_path):
+    root = fake_miniimagenet(tmp_path / "data")
+    train_rows = (root / "train.csv").read_text().splitlines()
+    (root / "val.csv").write_text("\n".join(["filename,label"] + train_rows[9:13]) + "\n")  # class 3, copied
+    for split, other in (("train", "val"), ("val", "train")):
+        with pytest.raises(DataError, match=rf"{split}\.csv and .*{other}\.csv: class {CLASSES[2]} is in both the "
+                                            rf"{split} and the {other} split; the splits must be disjoint"):
+            miniimagenet.load_miniimagenet(split, tmp_path / "data", tmp_path / "cache")
+
+
+def test_a_directory_in_place_of_an_image_is_named_as_a_directory(tmp_path):
+    root = fake_miniimagenet(tmp_path / "data")
+    path = root / "images" / f"{CLASSES[1]}00000003.jpg"
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(DataError, match=rf"row 9 names {path.name}, but .* is a directory, not a file"):
+        load(tmp_path)
+
+
+def test_unidentifiable_image_message_says_what_is_wrong(tmp_path):
+    root = fake_miniimagenet(tmp_path / "data")
+    (root / "images" / f"{CLASSES[0]}00000000.jpg").write_bytes(b"not an image at all" * 10)
+    with pytest.raises(DataError, match=r"row 2\): not a readable image: not in an image format") as err:
+        load(tmp_path)
+    assert "BytesIO" not in str(err.value)
+
+
+def test_cache_files_get_the_users_umask(tmp_path):
+    fake_miniimagenet(tmp_path / "data")
+    old = os.umask(0o022)
+    try:
+        load(tmp_path)
+    finally:
+        os.umask(old)
+    (cache,) = (tmp_path / "cache").iterdir()
+    assert cache.stat().st_mode & 0o777 == 0o644  # mkstemp alone gives 0o600
+
+
+def test_an_unwritable_cache_folder_warns_before_the_work_and_loads_anyway(tmp_path, monkeypatch):
+    fake_miniimagenet(tmp_path / "data")
+    (tmp_path / "cache").mkdir()
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(miniimagenet.datadir.tempfile, "mkstemp", refuse)  # as a read-only folder would
+    with pytest.warns(UserWarning, match=rf"{tmp_path / 'cache'}: the cache folder is not writable .*MINIMAML_CACHE"):
+        split = load(tmp_path)
+    assert split.images.shape == (3, 4, 84, 84, 3)
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_cache_folder_warns_and_loads_anyway(tmp_path):
+    fake_miniimagenet(tmp_path / "data")
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache").chmod(0o555)
+    try:
+        with pytest.warns(UserWarning, match="cache folder is not writable"):
+            assert load(tmp_path).images.shape == (3, 4, 84, 84, 3)
+    finally:
+        (tmp_path / "cache").chmod(0o755)
+
+
+def sample_copy(tmp_path, n_classes=2, per_class=3) -> Path:
+    """A few real images of the sample, their train.csv rows and SHA256SUMS.images, copied to tmp_path."""
+    root = tmp_path / "data" / "miniimagenet-sample"
+    (root / "images").mkdir(parents=True)
+    rows = (REAL / "train.csv").read_text().splitlines()[1:]
+    labels = list(dict.fromkeys(row.split(",")[1] for row in rows))[:n_classes]
+    chosen = [row for label in labels for row in [r for r in rows if r.endswith("," + label)][:per_class]]
+    for row in chosen:
+        shutil.copy(REAL / "images" / row.split(",")[0], root / "images")
+    (root / "train.csv").write_text("\n".join(["filename,label"] + chosen) + "\n")
+    shutil.copy(REAL / miniimagenet.CHECKSUMS, root)
+    return root
+
+
+needs_sample = pytest.mark.skipif(not REAL.is_dir(),
+                                  reason="set MINIMAML_DATA to a folder holding miniimagenet-sample/")
+
+
+@needs_sample
+def test_a_corrupted_image_is_refused_by_its_checksum(tmp_path):
+    root = sample_copy(tmp_path)
+    path = sorted((root / "images").iterdir())[4]
+    data = bytearray(path.read_bytes())
+    data[1000:1200] = bytes(b ^ 0xFF for b in data[1000:1200])  # 200 bytes flipped: may well still decode
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=rf"{path.name} \(.*train\.csv, row 6\): sha256 [0-9a-f]{{64}} does not "
+                                        rf"match [0-9a-f]{{64}} in .*SHA256SUMS\.images"):
+        load(tmp_path, sample=True)
+    assert not (tmp_path / "cache").exists() or list((tmp_path / "cache").glob("*.npz")) == []
+
+
+@needs_sample
+def test_an_image_missing_from_the_checksum_file_is_refused(tmp_path):
+    root = sample_copy(tmp_path)
+    name = sorted((root / "images").iterdir())[0].name
+    sums = root / miniimagenet.CHECKSUMS
+    sums.write_text("".join(line + "\n" for line in sums.read_text().splitlines() if not line.endswith(name)))
+    with pytest.raises(DataError, match=rf"train\.csv: row 2 names {name}, which .*SHA256SUMS\.images does not list"):
+        load(tmp_path, sample=True)
+
+
+@needs_sample
+def test_checksums_are_verified_once_and_a_changed_file_again(tmp_path, monkeypatch):
+    root = sample_copy(tmp_path)
+    hashed = []
+    real_sha256 = miniimagenet._sha256
+    monkeypatch.setattr(miniimagenet, "_sha256", lambda path: (hashed.append(path.name), real_sha256(path))[1])
+
+    def load_and_count_images():
+        hashed.clear()
+        for npz in (tmp_path / "cache").glob("*.npz"):
+            npz.unlink()  # the image cache would skip the checks; the record of verified files must do it
+        assert load(tmp_path, sample=True).images.shape == (2, 3, 84, 84, 3)
+        return sorted(name for name in hashed if name.endswith(".jpg"))
+
+    images = sorted(p.name for p in (root / "images").iterdir())
+    assert load_and_count_images() == images
+    assert load_and_count_images() == []
+    os.utime(root / "images" / images[2], ns=(1, 1))
+    assert load_and_count_images() == [images[2]]
+    assert load_and_count_images() == []

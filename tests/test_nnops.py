@@ -356,12 +356,38 @@ def test_other_nnops_errors():
         ad.mse(np.ones((2, 3)), np.ones((3, 2)))
     with pytest.raises(ShapeError, match="softmax_cross_entropy"):
         ad.softmax_cross_entropy(np.ones((2, 3)), np.zeros(3, dtype=np.int64))
-    with pytest.raises(TypeError, match="integers"):
+    with pytest.raises(TypeError, match=r"expected integer class labels of shape \(2,\), got float64"):
         ad.softmax_cross_entropy(np.ones((2, 3)), np.zeros(2))
     with pytest.raises(ShapeError, match="max_pool2x2"):
         ad.max_pool2x2(np.ones((1, 4, 1)))
     with pytest.raises(ShapeError, match="im2col"):
         ad.im2col(np.ones((2, 2, 1)), 3, 3, 1, ((0, 0), (0, 0)))
+
+
+@pytest.mark.parametrize("labels, bad", [
+    (np.full((2, 5), 9), r"\[9\]"),
+    (np.array([[0, 1, 7, 2, 3], [4, -1, 0, 1, 2]]), r"\[-1, 7\]"),
+    (np.array([[0, 1, 2, 3, 5]] * 2, dtype=np.uint8), r"\[5\]"),
+])
+def test_softmax_cross_entropy_refuses_labels_outside_the_classes(labels, bad):
+    with pytest.raises(ValueError, match=rf"labels {bad} are outside the valid range \[0, 5\)"):
+        ad.softmax_cross_entropy(np.zeros((2, 5, 5)), labels)
+    ad.softmax_cross_entropy(np.zeros((2, 5, 5)), np.clip(labels, 0, 4))  # in range: accepted
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.float32])
+def test_softmax_cross_entropy_one_hot_labels_name_the_expected_shape(dtype):
+    one_hot_labels = np.eye(3, dtype=dtype)[np.zeros((2, 5), dtype=np.int64)]
+    with pytest.raises(ShapeError, match=r"expected integer class labels of shape \(2, 5\)") as err:
+        ad.softmax_cross_entropy(np.zeros((2, 5, 3)), one_hot_labels)
+    assert ("float32" in str(err.value)) == (dtype == np.float32)
+    assert "one-hot" in str(err.value)
+
+
+@pytest.mark.gpu
+def test_softmax_cross_entropy_refuses_out_of_range_labels_on_gpu(gpu):
+    with pytest.raises(ValueError, match=r"labels \[-1, 9\] are outside"):
+        ad.softmax_cross_entropy(gpu.zeros((2, 5, 5)), gpu.asarray([[0, 9, 1, 2, 3], [-1, 0, 1, 2, 3]]))
 
 
 @pytest.mark.parametrize("name", ["conv2d", "mse"])

@@ -592,15 +592,34 @@ def one_hot(labels, n_classes: int, dtype):
     return (labels[..., None] == xp.arange(n_classes)).astype(dtype)
 
 
+def _check_labels(labels, logits: Tensor) -> None:
+    """Refuse labels that are not integer class indices ``(..., N)`` in ``[0, C)`` for ``logits (..., N, C)``
+    (one-hot or float labels, or labels out of range, which would add zero loss silently). The range
+    check is one min and one max over the labels."""
+    expected, n_classes = logits.shape[:-1], logits.shape[-1]
+    is_integer = labels.dtype.kind in "iu"
+    if tuple(labels.shape) != tuple(expected):
+        kind = "" if is_integer else f" {labels.dtype}"
+        hint = " (one-hot labels? pass their argmax over the last axis)" if labels.shape == logits.shape else ""
+        raise ShapeError(f"softmax_cross_entropy: expected integer class labels of shape {expected} for logits "
+                         f"{logits.shape}, got{kind} labels of shape {labels.shape}{hint}")
+    if not is_integer:
+        raise TypeError(f"softmax_cross_entropy: expected integer class labels of shape {expected}, got "
+                        f"{labels.dtype} labels")
+    if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
+        xp = backend.array_namespace(labels)
+        bad = backend.to_numpy(xp.unique(labels[(labels < 0) | (labels >= n_classes)])).tolist()
+        shown = bad if len(bad) <= 10 else bad[:10] + ["..."]
+        raise ValueError(f"softmax_cross_entropy: labels {shown} are outside the valid range [0, {n_classes}) "
+                         f"of {n_classes} classes (logits {logits.shape})")
+
+
 def softmax_cross_entropy(logits, labels) -> Tensor:
-    """Cross-entropy of ``logits: (..., N, C)`` against integer ``labels: (..., N)``, averaged over the
-    N examples: -1/N sum_n log softmax(logits_n)[label_n], shape ``(...)``."""
+    """Cross-entropy of ``logits: (..., N, C)`` against integer ``labels: (..., N)`` in ``[0, C)``, averaged
+    over the N examples: -1/N sum_n log softmax(logits_n)[label_n], shape ``(...)``."""
     logits = ops.as_tensor(logits)
     if isinstance(labels, Tensor):
         labels = labels.data
-    if labels.shape != logits.shape[:-1]:
-        raise ShapeError(f"softmax_cross_entropy: labels {labels.shape} do not fit logits {logits.shape}")
-    if labels.dtype.kind not in "iu":
-        raise TypeError(f"softmax_cross_entropy: labels must be integers, got {labels.dtype}")
+    _check_labels(labels, logits)
     targets = Tensor(one_hot(labels, logits.shape[-1], logits.dtype))
     return -ops.mean(ops.sum(targets * log_softmax(logits), axis=-1), axis=-1)

@@ -56,6 +56,13 @@ def _batch_norm_params(params: dict, prefix: str, channels: int, scale: bool, dt
     params[f"{prefix}.bn.shift"] = initializers.zeros((channels,), dtype)
 
 
+def _check_params(params, model: str) -> None:
+    """Refuse parameters that are not a dict of named arrays (e.g. a list of its values)."""
+    if not isinstance(params, dict):
+        raise TypeError(f"{model}.apply: params must be a dict of named arrays, as {model}.init returns; "
+                        f"got a {type(params).__name__}")
+
+
 def _check_scheme(scheme: str) -> None:
     if scheme not in INIT_SCHEMES:
         raise ValueError(f"unknown init_scheme {scheme!r}: expected one of {INIT_SCHEMES}")
@@ -125,6 +132,7 @@ class Conv4:
 
     def apply(self, params: dict, x):
         """Logits ``(*task, N, n_way)`` of images ``x: (*task, N, H, W, C)``; batch statistics per task."""
+        _check_params(params, "Conv4")
         h = x
         for i in range(4):
             h = conv2d(h, params[f"conv{i}.w"], params.get(f"conv{i}.b"), self.stride, self.padding)
@@ -168,6 +176,7 @@ class BatchNormMLP:
     def apply(self, params: dict, x):
         """Logits ``(*task, N, n_way)`` of flat inputs ``x: (*task, N, in_features)`` (or images
         ``(*task, N, H, W, 1)``, flattened first)."""
+        _check_params(params, "BatchNormMLP")
         if ad.as_tensor(x).shape[-1] != self.in_features:
             x = flatten(x, keep=ad.as_tensor(x).ndim - 3)
         h = x

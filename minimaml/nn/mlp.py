@@ -42,6 +42,9 @@ def init(rng, sizes=PAPER_SIZES, scheme: str = "paper", dtype=numpy.float32) -> 
 
 def apply(params: dict, x) -> ad.Tensor:
     """y = W_L relu(... relu(W_0 x + b_0) ...) + b_L for ``x: (*task, N, in)``; returns ``(*task, N, out)``."""
+    if not isinstance(params, dict):
+        raise TypeError(f"mlp.apply: params must be a dict of named arrays (layer0.w, layer0.b, ...), as "
+                        f"mlp.init returns; got a {type(params).__name__}")
     n_layers = sum(1 for name in params if name.startswith("layer") and name.endswith(".w"))
     h = x
     for i in range(n_layers):

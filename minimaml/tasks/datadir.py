@@ -5,6 +5,9 @@
 - Caches (preprocessed ``.npz``): the explicit ``cache_dir`` argument, else ``$MINIMAML_CACHE``, else
   ``~/.cache/minimaml``. Never inside a data folder, which may be read-only.
 - Writes are atomic: a temporary file in the target folder, then ``os.replace``; a failure leaves nothing.
+  Cache files get the user's umask (as ``minimaml.files.write_atomic``). A cache folder that cannot be
+  written is checked before any preprocessing (``cache_writable``): the loaders then run without
+  writing the cache, with a warning.
 - Caches hold plain arrays only (``np.savez``) and are read with ``allow_pickle=False``.
 """
 
@@ -14,12 +17,13 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from minimaml.files import process_running
+from minimaml.files import current_umask, process_running
 
 DEFAULT_DIR = Path("~/.cache/minimaml")
 
@@ -56,12 +60,43 @@ def file_stat(path: Path) -> list:
     return [path.name, stat.st_size, stat.st_mtime_ns]
 
 
+def check_file(path: Path, where: str) -> None:
+    """Raise ``DataError`` unless ``path`` is a regular file; ``where`` says who names it (e.g. a CSV row).
+    The message says whether the path is missing or is a directory."""
+    if path.is_file():
+        return
+    problem = "is a directory, not a file" if path.is_dir() else "does not exist"
+    raise DataError(f"{where}, but {path} {problem}")
+
+
+def cache_writable(path: Path) -> bool:
+    """Whether the cache file ``path`` can be written: a temporary file is made and removed in its folder
+    (or, while that does not exist yet, in the nearest folder above it, where it would be created; nothing
+    is created here). If not, warn (naming the folder) and return False; the caller then runs without
+    writing the cache. Called before the preprocessing, so no work is lost."""
+    folder = Path(path).parent
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        handle, probe = tempfile.mkstemp(dir=existing, prefix=f".{Path(path).name}.{os.getpid()}.", suffix=".tmp")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as err:
+        warnings.warn(f"{folder}: the cache folder is not writable ({err.strerror or err}); continuing without "
+                      f"writing the cache, so this preprocessing will run again next time. Set MINIMAML_CACHE "
+                      f"(or pass cache_dir) to a writable folder to keep it", stacklevel=3)
+        return False
+    return True
+
+
 def atomic_write(path: Path, write) -> None:
     """Create ``path`` by calling ``write(tmp_path)`` on a temporary file beside it, then renaming it.
 
     If ``write`` raises, the temporary file is removed and ``path`` is left untouched. The temporary
     file's name carries the writer's pid (``.<name>.<pid>.XXXX.tmp``): those of writers that are no
     longer running (killed mid-write) are removed first, while another live process may be writing.
+    The file gets the user's umask (``mkstemp`` alone would leave it readable by its owner only).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -70,6 +105,7 @@ def atomic_write(path: Path, write) -> None:
     os.close(handle)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
