@@ -275,6 +275,78 @@ def test_real_counts_are_the_defaults(tmp_path):
         omniglot.load_characters(tmp_path / "data", tmp_path / "cache")
 
 
+def jpeg_bytes(size: int = 105) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (size, size), 255).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def test_a_jpeg_under_a_png_name_is_refused_naming_the_member(tmp_path):
+    member = "images_evaluation/Gamma/character02/0002_03.png"
+    fake_omniglot(tmp_path / "data", edit=lambda m: m.update({member: jpeg_bytes()}))
+    with pytest.raises(DataError, match=rf"images_evaluation\.zip: {member}: is a JPEG image, not a PNG"):
+        load(tmp_path)
+
+
+def test_a_garbage_png_is_named_by_its_member_not_by_a_buffer(tmp_path):
+    member = "images_evaluation/Gamma/character02/0002_03.png"
+    fake_omniglot(tmp_path / "data", edit=lambda m: m.update({member: b"garbage, no image signature" * 4}))
+    with pytest.raises(DataError, match=rf"{member}: not a readable PNG image: not in an image format") as err:
+        load(tmp_path)
+    assert "BytesIO" not in str(err.value)
+
+
+@pytest.mark.parametrize("as_folders", [False, True])
+def test_a_stray_readme_is_ignored_with_a_warning_naming_it(tmp_path, as_folders):
+    plain = load_fake(tmp_path / "plain", as_folders)
+    fake_omniglot(tmp_path / "data", as_folders=as_folders, edit=lambda m: m.update({
+        "images_evaluation/README.txt": b"repacked by hand", "images_evaluation/Gamma/notes.txt": b"x"}))
+    with pytest.warns(UserWarning, match=r"images_evaluation(\.zip)?: ignored 2 file\(s\) that are not \.png "
+                                         r"drawings: images_evaluation/(Gamma/notes\.txt, images_evaluation/README"
+                                         r"\.txt|README\.txt, images_evaluation/Gamma/notes\.txt)"):
+        with_readme = load(tmp_path)
+    assert np.array_equal(with_readme.images, plain.images)
+
+
+def load_fake(base: Path, as_folders: bool) -> ClassSplit:
+    fake_omniglot(base / "data", as_folders=as_folders)
+    return load(base)
+
+
+def test_a_folder_named_like_a_drawing_is_named_as_a_directory(tmp_path):
+    root = fake_omniglot(tmp_path / "data", as_folders=True)
+    path = root / "images_evaluation" / "Gamma" / "character02" / "0002_03.png"
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(DataError, match=r"images_evaluation/Gamma/character02/0002_03\.png is a directory, not a PNG"):
+        load(tmp_path)
+
+
+def test_an_unwritable_cache_folder_warns_before_the_work_and_loads_anyway(tmp_path, monkeypatch):
+    fake_omniglot(tmp_path / "data")
+    (tmp_path / "cache").mkdir()
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(datadir.tempfile, "mkstemp", refuse)  # as a read-only folder would
+    with pytest.warns(UserWarning, match=rf"{tmp_path / 'cache'}: the cache folder is not writable .*MINIMAML_CACHE"):
+        characters = load(tmp_path)
+    assert characters.images.shape == (5, 3, 28, 28)
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_atomic_write_gives_the_users_umask_and_keeps_pid_named_temporaries(tmp_path):
+    seen = []
+    old = os.umask(0o027)
+    try:
+        datadir.atomic_write(tmp_path / "out.npz", lambda tmp: (seen.append(tmp.name), tmp.write_bytes(b"x")))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out.npz").stat().st_mode & 0o777 == 0o640  # mkstemp alone gives 0o600
+    assert seen[0].startswith(f".out.npz.{os.getpid()}.") and seen[0].endswith(".tmp")
+
+
 # --- optional download -----------------------------------------------------------------------------------
 
 

@@ -89,6 +89,18 @@ def load_splits(config: ClassificationConfig) -> dict:
     raise ValueError(f"unknown dataset {config.dataset!r}: expected 'omniglot' or 'miniimagenet'")
 
 
+def download_data(config: ClassificationConfig) -> None:
+    """Fetch the files of the config's data set that are missing (Omniglot: the official zips, md5-checked),
+    so that ``load_splits`` finds them; raises ``DataError`` naming the URL and the folder."""
+    if config.dataset == "omniglot":
+        from ..tasks import omniglot
+        omniglot.download_omniglot()
+        return
+    from ..tasks.datadir import DataError
+    raise DataError(f"{config.dataset}: there is no official download; assemble it with "
+                    f"`python -m minimaml.tasks.miniimagenet_assemble` (see docs/data.md)")
+
+
 def make_model(config: ClassificationConfig):
     if config.model == "mlp":
         return conv4.omniglot_mlp()
@@ -127,7 +139,10 @@ def meta_step(config: ClassificationConfig, model, train_images, names) -> train
                                          config.k_shot, config.q_train, rng)
         meta_loss, grads = maml.meta_gradient(loss, params, tasks, config.inner_lr, config.inner_steps,
                                               mode=config.mode, inner_param_names=names)
-        return meta_loss * scale, {n: g * scale for n, g in grads.items()}, {}
+        # "loss" is the authors' scale (sum over tasks and queries / (K T)); query_ce reads as a number:
+        # the mean cross-entropy of one query image after adaptation (ln N at chance)
+        query_ce = meta_loss / (config.meta_batch_size * config.n_way)
+        return meta_loss * scale, {n: g * scale for n, g in grads.items()}, {"query_ce": query_ce}
     return train.GradientStep(loss_and_grads, optim.Adam(config.meta_lr, clip_value=config.grad_clip or None))
 
 
@@ -144,10 +159,13 @@ def evaluate(model, params, images, task_index, config: ClassificationConfig, na
     return numpy.concatenate(columns, axis=1)
 
 
-def run(config: ClassificationConfig, resume: bool = False, progress: bool = True, allow_changes=()) -> dict:
+def run(config: ClassificationConfig, resume: bool = False, progress: bool = True, allow_changes=(),
+        download: bool = False) -> dict:
     """Meta-train with validation-based early stopping, then score the test tasks with the
-    best-validation parameters."""
+    best-validation parameters. ``download``: first fetch the data set's missing files (``download_data``)."""
     with files.folder_lock(config.out_dir):
+        if download:
+            download_data(config)
         return _run(config, resume, progress, allow_changes)
 
 
@@ -207,14 +225,21 @@ def results_table(all_results: list, paper: dict, title: str) -> str:
 
 
 def plot_training(results: dict, path: str) -> None:
-    """Validation accuracy against meta-iterations."""
+    """Validation accuracy against meta-iterations (whole-number ticks), the tested (best-validation)
+    iteration marked."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     curve = results["validation"]
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot([r["iteration"] for r in curve], [100 * r["val_accuracy"] for r in curve], "o-")
+    accuracy = [numpy.nan if r["val_accuracy"] is None else 100 * r["val_accuracy"] for r in curve]
+    ax.plot([r["iteration"] for r in curve], accuracy, "o-")
+    if curve and results.get("best_iteration"):
+        ax.axvline(results["best_iteration"], color="grey", linestyle=":", label="best, tested")
+        ax.legend(fontsize=7)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("meta-iteration")
     ax.set_ylabel("validation accuracy %")
     ax.set_title(results["key"])
@@ -224,16 +249,22 @@ def plot_training(results: dict, path: str) -> None:
 
 
 def plot_steps(results: dict, path: str) -> None:
-    """Test accuracy against the number of fine-tuning steps."""
+    """Test accuracy against the number of fine-tuning steps (one tick per step): the mean over the
+    test tasks with its 95% CI as a shaded band; a step where fine-tuning diverged (mean None) is a
+    gap."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = results["test_accuracy"]
+    steps = numpy.arange(len(rows))
+    means = 100 * numpy.array([numpy.nan if r["mean"] is None else r["mean"] for r in rows], dtype=float)
+    cis = 100 * numpy.array([numpy.nan if r["ci95"] is None else r["ci95"] for r in rows], dtype=float)
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    means = numpy.array([100 * r["mean"] for r in rows])
-    cis = numpy.array([100 * r["ci95"] for r in rows])
-    ax.errorbar(numpy.arange(len(rows)), means, yerr=cis, fmt="o-", capsize=3)
+    ax.plot(steps, means, "o-", label=f"mean over {rows[0]['n']} test tasks")
+    ax.fill_between(steps, means - cis, means + cis, alpha=0.25, label="95% CI")
+    ax.set_xticks(steps)
+    ax.legend(fontsize=7)
     ax.set_xlabel("gradient steps at test time")
     ax.set_ylabel("test accuracy %")
     ax.set_title(results["key"])

@@ -3,7 +3,9 @@
 Input, in ``<data>/omniglot/`` (see ``datadir``): ``images_background.zip`` and ``images_evaluation.zip``
 (or their extracted folders ``images_background/``, ``images_evaluation/``), each holding
 ``<part>/<Alphabet>/characterNN/XXXX_YY.png``: 105x105 1-bit drawings, 20 per character,
-30 + 20 alphabets, 964 + 659 = 1623 characters.
+30 + 20 alphabets, 964 + 659 = 1623 characters. Every ``.png`` must really be a PNG (a JPEG under that
+name is an error); other files (e.g. a README.txt) are ignored with a warning naming them, macOS metadata
+(``__MACOSX/``, ``._*``) and hidden files silently.
 
 Preprocessing (cached as ``<cache>/omniglot-28x28-<key>.npz``, written only after every input file was
 validated): each drawing is converted to grey, resized to 28x28 with Lanczos and inverted, so that 255
@@ -16,10 +18,8 @@ by 0/90/180/270 degrees is its own class, so train has 4400 classes.
 
 from __future__ import annotations
 
-import hashlib
 import io
-import shutil
-import urllib.request
+import warnings
 import zipfile
 import zlib
 from dataclasses import asdict, dataclass
@@ -28,12 +28,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from minimaml.tasks import datadir
+from minimaml.tasks import datadir, download
 from minimaml.tasks.datadir import DataError
 from minimaml.tasks.episodes import ClassSplit
 
 PARTS = ("images_background", "images_evaluation")
-URLS = {part: f"https://github.com/brendenlake/omniglot/raw/master/python/{part}.zip" for part in PARTS}
+URLS = {part: f"https://raw.githubusercontent.com/brendenlake/omniglot/master/python/{part}.zip" for part in PARTS}
 MD5 = {"images_background": "68d2efa1b9178cc56df9314c21c6e718", "images_evaluation": "6b91aef0f799c5bb55b94e3f2daec811"}
 SIZE = 28  # side of the preprocessed images
 ROTATIONS = (0, 90, 180, 270)
@@ -74,13 +74,15 @@ def load_characters(
     if cached is not None:
         return ClassSplit(cached["images"], cached["names"])
 
+    writable = datadir.cache_writable(cache)  # before the work: a folder we cannot write costs a warning only
     images, names = [], []
     for part in PARTS:
         part_images, part_names = _read_part(sources[part], part, counts)
         images.append(part_images)
         names += part_names
     characters = ClassSplit(np.concatenate(images), np.array(names))
-    datadir.save_npz(cache, images=characters.images, names=characters.names)
+    if writable:
+        datadir.save_npz(cache, images=characters.images, names=characters.names)
     return characters
 
 
@@ -111,27 +113,21 @@ def _rotated(characters: ClassSplit, index: np.ndarray, rotations: tuple[int, ..
 
 
 def download_omniglot(data_dir=None) -> Path:
-    """Fetch the official zips that are missing from ``<data>/omniglot/``, checked by md5; the folder."""
+    """Fetch the official zips that are missing from ``<data>/omniglot/``; the folder.
+
+    Each is resumable and md5-checked (``download.fetch``); a failure raises ``download.DownloadError``
+    (a ``DataError``) naming the URL and the folder to put the file in by hand.
+    """
     root = datadir.dataset_dir("omniglot", data_dir)
     for part in PARTS:
-        target = root / f"{part}.zip"
-        if target.exists() or (root / part).is_dir():
-            continue
-
-        def fetch_and_check(tmp: Path, part=part, target=target) -> None:
-            fetch_url(URLS[part], tmp)
-            digest = hashlib.md5(tmp.read_bytes()).hexdigest()
-            if digest != MD5[part]:
-                raise DataError(f"{URLS[part]}: downloaded md5 {digest}, expected {MD5[part]}; {target} not written")
-
-        datadir.atomic_write(target, fetch_and_check)
+        if not (root / part).is_dir():
+            download.fetch(URLS[part], root, f"{part}.zip", MD5[part], transfer=fetch_url)
     return root
 
 
 def fetch_url(url: str, dest: Path) -> None:
-    """Download ``url`` into the file ``dest`` (tests replace this function)."""
-    with urllib.request.urlopen(url, timeout=60) as response, open(dest, "wb") as out:
-        shutil.copyfileobj(response, out)
+    """Move ``url``'s bytes into ``dest``, a ``.part`` file continued if present (tests replace this)."""
+    download.http_transfer(url, dest)
 
 
 def _source(root: Path, part: str) -> Path:
@@ -141,7 +137,8 @@ def _source(root: Path, part: str) -> Path:
             return path
     raise DataError(
         f"{root}: found neither {part}.zip nor the folder {part}/; expected the official Omniglot files "
-        f"(see docs/data.md), or call with download=True"
+        f"(see docs/data.md), or fetch them with `python -m minimaml.experiments.omniglot --download` "
+        f"(download=True in load_omniglot)"
     )
 
 
@@ -152,30 +149,52 @@ def _source_stats(path: Path) -> list:
 
 
 def _members(source: Path, part: str) -> dict[str, bytes]:
-    """``{"<part>/<Alphabet>/<character>/<file>.png": bytes}`` for every PNG of a zip or folder (~15 MB)."""
+    """``{"<part>/<Alphabet>/<character>/<file>.png": bytes}`` for every PNG of a zip or folder (~15 MB).
+    Other files (e.g. a README.txt) are ignored with a warning that names them (``_warn_ignored``)."""
+    members, ignored = {}, []
     if source.is_dir():
-        return {
-            f"{part}/{p.relative_to(source).as_posix()}": p.read_bytes()
-            for p in source.rglob("*.png")
-            if _is_drawing(p.as_posix())
-        }
+        for path in sorted(source.rglob("*")):
+            name = f"{part}/{path.relative_to(source).as_posix()}"
+            if _is_metadata(name):
+                continue
+            if path.is_dir():
+                if name.endswith(".png"):
+                    raise DataError(f"{source}: {name} is a directory, not a PNG file")
+            elif name.endswith(".png"):
+                members[name] = path.read_bytes()
+            else:
+                ignored.append(name)
+        _warn_ignored(source, ignored)
+        return members
     try:
         with zipfile.ZipFile(source) as archive:
-            names = [name for name in archive.namelist() if _is_drawing(name)]
-            members = {}
-            for name in names:
+            for name in archive.namelist():
+                if name.endswith("/") or _is_metadata(name):  # folder entries, macOS metadata
+                    continue
+                if not name.endswith(".png"):
+                    ignored.append(name)
+                    continue
                 try:
                     members[name] = archive.read(name)
                 except (zipfile.BadZipFile, zlib.error, EOFError) as err:
                     raise DataError(f"{source}: member {name} is corrupt (damaged zip?): {err}") from err
-            return members
     except (zipfile.BadZipFile, OSError) as err:
         raise DataError(f"{source}: not a readable zip archive (truncated or corrupt download?): {err}") from err
+    _warn_ignored(source, ignored)
+    return members
 
 
-def _is_drawing(name: str) -> bool:
-    """A PNG, not macOS metadata (``__MACOSX/``, ``._*``) or another hidden file."""
-    return name.endswith(".png") and "__MACOSX" not in name and not name.rsplit("/", 1)[-1].startswith(".")
+def _is_metadata(name: str) -> bool:
+    """macOS metadata (``__MACOSX/``, ``._*``) or another hidden file: skipped without a word."""
+    return "__MACOSX" in name or name.rsplit("/", 1)[-1].startswith(".")
+
+
+def _warn_ignored(source: Path, ignored: list) -> None:
+    """Warn about the files of a part that are not ``.png`` drawings (they are left out)."""
+    if ignored:
+        listed = ", ".join(ignored[:5]) + (f" and {len(ignored) - 5} more" if len(ignored) > 5 else "")
+        warnings.warn(f"{source}: ignored {len(ignored)} file(s) that are not .png drawings: {listed}",
+                      stacklevel=4)
 
 
 def _read_part(source: Path, part: str, counts: OmniglotCounts) -> tuple[np.ndarray, list[str]]:
@@ -207,10 +226,15 @@ def _read_part(source: Path, part: str, counts: OmniglotCounts) -> tuple[np.ndar
 
 
 def _preprocess(data: bytes, where: str, image_size: int) -> np.ndarray:
-    """A PNG's bytes -> (28, 28) uint8, Lanczos-resized in grey, inverted (255 = stroke)."""
+    """A PNG's bytes -> (28, 28) uint8, Lanczos-resized in grey, inverted (255 = stroke). Another image
+    format under the ``.png`` name (e.g. a JPEG) is refused."""
     try:
         image = Image.open(io.BytesIO(data))
+        if image.format != "PNG":
+            raise DataError(f"{where}: is a {image.format} image, not a PNG; expected the official PNG drawings")
         image.load()
+    except Image.UnidentifiedImageError as err:  # its message shows the in-memory buffer, not the member
+        raise DataError(f"{where}: not a readable PNG image: not in an image format Pillow recognises") from err
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise DataError(f"{where}: not a readable PNG image: {err}") from err
     if image.size != (image_size, image_size):
