@@ -7,11 +7,12 @@ The step is ``maml.meta_gradient`` of ``miniimagenet_conv4`` (4 x [3x3 conv, 32 
 ReLU, 2x2 max-pool], 84x84x3 images): 5-way, 15 query images per class, 5 inner steps of alpha 0.01,
 meta-batch 4 (1-shot) or 2 (5-shot), as ``minimaml.experiments.miniimagenet.config`` sets them. Prints,
 per (shot, mode), the median and min seconds over ``--repeats`` steps after one warm-up, and the peak
-memory of one step as ``tracemalloc`` sees it (NumPy reports its arrays there). No peer in
-``../shared/bench`` has this workload, so there are no ratios; it tells how long the MiniImagenet
-training runs take and tracks the conv / batch-norm primitives over time. Numbers are printed, never
-asserted. BLAS is single-threaded by default, and freed arrays are kept for reuse
-(``minimaml.allocator``), as in the training runs; ``--system-malloc`` leaves glibc's defaults.
+memory of one step as ``tracemalloc`` sees it (NumPy reports its arrays there). No peer in the peer
+benchmark folder (``BENCH_PEERS``, by default ``../shared/bench`` beside the clone) has this workload,
+so there are no ratios; it tells how long the MiniImagenet training runs take and tracks the conv /
+batch-norm primitives over time. Numbers are printed, never asserted. BLAS is single-threaded by
+default, and freed arrays are kept for reuse (``minimaml.allocator``), as in the training runs;
+``--system-malloc`` leaves glibc's defaults.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Time minimaml's sinusoid meta-step (W1: 1 inner step; W1b: 5) beside the peers of ../shared/bench.
+"""Time minimaml's sinusoid meta-step (W1: 1 inner step; W1b: 5) beside the peers of the peer benchmark
+folder (``BENCH_PEERS``, by default ``../shared/bench`` beside the clone).
 
     python benchmarks/bench_w1.py [--repeats 50] [--rounds 3] [--peers jax,torch_func,torch_loop]
 

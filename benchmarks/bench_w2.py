@@ -1,6 +1,7 @@
 """Time minimaml's Omniglot conv4 meta-step (W2: second order; W2fo: first order) beside the peers of
-../shared/bench (``/work/shared/bench/WORKLOADS.md``): 32 tasks, 5-way 1-shot, 75 query images, one inner
-step (alpha 0.4), every parameter adapted, on the peers' seeded inputs.
+the peer benchmark folder (``BENCH_PEERS``, by default ``../shared/bench`` beside the clone; the
+workloads are in its ``WORKLOADS.md``): 32 tasks, 5-way 1-shot, 75 query images, one inner step
+(alpha 0.4), every parameter adapted, on the peers' seeded inputs.
 
     BENCH_DATA=/tmp/bench-data python benchmarks/bench_w2.py [--repeats 10] [--rounds 2]
         [--workloads W2 W2fo] [--modes second_order] [--peers torch_loop,jax_loop]

@@ -1,9 +1,11 @@
 """Shared pieces of the meta-step benchmarks: the peers' inputs, timing, the reference check, and
-running a peer implementation from ``../shared/bench`` in its own process, alternately with minimaml.
+running a peer implementation from the peer benchmark folder in its own process, alternately with
+minimaml.
 
-Environment: ``BENCH_DATA`` (the folder ``gen_data.py`` wrote: W1.npz, W2.npz, ref_<W>.npz),
-``BENCH_PYTHON`` (the Python of the peers' virtual environment) and ``BENCH_PEERS`` (``peers.py``).
-See ``../shared/bench/README.md`` for setting them up.
+Environment: ``BENCH_PEERS`` (``peers.py`` in the peer benchmark folder, by default
+``../shared/bench`` beside the clone), ``BENCH_DATA`` (the folder that folder's ``gen_data.py`` wrote:
+W1.npz, W2.npz, ref_<W>.npz) and ``BENCH_PYTHON`` (the Python of the peers' virtual environment).
+The peer benchmark folder's ``README.md`` says how to set them up.
 """
 
 from __future__ import annotations
@@ -21,14 +23,15 @@ DATA = os.environ.get("BENCH_DATA", "/tmp/bench-data")
 PEERS = os.environ.get("BENCH_PEERS", os.path.join(os.path.dirname(__file__), "..", "..", "shared",
                                                    "bench", "peers.py"))
 PEER_PYTHON = os.environ.get("BENCH_PYTHON", "/tmp/benchvenv/bin/python")
+PEER_DIR = os.path.normpath(os.path.dirname(PEERS))  # the peer benchmark folder
 
 
 def load_workload(name: str) -> dict:
     """The seeded arrays of ``W1.npz`` or ``W2.npz`` (``W1b`` reuses W1's, ``W2fo`` W2's)."""
     path = os.path.join(DATA, f"{name}.npz")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} is missing: run ../shared/bench/gen_data.py with BENCH_DATA set "
-                                f"(see ../shared/bench/README.md)")
+        raise FileNotFoundError(f"{path} is missing: run {os.path.join(PEER_DIR, 'gen_data.py')} with "
+                                f"BENCH_DATA set (see {os.path.join(PEER_DIR, 'README.md')})")
     with numpy.load(path) as z:
         return {k: z[k] for k in z.files}
 

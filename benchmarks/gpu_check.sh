@@ -8,11 +8,13 @@
 #      GPU_TRAIN_MINUTES of training (default 3), then 600 test tasks.
 # Everything is also written to $OUT (gpu_check.log, the Omniglot run's results.json and figures).
 #
-# The call carries the working tree, not ../shared: stage what the checks read, here, first
+# The call carries the working tree, not the peer benchmark folder (BENCH_PEERS, by default
+# ../shared/bench beside the clone) or the data: stage what the checks read, here, first
 # (.devdata/ is git-ignored; about 25 MB):
 #   mkdir -p .devdata/bench .devdata/data/omniglot
-#   cp $BENCH_DATA/W2.npz $BENCH_DATA/ref_W2.npz $BENCH_DATA/ref_W2fo.npz ../shared/bench/peers.py .devdata/bench/
-#   cp ../shared/data/omniglot/images_*.zip .devdata/data/omniglot/
+#   cp $BENCH_DATA/W2.npz $BENCH_DATA/ref_W2.npz $BENCH_DATA/ref_W2fo.npz .devdata/bench/
+#   cp ${BENCH_PEERS:-../shared/bench/peers.py} .devdata/bench/
+#   cp $MINIMAML_DATA/omniglot/images_*.zip .devdata/data/omniglot/
 # then: run(command="bash benchmarks/gpu_check.sh", carry=[".devdata"], timeout_s=600).
 # GPU_CHECK_STAGES="tests bench train" picks stages (a rerun can skip what already ran);
 # GPU_CHECK_DEVICE=cpu GPU_PYTHON=python GPU_VAL_EVERY=5 GPU_TRAIN_MINUTES=0.05 runs the same stages on

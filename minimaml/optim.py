@@ -11,8 +11,8 @@ can store it in an ``.npz`` file without pickle. Arrays may be NumPy or CuPy (ea
 namespace of its parameter) and keep their dtype: a gradient of another dtype is cast to the
 parameter's dtype, never the other way round.
 
-``clip_value=c`` clips every gradient entry to ``[-c, c]`` before the update (the paper clips the
-MiniImagenet meta-gradients to ``[-10, 10]``).
+``clip_value=c`` clips every gradient entry to ``[-c, c]`` before the update (the authors' code,
+cbfinn/maml ``maml.py``, clips the MiniImagenet meta-gradients to ``[-10, 10]``).
 """
 
 from __future__ import annotations

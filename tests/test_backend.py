@@ -4,6 +4,7 @@ tape on CuPy arrays: gradient checks, dtypes, and clear errors when NumPy and Cu
 from __future__ import annotations
 
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -104,10 +105,26 @@ def test_cpu_helpers(restore_device):
     backend.synchronize()  # nothing queued on the CPU: returns at once
 
 
-def test_tensor_from_python_data_lives_on_the_default_device(restore_device):
+class DeviceArray(np.ndarray):
+    """The array type of a stand-in "GPU" namespace: NumPy arrays that remember where they were made."""
+
+
+def test_tensor_from_python_data_lives_on_the_default_device(monkeypatch, restore_device):
+    """Python data becomes an array of the default device's namespace, holding the same values. With a
+    stand-in CuPy (its ``asarray`` makes ``DeviceArray``s) as the default, a Tensor's data is made there;
+    back on the CPU it is a plain NumPy array again."""
+    stand_in = types.SimpleNamespace(ndarray=DeviceArray,
+                                     asarray=lambda data, dtype=None: np.asarray(data, dtype).view(DeviceArray))
+    monkeypatch.setattr(backend, "_cupy", stand_in)
+    backend.set_device("gpu")
+    on_gpu = Tensor([1.0, 2.0])
+    assert type(on_gpu.data) is DeviceArray and backend.array_namespace(on_gpu.data) is stand_in
     backend.set_device("cpu")
-    t = Tensor([1.0, 2.0])
-    assert isinstance(t.data, np.ndarray) and t.dtype == np.float64
+    on_cpu = Tensor([[1.0, 2.0], [3.0, 4.0]])
+    assert type(on_cpu.data) is np.ndarray and backend.array_namespace(on_cpu.data) is np
+    np.testing.assert_array_equal(on_gpu.data, [1.0, 2.0])
+    np.testing.assert_array_equal(on_cpu.data, [[1.0, 2.0], [3.0, 4.0]])
+    assert on_gpu.dtype == np.float64 and on_cpu.dtype == np.float64
 
 
 # --- the GPU (skipped cleanly where there is none) -------------------------------------------------------------

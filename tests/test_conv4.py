@@ -20,18 +20,69 @@ def randn(*shape, seed=0):
     return numpy.random.default_rng([seed, *shape]).standard_normal(shape)
 
 
+def same_padding(size: int, stride: int) -> tuple:
+    """TensorFlow's 'SAME' for a 3x3 filter: output ceil(size / stride), the odd zero at the end."""
+    total = max((-(-size // stride) - 1) * stride + 3 - size, 0)
+    return total // 2, total - total // 2
+
+
+def numpy_conv3x3(x, w, stride: int, padding: int | str):
+    """out[p, o] = sum_{i, j, c} x_pad[stride p + (i, j), c] w[i, j, c, o], one filter tap at a time."""
+    rows = same_padding(x.shape[-3], stride) if padding == "SAME" else (padding, padding)
+    cols = same_padding(x.shape[-2], stride) if padding == "SAME" else (padding, padding)
+    x = numpy.pad(x, [(0, 0)] * (x.ndim - 3) + [rows, cols, (0, 0)])
+    height, width = (x.shape[-3] - 3) // stride + 1, (x.shape[-2] - 3) // stride + 1
+    return sum(x[..., i:i + stride * (height - 1) + 1:stride, j:j + stride * (width - 1) + 1:stride, :] @ w[i, j]
+               for i in range(3) for j in range(3))
+
+
+def numpy_batch_norm_relu(h, scale, shift, eps: float, axes: tuple):
+    """relu(scale (h - mean) / sqrt(var + eps) + shift), statistics of each task over ``axes``."""
+    mean, var = h.mean(axis=axes, keepdims=True), h.var(axis=axes, keepdims=True)
+    return numpy.maximum(scale * (h - mean) / numpy.sqrt(var + eps) + shift, 0.0)
+
+
+def numpy_logits(model, p: dict, x):
+    """The paper's nets written out in NumPy for one leading task axis: ``x (T, N, ...)``."""
+    if isinstance(model, BatchNormMLP):
+        h = x.reshape(*x.shape[:2], -1)
+        for i in range(len(model.hidden)):
+            h = numpy_batch_norm_relu(h @ p[f"fc{i}.w"] + p[f"fc{i}.b"], p[f"fc{i}.bn.scale"],
+                                      p[f"fc{i}.bn.shift"], model.bn_eps, axes=(1,))
+    else:
+        h = x
+        for i in range(4):
+            h = numpy_conv3x3(h, p[f"conv{i}.w"], model.stride, model.padding)
+            h = numpy_batch_norm_relu(h, p[f"conv{i}.bn.scale"], p[f"conv{i}.bn.shift"], model.bn_eps,
+                                      axes=(1, 2, 3))
+            if model.max_pool:  # 2x2 blocks, an odd last row / column dropped
+                rows, cols = h.shape[2] // 2, h.shape[3] // 2
+                h = h[:, :, :2 * rows, :2 * cols].reshape(*h.shape[:2], rows, 2, cols, 2, -1).max(axis=(3, 5))
+        h = h.mean(axis=(2, 3)) if model.features == "mean" else h.reshape(*h.shape[:2], -1)
+    return h @ p["head.w"] + p["head.b"]
+
+
 @pytest.mark.parametrize("model, image, features", [
     (omniglot_conv4(), (28, 28, 1), 64),
     (omniglot_conv4(features="flatten"), (28, 28, 1), 256),
     (miniimagenet_conv4(), (84, 84, 3), 800),
     (omniglot_mlp(), (28, 28, 1), 64),
 ])
-def test_paper_models_shapes_and_dtype(model, image, features):
+def test_paper_models_logits_equal_a_numpy_forward(model, image, features):
+    """Each of the paper's nets, in float32 as initialised, gives the logits of the same net written out
+    in NumPy (float64; taps of the convolution, TensorFlow's SAME padding, per-task batch statistics,
+    2x2 pooling, mean or flattened features) to float32 precision. Every parameter is moved off its
+    initial value first, so that a scale, shift or bias used in the wrong place changes the logits."""
     params = model.init(backend.rng(0), n_way=5)
     assert params["head.w"].shape == (features, 5)
     assert all(p.dtype == numpy.float32 for p in params.values())
-    logits = model.apply(params, randn(T, 3, *image).astype(numpy.float32))
+    params = {k: (p + 0.5 * randn(*p.shape, seed=i)).astype(numpy.float32)
+              for i, (k, p) in enumerate(params.items())}
+    x = randn(T, 3, *image).astype(numpy.float32)
+    logits = model.apply(params, x)
     assert logits.shape == (T, 3, 5) and logits.dtype == numpy.float32
+    expected = numpy_logits(model, {k: p.astype(numpy.float64) for k, p in params.items()}, x.astype(numpy.float64))
+    numpy.testing.assert_allclose(logits.data, expected, rtol=1e-4, atol=1e-4 * numpy.abs(expected).max())
 
 
 def test_parameter_names_and_counts():

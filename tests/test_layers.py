@@ -123,12 +123,23 @@ def test_shared_params_equal_tiled_params():
     numpy.testing.assert_allclose(shared, tiled, rtol=1e-12)
 
 
-def test_float32_stays_float32():
-    f32 = lambda a: a.astype(numpy.float32)
-    x, w = f32(randn(T, 3, 4, 4, 2)), f32(randn(T, 3, 3, 2, 3))
-    h = block(x, w, f32(randn(3)), f32(randn(3)))
-    y = layers.linear(h, f32(randn(T, 12, 2)), f32(randn(2)))
-    assert h.dtype == numpy.float32 and y.dtype == numpy.float32
+def test_float32_stays_float32_and_matches_float64():
+    """A float32 forward and backward pass through one of each layer stays float32 (no silent upcast)
+    and equals the same computation in float64 to float32 precision: a lower-precision step, or a
+    term lost on the float32 path only, would not."""
+    arrays = [randn(T, 3, 4, 4, 2), randn(T, 3, 3, 2, 3), randn(3, seed=1), randn(3, seed=2),
+              randn(T, 12, 2), randn(2, seed=3)]
+    arrays = [a.astype(numpy.float32) for a in arrays]  # both runs start from the same float32 values
+
+    def values_and_grads(dtype):
+        leaves = [Tensor(a.astype(dtype), requires_grad=True) for a in arrays]
+        x, w, scale, shift, head, bias = leaves
+        y = layers.linear(block(x, w, scale, shift), head, bias)
+        return [y.data] + [g.data for g in ad.grad(ad.sum(ad.tanh(y)), leaves)]
+
+    for single, double in zip(values_and_grads(numpy.float32), values_and_grads(numpy.float64)):
+        assert single.dtype == numpy.float32
+        numpy.testing.assert_allclose(single, double, rtol=1e-5, atol=1e-6 * numpy.abs(double).max())
 
 
 def test_running_stats_are_updated_and_used_at_evaluation():
@@ -145,10 +156,14 @@ def test_running_stats_are_updated_and_used_at_evaluation():
 
 
 def test_gradients_reach_per_task_and_shared_params():
+    """L = sum (x w + b)^2 with per-task weights w (T, 4, 2) and a bias b (2,) shared by the tasks:
+    dL/dw_t = x_t^T 2 y_t for each task alone, and dL/db = sum over tasks and examples of 2 y."""
     x = randn(T, 3, 4)
     w, b = Tensor(randn(T, 4, 2), requires_grad=True), Tensor(randn(2), requires_grad=True)
     gw, gb = ad.grad(ad.sum(layers.linear(x, w, b) ** 2), [w, b])
-    assert gw.shape == (T, 4, 2) and gb.shape == (2,)
+    y = x @ w.data + b.data
+    numpy.testing.assert_allclose(gw.data, [x[t].T @ (2 * y[t]) for t in range(T)], rtol=1e-12)
+    numpy.testing.assert_allclose(gb.data, (2 * y).sum(axis=(0, 1)), rtol=1e-12)
 
 
 # --- errors ---------------------------------------------------------------------------------------

@@ -174,13 +174,22 @@ def test_unadapted_parameters_get_the_exact_meta_gradient():
 
 
 def test_float32_in_float32_out():
+    """float32 parameters and data give a float32 meta-gradient and a meta-loss equal in every mode to
+    the same mode in float64 (from the same float32 values) to float32 precision: a step done at
+    lower precision, or a term the float32 path drops, would not pass."""
     params, tasks = _problem(0, 5, 2, 4)
-    params = {n: p.astype(np.float32) for n, p in params.items()}
-    tasks = _tasks(*(a.astype(np.float32) for a in (tasks.support.x, tasks.support.y,
-                                                    tasks.query.x, tasks.query.y)))
+    arrays = [a.astype(np.float32) for a in (tasks.support.x, tasks.support.y, tasks.query.x, tasks.query.y)]
+    single = ({n: p.astype(np.float32) for n, p in params.items()}, _tasks(*arrays))
+    double = ({n: p.astype(np.float32).astype(np.float64) for n, p in params.items()},
+              _tasks(*(a.astype(np.float64) for a in arrays)))
     for mode in maml.MODES:
-        _, grads = maml.meta_gradient(MLP_MSE, params, tasks, 0.01, 2, mode=mode)
-        assert all(g.dtype == np.float32 for g in grads.values())
+        loss32, grads32 = maml.meta_gradient(MLP_MSE, *single, 0.1, 2, mode=mode)
+        loss64, grads64 = maml.meta_gradient(MLP_MSE, *double, 0.1, 2, mode=mode)
+        assert abs(loss32 - loss64) <= 1e-6 * abs(loss64)
+        for name, g in grads32.items():
+            assert g.dtype == np.float32, name
+            scale = np.abs(grads64[name]).max()
+            np.testing.assert_allclose(g, grads64[name], rtol=1e-5, atol=1e-6 * scale, err_msg=f"{mode} {name}")
 
 
 def test_bad_arguments_are_named():

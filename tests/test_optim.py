@@ -83,12 +83,19 @@ def test_update_does_not_mutate_inputs(opt):
 
 @pytest.mark.parametrize("opt", [SGD(0.1), Adam(0.1)])
 def test_float32_stays_float32(opt):
+    """float32 parameters stay float32 under float64 gradients (the gradients are cast, not the
+    parameters), and follow the float64 run from the same start to float32 precision."""
     params = make_params(numpy.float32)
-    state = opt.init(params)
-    for step in range(2):
+    reference = {k: p.astype(numpy.float64) for k, p in params.items()}
+    state, reference_state = opt.init(params), opt.init(reference)
+    for step in range(3):
         params, state = opt.update(params, make_grads(step, numpy.float64), state)
+        reference, reference_state = opt.update(reference, make_grads(step, numpy.float64), reference_state)
     assert all(p.dtype == numpy.float32 for p in params.values())
     assert all(s.dtype == numpy.float32 for k, s in state.items() if k != "step")
+    for k in params:
+        numpy.testing.assert_allclose(params[k], reference[k], rtol=1e-6, atol=1e-6)
+        assert not numpy.allclose(params[k], make_params()[k], atol=1e-2)  # the parameters did move
 
 
 def test_clip_value_clips_each_entry():

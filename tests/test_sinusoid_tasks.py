@@ -1,4 +1,5 @@
-"""Sinusoid tasks follow PROTOCOL.md: ranges, shapes, dtypes, targets, seeded reproducibility."""
+"""Sinusoid tasks follow the paper (Finn, Abbeel & Levine 2017, Sec. 5.1): ranges, shapes, dtypes,
+targets, seeded reproducibility."""
 
 import math
 

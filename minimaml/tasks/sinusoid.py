@@ -1,7 +1,8 @@
-"""Sinusoid regression tasks (paper Sec. 5.1; PROTOCOL.md): ``y = A sin(x - phase)``.
+"""Sinusoid regression tasks (Finn, Abbeel & Levine 2017, Sec. 5.1): ``y = A sin(x - phase)``.
 
-A task draws ``A ~ U[0.1, 5.0]`` and ``phase ~ U[0, pi]``; its points draw ``x ~ U[-5, 5]``. Arrays
-of a batch of ``T`` tasks carry the task axis first: ``x, y: (T, K, 1)``.
+A task draws ``A ~ U[0.1, 5.0]`` and ``phase ~ U[0, pi]``; its points draw ``x ~ U[-5, 5]``: the
+paper's ranges, and the defaults of ``DataGenerator`` in the authors' ``data_generator.py``
+(github.com/cbfinn/maml). Arrays of a batch of ``T`` tasks carry the task axis first: ``x, y: (T, K, 1)``.
 
 - ``sample_tasks``, ``sample_points``: host (NumPy, float64) draws from a generator passed in.
 - ``sample_batch``: a meta-training batch, a ``TaskBatch`` of support and query ``Examples`` on the
