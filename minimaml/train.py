@@ -294,12 +294,15 @@ def _check_finite_arrays(kind: str, arrays: dict, iteration: int) -> None:
 
 
 def _record(iteration: int, seconds: float, record: dict, history: list) -> dict:
-    """The history entry of one iteration; its keys must match the earlier entries'."""
+    """The history entry of one iteration; its keys must match the earlier entries' (a history resumed
+    from a checkpoint of an older version, with fewer columns, keeps its columns)."""
     entry = {"iteration": iteration, "seconds": seconds}
     for key, value in record.items():
         if key in entry:
             raise ValueError(f"train.run: record name {key!r} is reserved")
         entry[key] = float(value)
+    if history and set(history[0]) < set(entry):  # resumed from an older version's history: its columns
+        entry = {k: entry[k] for k in history[0]}
     if history and set(history[0]) != set(entry):
         raise ValueError(
             f"train.run: iteration {iteration} logs {sorted(entry)}, earlier records logged "

@@ -166,15 +166,15 @@ def test_command_line_help_shows_each_profiles_values():
     nav = _module_help("minimaml.experiments.navigation")
     assert "quick: 50" in _option_help(nav, "--pretrain-iterations")
     assert "full: 100" in _option_help(nav, "--pretrain-iterations")
-    assert "quick: 20, full: 40" in _option_help(nav, "--meta-batch-size")
-    assert "quick: 0.5, full: 0.5" in _option_help(nav, "--inner-lr")
-    assert "quick: 0.1, full: 0.1" in _option_help(nav, "--action-scale")
+    assert "quick: 20, smoke: 20, full: 40" in _option_help(nav, "--meta-batch-size")
+    assert "quick: 0.5, smoke: 0.5, full: 0.5" in _option_help(nav, "--inner-lr")
+    assert "quick: 0.1, smoke: 0.1, full: 0.1" in _option_help(nav, "--action-scale")
     assert "--env" not in nav  # navigation has one env
 
     loco = _module_help("minimaml.experiments.locomotion")
-    assert "quick: 0.1, reduced: 0.1, full: 0.1" in _option_help(loco, "--inner-lr")
-    assert "quick: 30, reduced: 50, full: 500" in _option_help(loco, "--pretrain-iterations")
-    assert "ant_direction: quick: 10, reduced: 10, full: 40" in _option_help(loco, "--n-traj")
+    assert "quick: 0.1, smoke: 0.1, reduced: 0.1, full: 0.1" in _option_help(loco, "--inner-lr")
+    assert "quick: 30, smoke: 2, reduced: 50, full: 500" in _option_help(loco, "--pretrain-iterations")
+    assert "ant_direction: quick: 10, smoke: 4, reduced: 10, full: 40" in _option_help(loco, "--n-traj")
     env_help = _option_help(loco, "--env")
     assert "default cheetah_direction" in env_help and "navigation" not in env_help
     assert "navigation" not in _option_help(loco, "--out-dir")

@@ -324,3 +324,14 @@ def test_the_time_budget_stops_at_the_first_validation_past_it(tmp_path, monkeyp
     longer = run(tmp_path, 100, step_fn=ten_second_step, validation=train.Validation(lambda p: 0.5, 3),
                  max_train_seconds=85.0, resume=True)
     assert longer.iterations == 9
+
+
+def test_a_history_with_fewer_columns_resumes_with_its_columns(tmp_path):
+    """A checkpoint written before the loop logged ``seconds`` (or before a step logged a new metric)
+    still resumes; its history keeps the columns it had."""
+    run(tmp_path, 3)
+    with numpy.load(tmp_path / "ckpt.npz") as data:
+        arrays = {k: data[k] for k in data.files if k not in ("history/seconds", "history/grad_norm")}
+    numpy.savez(tmp_path / "old.npz", **arrays)
+    resumed = run(tmp_path, 6, name="old.npz", resume=True)
+    assert [set(r) for r in resumed.history] == [{"iteration", "loss"}] * 6

@@ -31,13 +31,14 @@ from .common import allowed_changes, check_config, config_parser, overrides_from
 from .rl_common import RLConfig
 
 TASKS = ("cheetah_velocity", "cheetah_direction", "ant_velocity", "ant_direction")
-PROFILES = ("quick", "reduced", "full")
+PROFILES = ("quick", "smoke", "reduced", "full")
 PROFILE_SETTINGS = {
+    "smoke": dict(meta_batch_size=4, n_traj=4, maml_iterations=2, pretrain_iterations=2, n_test_tasks=4),  # it runs
     "quick": dict(meta_batch_size=10, n_traj=10, maml_iterations=30, pretrain_iterations=30),
     "reduced": dict(meta_batch_size=20, n_traj=10, maml_iterations=250, pretrain_iterations=50),
     "full": dict(meta_batch_size=40, n_traj=20, maml_iterations=1000, pretrain_iterations=500),
 }
-PROFILE_TASKS = {"quick": ("cheetah_direction",), "reduced": ("cheetah_direction", "cheetah_velocity"),
+PROFILE_TASKS = {"quick": ("cheetah_direction",), "smoke": ("cheetah_direction",), "reduced": ("cheetah_direction", "cheetah_velocity"),
                  "full": TASKS}
 
 

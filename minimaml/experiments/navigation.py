@@ -15,7 +15,7 @@ Profiles: ``quick`` = the paper's text (meta-batch 20, also the setting of the a
 paper's figure, named ``..._mbs20_...`` in their test script) with the authors' n_itr = 100 MAML iterations
 (measured 4.5-8 s each on one busy core) and 50 TRPO iterations for the pretrained baseline (~2 s each);
 ``full`` = the authors' ``maml_trpo_point.py``: meta-batch 40, 100 iterations, and 100 for the
-pretrained baseline.
+pretrained baseline; ``smoke`` = 5 iterations of each and 10 test tasks, a check that it all runs.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from . import rl_common
 from .common import allowed_changes, check_config, config_parser, overrides_from_args
 from .rl_common import RLConfig
 
-PROFILES = ("quick", "full")
+PROFILES = ("quick", "smoke", "full")
 TRAJECTORY_TASKS = 3  # test tasks drawn in the trajectory figure
 
 
@@ -39,6 +39,8 @@ def config(profile: str = "quick", **overrides) -> RLConfig:
                     action_scale=0.1, out_dir=f"runs/{profile}/navigation")
     if profile == "full":
         settings.update(meta_batch_size=40, maml_iterations=100, pretrain_iterations=100)
+    elif profile == "smoke":  # a check that everything runs, not a result
+        settings.update(maml_iterations=5, pretrain_iterations=5, n_test_tasks=10)
     else:
         settings.update(maml_iterations=100, pretrain_iterations=50)
     cfg = RLConfig(**{**settings, **overrides})

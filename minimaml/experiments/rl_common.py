@@ -43,7 +43,7 @@ METHODS = ("maml", "pretrained", "random")
 LABELS = {"maml": "MAML", "pretrained": "pretrained", "random": "random init", "oracle": "oracle"}
 COLORS = {"maml": "C0", "pretrained": "C1", "random": "C2", "oracle": "C3"}
 
-# Finn et al. (2017), the authors' result files (rl_returns_paper.csv): average return after 0, 1, 2, 3
+# Finn et al. (2017), Figs. 4-5, from the authors' result files (cbfinn/maml_rl): average return after 0, 1, 2, 3
 # steps and the 95% half-width, on 40 test tasks. The paper has no pretrained curve for 2D navigation.
 PAPER = {
     "navigation": {

@@ -7,6 +7,7 @@ with K = 5, 10, 20 points (the same points at every step, alpha = 0.01) and repo
 0..10 steps with 95% confidence intervals.
 
     python -m minimaml.experiments.sinusoid --profile quick     # about a minute on 2 cores
+    python -m minimaml.experiments.sinusoid --profile smoke     # seconds: a check that it all runs
     python -m minimaml.experiments.sinusoid --profile full      # the paper's 70,000 iterations
 """
 
@@ -27,7 +28,7 @@ from .common import (allowed_changes, cell, check_config, config_parser, log, ma
                      setting, summary, training_settings, write_atomic, write_json)
 
 PAPER_MSE_5SHOT = {"maml": {1: 0.67, 5: 0.38, 10: 0.35}, "pretrained": {1: 2.41, 5: 2.23, 10: 2.19}}
-PROFILES = ("quick", "full")
+PROFILES = ("quick", "smoke", "full")
 
 
 @dataclass
@@ -55,6 +56,8 @@ class Config:
         settings = dict(profile=profile, out_dir=f"runs/{profile}/sinusoid")
         if profile == "full":
             settings.update(n_iterations=70_000)
+        elif profile == "smoke":  # a check that everything runs, not a result
+            settings.update(n_iterations=1_000, n_test_tasks=100)
         config = cls(**{**settings, **overrides})
         check_config(config)
         return config

@@ -1,0 +1,73 @@
+"""run_all.py: the report goes to runs/<profile>/report.md with each section's command, commit and date;
+a skipped experiment says so where its numbers would be; nothing tracked is written without --publish;
+the summary says what ran and what was skipped."""
+
+import importlib.util
+import os
+
+import pytest
+
+from minimaml.tasks.datadir import DataError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def run_all(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("run_all", os.path.join(ROOT, "run_all.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "ROOT", str(tmp_path))
+    monkeypatch.setattr(module, "GENERATED", str(tmp_path / "docs" / "generated"))
+    monkeypatch.setattr(module, "FIGURES", str(tmp_path / "docs" / "figures"))
+    monkeypatch.setattr(module.verify, "report", lambda: True)
+    monkeypatch.setattr(module.verify, "meta_gradient_report", lambda: True)
+    monkeypatch.setattr(module, "commit", lambda: "abc1234")
+    outcome = {"data": True}
+
+    class Ran:
+        @staticmethod
+        def run_profile(profile, resume=False, progress=True):
+            folder = tmp_path / "out"
+            folder.mkdir(exist_ok=True)
+            (folder / "curve.png").write_bytes(b"png")
+            return f"### ran ({profile})\n\n| a | b |\n|---|---|\n| 1 | 2 |\n", [str(folder)]
+
+    class NeedsData:
+        @staticmethod
+        def run_profile(profile, resume=False, progress=True, download=False):
+            outcome["download"] = download
+            if not outcome["data"]:
+                raise DataError("no Omniglot in /nowhere (set MINIMAML_DATA)")
+            return f"### data ({profile})\n\n| accuracy |\n|---|\n| 0.9 |\n", []
+
+    monkeypatch.setattr(module, "EXPERIMENTS", {"sinusoid": Ran, "omniglot": NeedsData})
+    module.outcome = outcome
+    return module
+
+
+def test_the_report_names_command_commit_and_date_and_touches_no_tracked_file(run_all, tmp_path, capsys):
+    assert run_all.main(["--only", "sinusoid,omniglot", "--no-progress"]) == 0
+    report = (tmp_path / "runs" / "quick" / "report.md").read_text()
+    assert "_Produced by `python run_all.py --profile quick --only sinusoid` at commit abc1234 on" in report
+    assert "| 1 | 2 |" in report and "![quick-out-curve.png](figures/quick-out-curve.png)" in report
+    assert (tmp_path / "runs" / "quick" / "figures" / "quick-out-curve.png").exists()
+    assert not (tmp_path / "docs").exists()  # nothing tracked without --publish
+    assert run_all.outcome["download"] is False
+    assert run_all.main(["--only", "omniglot", "--download", "--no-progress"]) == 0
+    assert run_all.outcome["download"] is True  # --download reaches the Omniglot experiment
+    out = capsys.readouterr().out
+    assert "sinusoid       ran" in out and "omniglot       ran" in out and "total" in out
+
+
+def test_a_skip_says_why_where_the_numbers_would_be_and_keeps_the_earlier_ones_marked(run_all, tmp_path, capsys):
+    assert run_all.main(["--only", "omniglot", "--publish", "--no-progress"]) == 0
+    run_all.outcome["data"] = False
+    assert run_all.main(["--only", "omniglot", "--publish", "--no-progress"]) == 0
+    published = (tmp_path / "docs" / "generated" / "quick.md").read_text()
+    assert "**Skipped in the run of" in published and "no Omniglot in /nowhere" in published
+    assert "The numbers below are from an earlier run." in published and "| 0.9 |" in published
+    assert published.count("**Skipped") == 1
+    assert "omniglot       skipped  no Omniglot in /nowhere" in capsys.readouterr().out
+    assert run_all.main(["--only", "omniglot", "--publish", "--no-progress"]) == 0  # skipped again
+    assert (tmp_path / "docs" / "generated" / "quick.md").read_text().count("The numbers below are from an") == 1
