@@ -10,8 +10,10 @@
 1. The verification report (``minimaml.verify``): every primitive of the tape against finite
    differences at first and second order, then the meta-gradient of each problem setting in each
    mode and the MAML-TRPO Fisher-vector product. A failure stops here with exit status 1.
-2. Each experiment's ``run_profile(profile)``; each writes its results and figures under
-   ``runs/<profile>/``.
+2. Each experiment's ``run_profile(profile)``, each in a fresh process, so that its numbers are those
+   of its own command: a process's earlier work changes the last bits of later sums (the conv passes
+   hold BLAS to one thread for the rest of the process), and 2D navigation's returns with them. Each
+   writes its results and figures under ``runs/<profile>/``.
 3. ``runs/<profile>/report.md`` collects every experiment's table beside the paper's numbers, each
    section headed by the command, commit and date that produced it; a skipped experiment (a data set
    not supplied, an optional extra missing) says so in its place. Nothing tracked by git is written
@@ -25,12 +27,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import multiprocessing
 import os
 import re
 import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 from minimaml import allocator, verify
 from minimaml.experiments import common, locomotion, miniimagenet, navigation, omniglot, sinusoid
@@ -113,6 +117,17 @@ def write_report(path: str, profile: str, key: str, body: str | None, note: str 
     common.write_atomic(path, text)
 
 
+def run_experiment(name: str, profile: str, resume: bool, progress: bool, options: dict) -> tuple:
+    """``EXPERIMENTS[name].run_profile(...)`` in a fresh process (the experiment's own command's state)."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=allocator.keep_freed_memory) as pool:
+        return pool.submit(_run_profile, name, profile, resume, progress, options).result()
+
+
+def _run_profile(name: str, profile: str, resume: bool, progress: bool, options: dict) -> tuple:
+    return EXPERIMENTS[name].run_profile(profile, resume=resume, progress=progress, **options)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=PROFILES, default="quick")
@@ -148,8 +163,7 @@ def main(argv=None) -> int:
         key = f"{name}/{args.profile}"
         options = {"download": args.download} if name == "omniglot" else {}  # the one data set with a download
         try:
-            table, folders = EXPERIMENTS[name].run_profile(args.profile, resume=args.resume,
-                                                           progress=not args.no_progress, **options)
+            table, folders = run_experiment(name, args.profile, args.resume, not args.no_progress, options)
         except (ImportError, DataError) as err:  # an optional extra (MuJoCo) or a data set not supplied
             note = (f"Skipped in the run of {datetime.date.today().isoformat()} (commit {commit()}): {err}")
             print(f"{name}: skipped: {err}", flush=True)

@@ -161,7 +161,7 @@ def run(
 
     ``validation``: scored every ``validation.every`` iterations; ``max_train_seconds``: meta-training
     stops at the first validation past that many training seconds. ``logger(line)`` gets a line per
-    validation and per checkpoint (e.g. ``print`` when there is no progress bar).
+    validation, and per checkpoint when there is no progress bar.
 
     A non-finite loss, record value or parameter raises ``NonFiniteError``; the checkpoint on disk is
     then the last one whose parameters gave a finite loss.

@@ -23,6 +23,8 @@ def run_all(tmp_path, monkeypatch):
     monkeypatch.setattr(module.verify, "report", lambda: True)
     monkeypatch.setattr(module.verify, "meta_gradient_report", lambda: True)
     monkeypatch.setattr(module, "commit", lambda: "abc1234")
+    # in this process, so that the fakes below stand in (test_each_experiment_runs_in_a_fresh_process: the real one)
+    monkeypatch.setattr(module, "run_experiment", module._run_profile)
     outcome = {"data": True}
 
     class Ran:
@@ -71,3 +73,20 @@ def test_a_skip_says_why_where_the_numbers_would_be_and_keeps_the_earlier_ones_m
     assert "omniglot       skipped  no Omniglot in /nowhere" in capsys.readouterr().out
     assert run_all.main(["--only", "omniglot", "--publish", "--no-progress"]) == 0  # skipped again
     assert (tmp_path / "docs" / "generated" / "quick.md").read_text().count("The numbers below are from an") == 1
+
+
+def test_each_experiment_runs_in_a_fresh_process(tmp_path, monkeypatch):
+    """run_experiment runs the experiment's run_profile in a spawned process (so what an earlier
+    experiment did to this process, e.g. BLAS held to one thread, cannot change its numbers), and
+    brings back its table and folders."""
+    monkeypatch.syspath_prepend(ROOT)
+    monkeypatch.chdir(tmp_path)  # the experiment's runs/ folder goes here
+    import run_all
+
+    spawned = []
+    real = run_all.multiprocessing.get_context
+    monkeypatch.setattr(run_all.multiprocessing, "get_context", lambda kind: spawned.append(kind) or real(kind))
+    table, folders = run_all.run_experiment("sinusoid", "smoke", False, False, {})
+    assert spawned == ["spawn"]
+    assert "### Sinusoid regression (smoke profile: 1000 meta-iterations" in table
+    assert folders == ["runs/smoke/sinusoid"] and (tmp_path / "runs/smoke/sinusoid/results.json").exists()
