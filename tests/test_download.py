@@ -126,7 +126,8 @@ def test_an_interrupted_call_leaves_the_part_and_the_next_call_resumes(site, tmp
     data = payload()
     site.files["/f.bin"] = data
     site.cut["/f.bin"] = 70_000
-    with pytest.raises(DownloadError, match=r"stopped early on each of 1 tries \(last: received 70000 of 300000 bytes\); run again to resume"):
+    with pytest.raises(DownloadError, match=r"stopped early on each of 1 tries \(last: received 70000 of 300000 "
+                                            r"bytes\); run again to resume"):
         download.fetch(site.url("/f.bin"), tmp_path, "f.bin", md5(data), attempts=1)
     assert not (tmp_path / "f.bin").exists()
     assert (tmp_path / "f.bin.part").stat().st_size == 70_000

@@ -111,7 +111,8 @@ def profile_values(name: str, examples: dict, profiles) -> str:
     return "; ".join(f"{' / '.join(labels)}: {values}" for values, labels in groups.items())
 
 
-def config_parser(config_class, description: str, examples: dict, profiles=PROFILES, skip=()) -> argparse.ArgumentParser:
+def config_parser(config_class, description: str, examples: dict, profiles=PROFILES,
+                  skip=()) -> argparse.ArgumentParser:
     """A command line with ``--profile``, ``--resume``, ``--allow-change``, ``--no-progress`` and one
     ``--flag`` per field of ``config_class`` (those in ``skip`` excepted), overriding the profile's
     value. ``examples``: label -> ``profile -> config``, whose values the help shows."""

@@ -38,7 +38,8 @@ PROFILE_SETTINGS = {
     "reduced": dict(meta_batch_size=20, n_traj=10, maml_iterations=250, pretrain_iterations=50),
     "full": dict(meta_batch_size=40, n_traj=20, maml_iterations=1000, pretrain_iterations=500),
 }
-PROFILE_TASKS = {"quick": ("cheetah_direction",), "smoke": ("cheetah_direction",), "reduced": ("cheetah_direction", "cheetah_velocity"),
+PROFILE_TASKS = {"quick": ("cheetah_direction",), "smoke": ("cheetah_direction",),
+                 "reduced": ("cheetah_direction", "cheetah_velocity"),
                  "full": TASKS}
 
 
