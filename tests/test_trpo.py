@@ -272,7 +272,7 @@ class _Corridor:
     def sample_tasks(self, rng, n):
         return rng.uniform(-1, 1, size=(n, 2))
 
-    def reset(self, goals):
+    def reset(self, goals, rng):
         self.goals, self.pos = goals, np.zeros_like(goals)
         return self.pos.copy()
 

@@ -17,9 +17,9 @@ trajectories until they add up to ``test_batch_steps`` = 4000 time steps per tas
 Training is the one loop, ``train.run``, with a TRPO step (``MamlStep``, ``PretrainStep``) in place of
 Adam: iteration ``i`` gets the generator ``train.iteration_rng(seed, i)``, checkpoints are atomic every
 ``checkpoint_every`` iterations, ``resume=True`` continues (checking the settings), and a non-finite
-parameter or return raises ``train.NonFiniteError``. On 2D navigation a resumed run is bitwise the
-uninterrupted one; MuJoCo envs draw their initial-state noise from their own generator, so a resumed
-locomotion run is statistically, not bitwise, the same.
+parameter or return raises ``train.NonFiniteError``. The envs draw their initial-state noise from the
+sampler's generator (the iteration's, or the test seed's), so an evaluation repeats exactly, on MuJoCo too
+(``tests/test_rl_envs.py``), and a resumed run resets as the uninterrupted one.
 """
 
 from __future__ import annotations

@@ -48,8 +48,9 @@ class Navigation2D:
         """n goals ``~ U[-0.5, 0.5]^2``: (n, 2)."""
         return rng.uniform(*self.goal_range, size=(n, 2))
 
-    def reset(self, goals) -> np.ndarray:
-        """Start B agents at the origin, agent i heading for ``goals[i]``: goals (B, 2) -> obs (B, 2)."""
+    def reset(self, goals, rng: np.random.Generator | None = None) -> np.ndarray:
+        """Start B agents at the origin, agent i heading for ``goals[i]``: goals (B, 2) -> obs (B, 2).
+        The start has no noise, so ``rng`` (the sampler's) is not drawn from."""
         goals = np.asarray(goals, dtype=np.float64)
         if goals.ndim != 2 or goals.shape[1] != 2:
             raise ValueError(f"Navigation2D.reset: goals must be (B, 2), got shape {goals.shape}")

@@ -116,7 +116,8 @@ class MujocoVecEnv:
     ``reset(tasks (B,))`` sets env i's goal velocity (or direction) to ``tasks[i]``, growing the pool of
     envs as needed; ``step(actions (B, act_dim)) -> obs (B, obs_dim), reward (B,), done (B,)``. Finished
     envs are not stepped again: they keep their last observation, reward 0 and done True. Initial-state
-    noise comes from a generator seeded with ``seed``.
+    noise comes from the generator passed to ``reset`` (the sampler passes the run's own, so that a
+    resumed run and a repeated evaluation reset alike), else from one seeded with ``seed``.
     """
 
     horizon = HORIZON
@@ -153,13 +154,14 @@ class MujocoVecEnv:
         """n goal velocities (U[0, 2] cheetah, U[0, 3] ant) or directions (+-1): (n,)."""
         return self._sample(rng, n)
 
-    def reset(self, tasks) -> np.ndarray:
-        """tasks (B,) -> obs (B, obs_dim); each env reset with fresh initial-state noise."""
+    def reset(self, tasks, rng: np.random.Generator | None = None) -> np.ndarray:
+        """tasks (B,) -> obs (B, obs_dim); each env reset with fresh initial-state noise drawn from ``rng``
+        (default: the env's own generator)."""
         tasks = np.asarray(tasks, dtype=np.float64)
         if tasks.ndim != 1:
             raise ValueError(f"MujocoVecEnv.reset ({self.task}): tasks must be (B,), got shape {tasks.shape}")
         self._add_envs(len(tasks) - len(self._envs))
-        seeds = self._rng.integers(0, 2**31 - 1, size=len(tasks))
+        seeds = (self._rng if rng is None else rng).integers(0, 2**31 - 1, size=len(tasks))
         self.tasks = tasks
         self.obs = np.stack([env.reset(seed=int(s))[0] for env, s in zip(self._envs, seeds)])
         self.done = np.zeros(len(tasks), dtype=bool)

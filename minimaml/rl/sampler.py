@@ -23,7 +23,8 @@ from minimaml.rl.returns import discounted_returns, gae
 def sample_trajectories(env, policy, tasks, n_traj: int, rng: np.random.Generator, horizon: int | None = None):
     """Roll out ``n_traj`` trajectories of each task with ``policy``.
 
-    env: a vectorised env (``reset(tasks (N, ...)) -> obs (N, obs_dim)``, ``step(actions (N, act_dim))
+    env: a vectorised env (``reset(tasks (N, ...), rng) -> obs (N, obs_dim)``, drawing any initial-state
+    noise from ``rng``; ``step(actions (N, act_dim))
     -> obs, reward (N,), done (N,)``); policy: ``obs (T, B, obs_dim) float32 -> (mean (T, B, act_dim),
     log_std (act_dim,) or (T, act_dim))``, NumPy or CuPy; tasks: (T, ...) from ``env.sample_tasks``.
 
@@ -44,7 +45,7 @@ def sample_trajectories(env, policy, tasks, n_traj: int, rng: np.random.Generato
         "rewards": np.zeros(shape + (horizon,), dtype=np.float32),
         "mask": np.zeros(shape + (horizon,), dtype=np.float32),
     }
-    obs = env.reset(np.repeat(tasks, n_traj, axis=0)).reshape(shape + (obs_dim,)).astype(np.float32)
+    obs = env.reset(np.repeat(tasks, n_traj, axis=0), rng).reshape(shape + (obs_dim,)).astype(np.float32)
     alive = np.ones(shape, dtype=bool)
     for h in range(horizon):
         mean, log_std = policy(obs)
