@@ -20,6 +20,12 @@ import sys
 import numpy
 
 from .. import files
+from ..tasks.datadir import DataError
+from ..train import NonFiniteError
+
+# What a command reports as one line and exit status 1 (no traceback): a bad setting or resume
+# (ValueError, ResumeError), a data set missing or malformed, a diverged run, a folder in use.
+COMMAND_ERRORS = (ValueError, DataError, NonFiniteError, files.FolderLockedError)
 
 PROFILES = ("quick", "full")
 _FIELD_TYPES = {"int": int, "float": float, "str": str, "bool": bool}

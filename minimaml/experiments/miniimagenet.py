@@ -15,11 +15,10 @@ stopping, ``classification.py``). The net (Sec. 5.2; ``main.py``'s ``--num_filte
 
 from __future__ import annotations
 
-from .. import allocator, files, train
-from ..tasks.datadir import DataError
+from .. import allocator
 from . import classification
 from .classification import ClassificationConfig
-from .common import allowed_changes, config_parser, overrides_from_args
+from .common import COMMAND_ERRORS, allowed_changes, config_parser, overrides_from_args
 
 PAPER = {"miniimagenet-5way-1shot": "48.70 ± 1.84", "miniimagenet-5way-5shot": "63.11 ± 0.92",
          "miniimagenet-5way-1shot-fo": "48.07 ± 1.75", "miniimagenet-5way-5shot-fo": "63.15 ± 0.91"}
@@ -68,7 +67,7 @@ def main(argv=None):
         cfg = config(args.k_shot, args.mode, args.profile, **overrides)
         results = classification.run(cfg, resume=args.resume, progress=not args.no_progress,
                                      allow_changes=allowed_changes(args))
-    except (ValueError, DataError, train.NonFiniteError, files.FolderLockedError) as err:
+    except COMMAND_ERRORS as err:
         parser.exit(1, f"{parser.prog}: error: {err}\n")
     print(classification.results_table([results], PAPER, f"MiniImagenet ({args.profile} profile)"))
 

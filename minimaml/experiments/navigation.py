@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import os
 
-from .. import allocator, files, train
+from .. import allocator
 from . import rl_common
-from .common import allowed_changes, check_config, config_parser, overrides_from_args
+from .common import COMMAND_ERRORS, allowed_changes, check_config, config_parser, overrides_from_args
 from .rl_common import RLConfig
 
 PROFILES = ("quick", "smoke", "full")
@@ -104,7 +104,7 @@ def main(argv=None):
     try:
         cfg = config(args.profile, **overrides_from_args(RLConfig, args))
         results = run(cfg, resume=args.resume, progress=not args.no_progress, allow_changes=allowed_changes(args))
-    except (ValueError, train.NonFiniteError, files.FolderLockedError) as err:
+    except COMMAND_ERRORS as err:
         parser.exit(1, f"{parser.prog}: error: {err}\n")
     print(rl_common.results_markdown(results))
 

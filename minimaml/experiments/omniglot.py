@@ -14,11 +14,10 @@ there).
 
 from __future__ import annotations
 
-from .. import allocator, files, train
-from ..tasks.datadir import DataError
+from .. import allocator
 from . import classification
 from .classification import ClassificationConfig
-from .common import allowed_changes, config_parser, overrides_from_args
+from .common import COMMAND_ERRORS, allowed_changes, config_parser, overrides_from_args
 
 PAPER = {"omniglot-5way-1shot": "98.7 ± 0.4", "omniglot-5way-5shot": "99.9 ± 0.1",
          "omniglot-20way-1shot": "95.8 ± 0.3", "omniglot-20way-5shot": "98.9 ± 0.2",
@@ -80,7 +79,7 @@ def main(argv=None):
         cfg = config(args.n_way, args.k_shot, args.model, args.profile, **overrides)
         results = classification.run(cfg, resume=args.resume, progress=not args.no_progress,
                                      allow_changes=allowed_changes(args), download=args.download)
-    except (ValueError, DataError, train.NonFiniteError, files.FolderLockedError) as err:
+    except COMMAND_ERRORS as err:
         parser.exit(1, f"{parser.prog}: error: {err}\n")
     print(classification.results_table([results], PAPER, f"Omniglot ({args.profile} profile)"))
 

@@ -145,11 +145,15 @@ def init_policy(env, seed: int) -> dict:
     return pol.init(np.random.default_rng([seed, 0]), env.obs_dim, env.act_dim)
 
 
-class MamlStep(train.Step):
-    """One MAML-TRPO meta-iteration (``maml_rl.meta_iteration``)."""
+class TRPOStep(train.Step):
+    """A training step of an RL method: the env and the config it samples and steps with."""
 
     def __init__(self, env, cfg: RLConfig):
         self.env, self.cfg = env, cfg
+
+
+class MamlStep(TRPOStep):
+    """One MAML-TRPO meta-iteration (``maml_rl.meta_iteration``)."""
 
     def __call__(self, params, state, rng, iteration):
         cfg = self.cfg
@@ -159,13 +163,10 @@ class MamlStep(train.Step):
                                "kl": stats["kl"], "accepted": float(stats["accepted"])}
 
 
-class PretrainStep(train.Step):
+class PretrainStep(TRPOStep):
     """One TRPO step of the pretrained baseline on ``meta_batch_size x n_traj`` trajectories of freshly
     drawn tasks, pooled into one batch with one linear baseline (the policy never sees which task it
     is on)."""
-
-    def __init__(self, env, cfg: RLConfig):
-        self.env, self.cfg = env, cfg
 
     def __call__(self, params, state, rng, iteration):
         cfg = self.cfg

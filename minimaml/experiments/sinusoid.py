@@ -24,8 +24,8 @@ from .. import autodiff as ad
 from .. import allocator, backend, files, maml, optim, train
 from ..nn import mlp
 from ..tasks import sinusoid
-from .common import (allowed_changes, cell, check_config, config_parser, log, markdown_table, overrides_from_args,
-                     setting, summary, training_settings, write_atomic, write_json)
+from .common import (COMMAND_ERRORS, allowed_changes, cell, check_config, config_parser, log, markdown_table,
+                     overrides_from_args, setting, summary, training_settings, write_atomic, write_json)
 
 PAPER_MSE_5SHOT = {"maml": {1: 0.67, 5: 0.38, 10: 0.35}, "pretrained": {1: 2.41, 5: 2.23, 10: 2.19}}
 PROFILES = ("quick", "smoke", "full")
@@ -232,7 +232,7 @@ def main(argv=None):
         config = Config.for_profile(args.profile, **overrides_from_args(Config, args))
         results = run(config, resume=args.resume, progress=not args.no_progress,
                       allow_changes=allowed_changes(args))
-    except (ValueError, train.NonFiniteError, files.FolderLockedError) as err:
+    except COMMAND_ERRORS as err:
         parser.exit(1, f"{parser.prog}: error: {err}\n")
     print(results_markdown(results))
     diverged = {key: max(row["n_diverged"] for row in rows) for key, rows in results["mse"].items()}
