@@ -9,8 +9,11 @@
    early: every run is T x B x horizon steps.
 2. Meta-iteration: ``maml_rl.meta_iteration`` on the same env, seconds spent sampling (pre- and
    post-update trajectories), in the inner REINFORCE step, on the meta-gradient and the Fisher-product
-   graph, in conjugate gradient (10 exact Fisher-vector products, third order through the inner step) and
-   in the line search; the medians over ``--iterations`` iterations after one untimed warm-up.
+   graph, in conjugate gradient (10 exact Fisher-vector products) and in the line search; the medians
+   over ``--iterations`` iterations after one untimed warm-up. Twice, in the same run and on the same
+   seeds: with the library's Fisher products, sum_i J_i^T F'_i J_i from second-order products
+   (``maml_rl.meta_fisher_product``), and with the tape's third-order reverse over reverse through the
+   inner step (``third_order_fisher=True``, the earlier path); the last column is their ratio.
    The library holds no timing code: the benchmark times it from outside, by wrapping, for the timed
    iterations only, the module-level functions the iteration calls (``Parts``): ``maml_rl.sample``,
    ``maml.adapt`` (outside TRPO: the inner step; inside TRPO's objective it is part of the other parts),
@@ -155,10 +158,10 @@ def bench_sampler(env, params, cfg: RLConfig) -> dict:
             "policy_share": policy.seconds / seconds}
 
 
-def bench_meta_iteration(env, params, cfg: RLConfig) -> dict:
+def bench_meta_iteration(env, params, cfg: RLConfig, third_order_fisher: bool) -> dict:
     def iteration(rng):
         return maml_rl.meta_iteration(env, params, rng, cfg.trpo(), cfg.meta_batch_size, cfg.n_traj,
-                                      cfg.inner_lr, cfg.discount, cfg.gae_lambda)
+                                      cfg.inner_lr, cfg.discount, cfg.gae_lambda, third_order_fisher)
 
     iteration(np.random.default_rng(1))  # warm-up
     records = []
@@ -184,16 +187,18 @@ def main() -> None:
             continue
         params = init_policy(env, seed=0)
         sampler = bench_sampler(env, params, cfg)
-        meta = bench_meta_iteration(env, params, cfg)
-        rows.append((name, env.horizon, sampler, meta))
+        for fisher, third_order in (("J^T F' J", False), ("third order", True)):
+            rows.append((name, env.horizon, sampler, fisher, bench_meta_iteration(env, params, cfg, third_order)))
 
-    print("\n| env | horizon | sampler steps/s | policy share | meta-iteration s | sampling | inner step | "
-          "gradient + graph | CG | line search |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for name, horizon, sampler, meta in rows:
+    print("\n| env | horizon | sampler steps/s | policy share | Fisher products | meta-iteration s | sampling | "
+          "inner step | gradient + graph | CG | line search | third order / this |")
+    print("|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, horizon, sampler, fisher, meta in rows:
+        third = next(m for n, _, _, f, m in rows if n == name and f == "third order")
         shares = " | ".join(f"{meta[key]:.2f} ({100 * meta[key] / meta['total']:.0f}%)" for key in PARTS)
         print(f"| {name} | {horizon} | {sampler['steps_per_s']:,.0f} | {100 * sampler['policy_share']:.0f}% | "
-              f"{meta['total']:.2f} | {shares} |")
+              f"{fisher} | {meta['total']:.2f} | {shares} | {third['total'] / meta['total']:.2f}x "
+              f"(CG {third['cg'] / meta['cg']:.1f}x) |")
 
 
 if __name__ == "__main__":

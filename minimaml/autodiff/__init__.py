@@ -15,13 +15,23 @@ from .ops import (ShapeError, abs, add, as_tensor, broadcast_to, concatenate, di
 from .tensor import Tensor, grad, is_recording, no_grad
 
 
-def hvp(f, params, vector):
-    """Exact Hessian-vector product H v of the scalar ``f(*params)`` (reverse over reverse):
-    H v = grad_x <grad_x f(x), v>, with v held constant. ``params``, ``vector``: lists of arrays.
-    Returns a list of arrays."""
+def hessian_product(f, params):
+    """The Hessian of the scalar ``f(*params)`` at ``params`` as a function ``vector -> H v`` (reverse
+    over reverse): grad f is recorded once, and each product H v = grad_x <grad_x f(x), v> (v constant)
+    is one more reverse pass through it. ``params``, ``vector``: lists of arrays; returns a list of arrays."""
     leaves = [Tensor(p, requires_grad=True) for p in params]
     grads = grad(f(*leaves), leaves, create_graph=True)
-    inner = sum(multiply(grads[0], Tensor(vector[0])))
-    for g, v in zip(grads[1:], vector[1:]):
-        inner = inner + sum(multiply(g, Tensor(v)))
-    return [h.data for h in grad(inner, leaves)]
+
+    def product(vector):
+        inner = sum(multiply(grads[0], Tensor(vector[0])))
+        for g, v in zip(grads[1:], vector[1:]):
+            inner = inner + sum(multiply(g, Tensor(v)))
+        return [h.data for h in grad(inner, leaves)]
+
+    return product
+
+
+def hvp(f, params, vector):
+    """Exact Hessian-vector product H v of the scalar ``f(*params)`` (``hessian_product`` for one
+    vector). ``params``, ``vector``: lists of arrays. Returns a list of arrays."""
+    return hessian_product(f, params)(vector)

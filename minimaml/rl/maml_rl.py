@@ -10,6 +10,10 @@ For a meta-batch of T tasks:
         L(theta) = -(1/T) sum_i mean_{D'_i} [ pi_{theta'_i(theta)}(a|s) / pi_{theta'_i(theta_old)}(a|s) A'_i ]
         D(theta) =  (1/T) sum_i mean_{D'_i} KL( pi_{theta'_i(theta_old)}(.|s) || pi_{theta'_i(theta)}(.|s) )
 
+TRPO's Fisher-vector products are exact and second order (``meta_fisher_product``): D has zero gradient
+at theta_old, so its Hessian there is F = sum_i J_i^T F'_i J_i, with J_i = I - alpha H_i the inner step's
+Jacobian and F'_i the KL's Hessian at the adapted policy; no third derivative of the policy is needed.
+
 Advantages (both sets): GAE(lambda = 1) against a linear baseline fitted per task, centred per task.
 The inner step is ``maml``'s, with the REINFORCE task loss; nothing here adapts parameters itself.
 """
@@ -19,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from minimaml import autodiff as ad
-from minimaml import maml
+from minimaml import backend, maml
 from minimaml.nn import policy as pol
 from minimaml.rl.reinforce import evaluation_step_sizes, masked_task_mean, reinforce_loss, trajectories
 from minimaml.rl.sampler import advantages, average_returns, sample_steps, sample_trajectories
@@ -68,15 +72,67 @@ def meta_objective(pre, post, old_params: dict, inner_lr: float):
     return surrogate_objective(post, old_params, adapted_policy)
 
 
+def meta_fisher_product(pre, post, old_params: dict, inner_lr):
+    """MAML-TRPO's Fisher-vector product, exact, from second-order products only, for ``trpo_step``.
+
+    D(theta) = mean_i E_{D'_i}[KL(pi_{theta'_i(theta_old)} || pi_{theta'_i(theta)})] has zero gradient at
+    theta_old (each KL is at its minimum), so the curvature of the inner step drops out of its Hessian:
+
+        F v = sum_i J_i^T F'_i J_i v,    J_i = d theta'_i / d theta = I - alpha H_i,
+
+    H_i the Hessian of the inner loss L_i (``reinforce_loss`` on ``pre``) at theta (J_i is symmetric),
+    F'_i the Hessian of D with respect to theta'_i at ``old_params`` = theta'_i(theta_old) (the Gaussian
+    policy's Fisher, with D's 1/T). Per product: two Hessian-vector products of the inner loss and one of
+    the KL, each a reverse pass through a gradient recorded once per TRPO step; the tape's default
+    (reverse over reverse through the whole inner step) needs third derivatives and costs several times
+    more (``benchmarks/bench_rl.py``). ``inner_lr``: alpha, a number or a dict per parameter.
+
+    Returns ``fisher_product(params) -> (v -> F v)``: at theta_old = ``params``, on dicts of arrays.
+    """
+    names = list(old_params)
+    old = {n: p.data if isinstance(p, ad.Tensor) else p for n, p in old_params.items()}
+    with ad.no_grad():
+        old_mean, old_log_std = pol.apply(old, post.obs)
+
+    def mean_kl(*adapted):
+        mean, log_std = pol.apply(dict(zip(names, adapted)), post.obs)
+        return ad.mean(masked_task_mean(pol.gaussian_kl(old_mean, old_log_std, mean, log_std), post.mask))
+
+    def inner_loss(*per_task_params):
+        return ad.sum(reinforce_loss(dict(zip(names, per_task_params)), pre))
+
+    kl_hessian = ad.hessian_product(mean_kl, [old[n] for n in names])
+    alpha = [inner_lr[n] if isinstance(inner_lr, dict) else inner_lr for n in names]
+
+    def fisher_product(params):
+        xp = backend.array_namespace(params[names[0]])
+        per_task = [xp.broadcast_to(params[n], (pre.n_tasks,) + params[n].shape) for n in names]
+        inner_hessian = ad.hessian_product(inner_loss, per_task)
+
+        def jacobian(vectors):  # (J_i x_i)_i = x_i - alpha H_i x_i, H block-diagonal over the tasks
+            return [x - a * hx for x, a, hx in zip(vectors, alpha, inner_hessian(vectors))]
+
+        def product(v):
+            u = jacobian([xp.broadcast_to(v[n], (pre.n_tasks,) + v[n].shape) for n in names])
+            return {n: x.sum(axis=0) for n, x in zip(names, jacobian(kl_hessian(u)))}
+
+        return product
+
+    return fisher_product
+
+
 def meta_iteration(env, params: dict, rng: np.random.Generator, trpo: TRPO, meta_batch_size: int, n_traj: int,
-                   inner_lr: float, discount: float = 0.99, gae_lambda: float = 1.0):
+                   inner_lr: float, discount: float = 0.99, gae_lambda: float = 1.0, third_order_fisher: bool = False):
     """One MAML-TRPO update. params: policy dict of arrays. Returns (new params, stats) with the average
-    undiscounted pre- and post-update returns and TRPO's statistics (``trpo_step``)."""
+    undiscounted pre- and post-update returns and TRPO's statistics (``trpo_step``).
+    ``third_order_fisher=True``: the tape's reverse-over-reverse Fisher products through the inner step
+    (the reference the tests check ``meta_fisher_product`` against; the same F, several times slower)."""
     tasks = env.sample_tasks(rng, meta_batch_size)
     pre_batch, pre = sample(env, params, tasks, rng, n_traj, discount=discount, gae_lambda=gae_lambda)
     adapted = maml.adapt(reinforce_loss, params, pre, inner_lr, 1)
     post_batch, post = sample(env, adapted, tasks, rng, n_traj, discount=discount, gae_lambda=gae_lambda)
-    new_params, trpo_stats = trpo.step(meta_objective(pre, post, adapted, inner_lr), params)
+    fisher_product = None if third_order_fisher else meta_fisher_product(pre, post, adapted, inner_lr)
+    new_params, trpo_stats = trpo.step(meta_objective(pre, post, adapted, inner_lr), params, fisher_product)
     stats = {"pre_return": float(average_returns(pre_batch).mean()),
              "post_return": float(average_returns(post_batch).mean()), **trpo_stats}
     return new_params, stats

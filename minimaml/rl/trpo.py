@@ -11,10 +11,11 @@ One step, for a surrogate loss L(theta) and the mean KL divergence D(theta) = KL
     theta = theta_old - 0.8^k s                  smallest k in 0..14 with L < L_old and D <= delta;
                                                  theta_old when there is none (rllab's rule)
 
-F is the Hessian of D at theta_old, computed exactly by reverse-over-reverse on the tape. In MAML-RL,
-D depends on theta through the inner update theta'_i(theta), so F v needs third derivatives of the
-policy; equivalently F = J^T F' J with J = I - alpha H_inner (D has zero gradient at theta_old, so
-the curvature of theta' drops out). The paper used finite differences of grad D instead.
+F is the Hessian of D at theta_old, computed exactly. By default (``fisher_vector_product``) the tape
+differentiates grad D once more (reverse over reverse). In MAML-RL, D depends on theta through the inner
+update theta'_i(theta), so that product needs third derivatives of the policy; the step can instead be
+given the same F in a cheaper form, ``fisher_product`` (MAML-TRPO's: ``maml_rl.meta_fisher_product``,
+F = sum_i J_i^T F'_i J_i from second-order products only). The paper used finite differences of grad D.
 
 CG and the line search work on flat float64 host vectors (``flatten`` / ``unflatten``). ``TRPO`` holds
 the settings and takes the step, as ``optim.Adam`` does for the supervised meta-gradient.
@@ -107,18 +108,27 @@ def line_search(evaluate, theta: np.ndarray, step: np.ndarray, loss_before: floa
 
 
 def trpo_step(objective, params: dict, max_kl: float = 0.01, cg_iters: int = 10, damping: float = 1e-5,
-              backtrack_ratio: float = 0.8, max_backtracks: int = 15):
+              backtrack_ratio: float = 0.8, max_backtracks: int = 15, fisher_product=None):
     """One TRPO update of ``params`` (dict of arrays); returns (new params dict, stats).
 
     ``objective(params: dict of Tensors, create_graph: bool) -> (loss, mean_kl)`` scalar Tensors; with
-    ``create_graph=False`` it only needs values. Stats: loss before/after, kl, the gradient's norm and
-    the line search's outcome.
+    ``create_graph=False`` it only needs values. ``fisher_product``: optional, ``params -> (v -> F v)``
+    on dicts of arrays named like ``params``, the Hessian of the mean KL at ``params`` in a form cheaper
+    than the tape's reverse over reverse (default). Stats: loss before/after, kl, the gradient's norm
+    and the line search's outcome.
     """
     names = list(params)
     leaves = [ad.Tensor(params[k], requires_grad=True) for k in names]
     loss, kl = objective(dict(zip(names, leaves)), create_graph=True)
     g = flatten(ad.grad(loss, leaves))
-    fvp = fisher_vector_product(kl, leaves, damping)
+    if fisher_product is None:
+        fvp = fisher_vector_product(kl, leaves, damping)
+    else:
+        product = fisher_product(params)
+
+        def fvp(v: np.ndarray) -> np.ndarray:
+            fisher_v = product(dict(zip(names, unflatten(v, leaves))))
+            return flatten(fisher_v[k] for k in names) + damping * v
 
     x, fisher_x = conjugate_gradient(fvp, g, cg_iters)
     step = math.sqrt(2 * max_kl / (x @ fisher_x + 1e-8)) * x
@@ -136,7 +146,7 @@ def trpo_step(objective, params: dict, max_kl: float = 0.01, cg_iters: int = 10,
 @dataclass(frozen=True)
 class TRPO:
     """TRPO's settings: the trust region ``max_kl`` (delta), CG's iterations and damping, the line
-    search's backtracking. ``step(objective, params)`` is ``trpo_step`` with them."""
+    search's backtracking. ``step(objective, params, fisher_product=None)`` is ``trpo_step`` with them."""
 
     max_kl: float = 0.01
     cg_iters: int = 10
@@ -144,6 +154,6 @@ class TRPO:
     backtrack_ratio: float = 0.8
     max_backtracks: int = 15
 
-    def step(self, objective, params: dict):
+    def step(self, objective, params: dict, fisher_product=None):
         return trpo_step(objective, params, self.max_kl, self.cg_iters, self.damping, self.backtrack_ratio,
-                         self.max_backtracks)
+                         self.max_backtracks, fisher_product)
