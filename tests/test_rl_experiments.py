@@ -116,11 +116,16 @@ def test_scaled_actions_are_rllab_normalize():
     assert env.obs_dim == 2 and navigation.config("quick").action_scale == 0.1
 
 
-def test_locomotion_profiles_follow_the_paper():
+def test_locomotion_profiles_follow_the_authors_code():
     full = locomotion.config("full", env="ant_direction")
     assert isinstance(full, rl_common.RLConfig)
-    assert (full.meta_batch_size, full.n_traj, full.inner_lr) == (40, 40, 0.1)
-    assert locomotion.config("full", env="cheetah_velocity").n_traj == 20
+    assert (full.meta_batch_size, full.n_traj, full.inner_lr, full.max_kl) == (40, 40, 0.1, 0.01)
+    assert full.maml_iterations == 800 and (full.pretrained_lr, full.random_lr) == (0.2, 1.0)
+    velocity = locomotion.config("full", env="cheetah_velocity")
+    assert (velocity.n_traj, velocity.max_kl) == (10, 0.01)
+    assert locomotion.config("reduced", env="cheetah_direction").max_kl == 0.02
+    assert locomotion.config("full", env="cheetah_direction", max_kl=0.01).max_kl == 0.01  # the paper's, a flag
+    assert (navigation.config("quick").pretrained_lr, navigation.config("quick").random_lr) == (0.5, 0.5)
     assert locomotion.config("quick").env == "cheetah_direction"
     with pytest.raises(ValueError, match="unknown task"):
         locomotion.config("quick", env="hopper")

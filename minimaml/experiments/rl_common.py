@@ -92,6 +92,11 @@ class RLConfig:
     cg_damping: float = setting(1e-5, "damping added to the Fisher-vector products", least=0.0)
     n_test_tasks: int = setting(40, "fixed test tasks", least=1, training=False)
     eval_steps: int = setting(3, "fine-tuning steps at test time (alpha, then alpha / 2)", least=0, training=False)
+    pretrained_lr: float = setting(0.5, "the pretrained baseline's first fine-tuning step size at test (then "
+                                   "half of it); the paper: alpha; the authors' locomotion tests: 0.2",
+                                   positive=True, training=False)
+    random_lr: float = setting(0.5, "the random-init baseline's first fine-tuning step size at test; the paper: "
+                               "alpha; the authors' locomotion tests: 1.0", positive=True, training=False)
     test_batch_steps: int = setting(4000, "time steps per test task and step (the authors' tests); 0 = n_traj "
                                     "trajectories", least=0, training=False)
     action_scale: float = setting(1.0, "policy actions x this before the env (rllab's normalize(); 0.1 for "
@@ -99,6 +104,8 @@ class RLConfig:
     test_seed: int = setting(2017, "the fixed test tasks and evaluation noise, the same for every method",
                              training=False)
     seed: int = setting(0, "policy initialisation and training")
+    init_output_scale: float = setting(0.01, "the initial policy's output-layer weights x this (0.01: a quiet "
+                                       "policy whatever the seed; 1: rllab's Glorot init)", positive=True)
     checkpoint_every: int = setting(10, "iterations between checkpoints", least=1, training=False)
     methods: str = setting("maml,pretrained,random", "comma-separated subset of maml, pretrained, random",
                            training=False)
@@ -107,6 +114,10 @@ class RLConfig:
 
     def trpo(self) -> TRPO:
         return TRPO(max_kl=self.max_kl, cg_iters=self.cg_iters, damping=self.cg_damping)
+
+    def test_lr(self, method: str) -> float:
+        """The first fine-tuning step size of ``method`` at test time (then half of it)."""
+        return {"maml": self.inner_lr, "pretrained": self.pretrained_lr, "random": self.random_lr}[method]
 
     def method_list(self) -> list:
         methods = [m.strip() for m in self.methods.split(",") if m.strip()]
@@ -140,9 +151,10 @@ def build_env(cfg: RLConfig):
 
 
 # --- training ----------------------------------------------------------------------------------------
-def init_policy(env, seed: int) -> dict:
-    """The initial policy (rllab's Glorot init, std 1) of every method: a function of ``seed`` only."""
-    return pol.init(np.random.default_rng([seed, 0]), env.obs_dim, env.act_dim)
+def init_policy(env, seed: int, output_scale: float = 0.01) -> dict:
+    """The initial policy of every method (rllab's Glorot init with the output layer's weights x
+    ``output_scale``, std 1; ``policy.init``): a function of ``seed`` only."""
+    return pol.init(np.random.default_rng([seed, 0]), env.obs_dim, env.act_dim, output_scale=output_scale)
 
 
 class TRPOStep(train.Step):
@@ -195,8 +207,9 @@ def test_tasks(env, cfg: RLConfig) -> np.ndarray:
     return env.sample_tasks(np.random.default_rng([cfg.test_seed, 0]), cfg.n_test_tasks)
 
 
-def evaluate_policy(env, params: dict, cfg: RLConfig, n_show: int = 0) -> tuple:
-    """Fine-tune ``params`` on every test task; the tasks go in chunks of ``meta_batch_size``.
+def evaluate_policy(env, params: dict, cfg: RLConfig, n_show: int = 0, inner_lr: float | None = None) -> tuple:
+    """Fine-tune ``params`` on every test task with step size ``inner_lr`` (default ``cfg.inner_lr``),
+    then half of it; the tasks go in chunks of ``meta_batch_size``.
 
     Returns ``(returns, shown)``: returns (eval_steps + 1, n_test_tasks), each task's average return
     after each step; shown: for the first ``n_show`` tasks, per step, the first trajectory's
@@ -206,7 +219,7 @@ def evaluate_policy(env, params: dict, cfg: RLConfig, n_show: int = 0) -> tuple:
     returns, shown = [], None
     for begin in range(0, len(tasks), cfg.meta_batch_size):
         chunk = tasks[begin:begin + cfg.meta_batch_size]
-        batches = maml_rl.adaptation_batches(env, params, chunk, cfg.inner_lr, cfg.eval_steps, rng,
+        batches = maml_rl.adaptation_batches(env, params, chunk, inner_lr or cfg.inner_lr, cfg.eval_steps, rng,
                                              cfg.test_batch_steps, cfg.n_traj)
         returns.append(np.stack([average_returns(b) for b in batches]))
         if shown is None:
@@ -226,7 +239,7 @@ def run(cfg: RLConfig, resume: bool = False, progress: bool = True, n_show: int 
 
 
 def _run(cfg: RLConfig, env, methods, resume, progress, n_show, allow_changes) -> tuple:
-    initial = init_policy(env, cfg.seed)
+    initial = init_policy(env, cfg.seed, cfg.init_output_scale)
     steps = {"maml": (MamlStep(env, cfg), cfg.maml_iterations),
              "pretrained": (PretrainStep(env, cfg), cfg.pretrain_iterations)}
     results = {"config": dataclasses.asdict(cfg), "returns": {}, "per_task": {}, "history": {},
@@ -245,7 +258,7 @@ def _run(cfg: RLConfig, env, methods, resume, progress, n_show, allow_changes) -
             results["seconds_per_iteration"][name] = (float(np.median([r["seconds"] for r in history]))
                                                       if history else None)
         clock = time.perf_counter()
-        per_task, shown[name] = evaluate_policy(env, params, cfg, n_show)
+        per_task, shown[name] = evaluate_policy(env, params, cfg, n_show, cfg.test_lr(name))
         results["eval_seconds"][name] = time.perf_counter() - clock
         results["per_task"][name] = np.where(np.isfinite(per_task), per_task, None).tolist()
         results["returns"][name] = [summary(row) for row in per_task]
@@ -258,6 +271,15 @@ def _run(cfg: RLConfig, env, methods, resume, progress, n_show, allow_changes) -
 
 def _cells(means, cis) -> list:
     return [f"{m:.2f} ± {c:.2f}" for m, c in zip(means, cis)]
+
+
+def _test_lrs(cfg: dict) -> str:
+    """The test step sizes of a results file's config: one number, or one per method when they differ."""
+    lrs = {"MAML": cfg["inner_lr"], "pretrained": cfg.get("pretrained_lr", cfg["inner_lr"]),
+           "random init": cfg.get("random_lr", cfg["inner_lr"])}  # older results lack the baselines' own
+    if len(set(lrs.values())) == 1:
+        return f"{cfg['inner_lr']}"
+    return ", ".join(f"{lr} {name}" for name, lr in lrs.items())
 
 
 def results_markdown(results: dict) -> str:
@@ -281,7 +303,7 @@ def results_markdown(results: dict) -> str:
                  if test_batch else f"{cfg['n_traj']} trajectories per task and step")
     return (f"### {cfg['env']} ({cfg['profile']} profile)\n\n"
             f"Average return on {cfg['n_test_tasks']} test tasks (mean ± 95% CI) after 0..{n_steps} "
-            f"REINFORCE steps (alpha = {cfg['inner_lr']}, then alpha / 2) on {tested_on}; training: meta-batch "
+            f"REINFORCE steps (alpha = {_test_lrs(cfg)}, then alpha / 2) on {tested_on}; training: meta-batch "
             f"{cfg['meta_batch_size']}, {cfg['n_traj']} trajectories per task; trained: {timing or 'nothing'}.\n\n"
             + markdown_table(header, rows))
 
