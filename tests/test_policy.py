@@ -40,6 +40,23 @@ def test_init_shapes_and_glorot_bounds():
     assert params["log_std"].shape == (ACT_DIM,) and not params["log_std"].any()
 
 
+def test_small_output_layer_makes_a_quiet_policy_whatever_the_seed():
+    """output_scale scales the output layer's Glorot draw only; at 0.01 the mean action stays near 0 for
+    every seed (the policy is its std-1 noise), while the Glorot policy's mean actions are O(1)."""
+    obs = np.random.default_rng(9).standard_normal((256, OBS_DIM)).astype(np.float32) * 3
+    for seed in range(5):
+        loud = pol.init(np.random.default_rng(seed), OBS_DIM, ACT_DIM)
+        quiet = pol.init(np.random.default_rng(seed), OBS_DIM, ACT_DIM, output_scale=0.01)
+        assert all(np.array_equal(quiet[k], loud[k]) for k in quiet if k != "layer2.w")
+        np.testing.assert_allclose(quiet["layer2.w"], 0.01 * loud["layer2.w"], rtol=1e-6)
+        loud_mean = pol.apply(loud, obs)[0].data
+        quiet_mean = pol.apply(quiet, obs)[0].data
+        np.testing.assert_allclose(quiet_mean, 0.01 * loud_mean, rtol=1e-4, atol=1e-6)
+        assert np.abs(quiet_mean).max() < 0.1 < np.abs(loud_mean).max()
+    with pytest.raises(ValueError, match="output_scale"):
+        pol.init(np.random.default_rng(0), OBS_DIM, ACT_DIM, output_scale=0.0)
+
+
 def test_init_is_seeded():
     a = pol.init(np.random.default_rng(3), OBS_DIM, ACT_DIM)
     b = pol.init(np.random.default_rng(3), OBS_DIM, ACT_DIM)

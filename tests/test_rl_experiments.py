@@ -35,6 +35,23 @@ def test_navigation_end_to_end(tmp_path):
     assert not (tmp_path / files.LOCK_NAME).exists()  # the folder lock is released
 
 
+def test_a_fresh_run_repeats_its_numbers_exactly(tmp_path):
+    """Two fresh runs of the same settings and seed (training, the test tasks' fine-tuning and scores of
+    every method) give the same returns bit for bit: what docs/results.md reports is what the code
+    gives."""
+    small = dict(TINY, test_batch_steps=0, eval_steps=1)
+    first, _ = rl_common.run(navigation.config("quick", out_dir=str(tmp_path / "a"), **small), progress=False)
+    again, _ = rl_common.run(navigation.config("quick", out_dir=str(tmp_path / "b"), **small), progress=False)
+    assert first["per_task"] == again["per_task"] and first["per_task"]["maml"]
+
+
+def test_the_initial_policy_is_quiet_by_default():
+    env = make_env("navigation")
+    quiet, loud = rl_common.init_policy(env, 0), rl_common.init_policy(env, 0, output_scale=1.0)
+    np.testing.assert_allclose(quiet["layer2.w"], 0.01 * loud["layer2.w"], rtol=1e-6)
+    assert navigation.config("quick").init_output_scale == locomotion.config("quick").init_output_scale == 0.01
+
+
 @pytest.mark.parametrize("method", ["maml", "pretrained"])
 def test_resume_gives_identical_params(tmp_path, method):
     cfg = navigation.config("quick", **TINY)
