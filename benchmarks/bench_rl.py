@@ -14,6 +14,9 @@
    seeds: with the library's Fisher products, sum_i J_i^T F'_i J_i from second-order products
    (``maml_rl.meta_fisher_product``), and with the tape's third-order reverse over reverse through the
    inner step (``third_order_fisher=True``, the earlier path); the last column is their ratio.
+3. Fisher products alone, on one meta-batch: the seconds of one product F v by each path, timed
+   alternately (``--products`` each, medians, so that a busy machine slows both alike), and the peak
+   memory (``tracemalloc``, which sees NumPy's arrays) of a whole TRPO step with each.
    The library holds no timing code: the benchmark times it from outside, by wrapping, for the timed
    iterations only, the module-level functions the iteration calls (``Parts``): ``maml_rl.sample``,
    ``maml.adapt`` (outside TRPO: the inner step; inside TRPO's objective it is part of the other parts),
@@ -40,6 +43,7 @@ def parse_args(argv=None):
     parser.add_argument("--meta-batch", type=int, default=20, help="tasks T")
     parser.add_argument("--n-traj", type=int, default=20, help="trajectories per task B")
     parser.add_argument("--iterations", type=int, default=3, help="timed meta-iterations per env")
+    parser.add_argument("--products", type=int, default=5, help="timed Fisher products per path")
     parser.add_argument("--blas-threads", type=int, default=1)
     return parser.parse_args(argv)
 
@@ -51,15 +55,18 @@ for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 import functools  # noqa: E402  (after the BLAS thread count is fixed)
 import statistics  # noqa: E402
 import time  # noqa: E402
+import tracemalloc  # noqa: E402
 from collections import defaultdict  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from minimaml import autodiff as ad  # noqa: E402
 from minimaml import maml  # noqa: E402
 from minimaml.experiments import locomotion, navigation  # noqa: E402
 from minimaml.experiments.rl_common import RLConfig, build_env, init_policy  # noqa: E402
 from minimaml.nn import policy as pol  # noqa: E402
 from minimaml.rl import maml_rl, trpo  # noqa: E402
+from minimaml.rl.reinforce import reinforce_loss  # noqa: E402
 from minimaml.rl.sampler import sample_trajectories  # noqa: E402
 
 PARTS = ("sampling", "inner", "gradient", "cg", "line_search")
@@ -174,10 +181,43 @@ def bench_meta_iteration(env, params, cfg: RLConfig, third_order_fisher: bool) -
     return {key: statistics.median(r[key] for r in records) for key in PARTS + ("total",)}
 
 
+def bench_fisher(env, params, cfg: RLConfig) -> dict:
+    """Seconds per Fisher product and peak MB of one TRPO step, for ``meta_fisher_product`` ("fast") and
+    the tape's third-order product ("third"), on the same pre- and post-update trajectories."""
+    rng = np.random.default_rng(3)
+    tasks = env.sample_tasks(rng, cfg.meta_batch_size)
+    _, pre = maml_rl.sample(env, params, tasks, rng, cfg.n_traj)
+    adapted = maml.adapt(reinforce_loss, params, pre, cfg.inner_lr, 1)
+    _, post = maml_rl.sample(env, adapted, tasks, rng, cfg.n_traj)
+    objective = maml_rl.meta_objective(pre, post, adapted, cfg.inner_lr)
+    fast_product = maml_rl.meta_fisher_product(pre, post, adapted, cfg.inner_lr)
+    names = list(params)
+    leaves = [ad.Tensor(params[k], requires_grad=True) for k in names]
+    _, kl = objective(dict(zip(names, leaves)), create_graph=True)
+    products = {"fast": fast_product(params), "third": trpo.fisher_vector_product(kl, leaves, damping=0.0)}
+    v = np.random.default_rng(4).standard_normal(trpo.flatten(params.values()).size)
+    v_dict = dict(zip(names, trpo.unflatten(v, params.values())))
+    calls = {"fast": lambda: products["fast"](v_dict), "third": lambda: products["third"](v)}
+    seconds = defaultdict(list)
+    for _ in range(ARGS.products + 1):  # the first round is a warm-up
+        for path, call in calls.items():
+            start = time.perf_counter()
+            call()
+            seconds[path].append(time.perf_counter() - start)
+    out = {f"{path}_s": statistics.median(times[1:]) for path, times in seconds.items()}
+    del products, calls, kl, leaves
+    for path, fisher in (("fast", fast_product), ("third", None)):
+        tracemalloc.start()
+        cfg.trpo().step(objective, params, fisher)
+        out[f"{path}_peak_mb"] = tracemalloc.get_traced_memory()[1] / 2**20
+        tracemalloc.stop()
+    return out
+
+
 def main() -> None:
     print(f"# BLAS threads {ARGS.blas_threads}; T = {ARGS.meta_batch} tasks x B = {ARGS.n_traj} trajectories; "
           f"medians of {ARGS.iterations} meta-iterations")
-    rows = []
+    rows, fisher_rows = [], []
     for name in ARGS.envs:
         cfg = config_for(name)
         try:
@@ -189,6 +229,7 @@ def main() -> None:
         sampler = bench_sampler(env, params, cfg)
         for fisher, third_order in (("J^T F' J", False), ("third order", True)):
             rows.append((name, env.horizon, sampler, fisher, bench_meta_iteration(env, params, cfg, third_order)))
+        fisher_rows.append((name, bench_fisher(env, params, cfg)))
 
     print("\n| env | horizon | sampler steps/s | policy share | Fisher products | meta-iteration s | sampling | "
           "inner step | gradient + graph | CG | line search | third order / this |")
@@ -199,6 +240,13 @@ def main() -> None:
         print(f"| {name} | {horizon} | {sampler['steps_per_s']:,.0f} | {100 * sampler['policy_share']:.0f}% | "
               f"{fisher} | {meta['total']:.2f} | {shares} | {third['total'] / meta['total']:.2f}x "
               f"(CG {third['cg'] / meta['cg']:.1f}x) |")
+
+
+    print(f"\n| env | Fisher product, J^T F' J | third order | ratio | peak MB of a TRPO step, J^T F' J | third order |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, f in fisher_rows:
+        print(f"| {name} | {f['fast_s']:.3f} s | {f['third_s']:.3f} s | {f['third_s'] / f['fast_s']:.2f}x | "
+              f"{f['fast_peak_mb']:.0f} | {f['third_peak_mb']:.0f} |")
 
 
 if __name__ == "__main__":
