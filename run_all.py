@@ -4,6 +4,7 @@
     python run_all.py --profile smoke      # the same experiments in a few minutes (checks that all runs)
     python run_all.py --profile full       # the paper's scale (hours)
     python run_all.py --only sinusoid      # a subset of the experiments
+    python run_all.py --only followups     # MAML's follow-ups on the sinusoid (docs/followups.md)
     python run_all.py --publish            # also refresh docs/generated/<profile>.md and docs/figures/
     python run_all.py --download           # fetch Omniglot's official zips first if they are missing
 
@@ -38,15 +39,17 @@ from concurrent.futures import ProcessPoolExecutor
 
 from minimaml import allocator, verify
 from minimaml.experiments import common, locomotion, miniimagenet, navigation, omniglot, sinusoid
+from minimaml.followups import experiments as followups
 from minimaml.tasks.datadir import DataError
 
 EXPERIMENTS = {"sinusoid": sinusoid, "omniglot": omniglot, "navigation": navigation,
-               "miniimagenet": miniimagenet, "locomotion": locomotion}
+               "miniimagenet": miniimagenet, "locomotion": locomotion, "followups": followups}
 PROFILES = ("quick", "smoke", "full")
 # The quick and smoke profiles run the three experiments that fit minutes on 2 cores; MiniImagenet's quick
-# profile (a smoke run on real images) and MuJoCo locomotion (an optional extra) run when named with --only.
+# profile (a smoke run on real images) and MuJoCo locomotion (an optional extra) run when named with --only;
+# so do the follow-ups' sinusoid rows (``--only followups``).
 DEFAULT = {"quick": ["sinusoid", "omniglot", "navigation"], "smoke": ["sinusoid", "omniglot", "navigation"],
-           "full": list(EXPERIMENTS)}
+           "full": [name for name in EXPERIMENTS if name != "followups"]}
 ROOT = os.path.dirname(os.path.abspath(__file__))
 GENERATED = os.path.join(ROOT, "docs", "generated")
 FIGURES = os.path.join(ROOT, "docs", "figures")

@@ -19,6 +19,7 @@ setup(
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6.80"],
         "gpu": ["cupy-cuda12x>=13"],
+        "mpi": ["mpi4py>=4.0", "mpich>=4.1"],  # the meta-batch over ranks (docs/distributed.md); mpich ships mpiexec
         "mujoco": ["mujoco>=3.1", "gymnasium>=1.0", "imageio>=2.14"],  # gymnasium's MuJoCo envs import imageio
     },
 )

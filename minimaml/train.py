@@ -27,6 +27,10 @@ Guarantees, each tested: a NaN or infinite loss, gradient or parameter stops the
 ``NonFiniteError`` and leaves on disk the last checkpoint whose parameters gave a finite loss; a
 resume with other settings is a ``ResumeError`` naming them. (The experiments hold their folder with
 ``files.folder_lock``: one run per folder.)
+
+Under MPI (``minimaml.distributed``) every rank runs this loop with the same generators; the step
+all-reduces its meta-gradient, rank 0 alone writes checkpoints and shows progress, a resume reads
+rank 0's checkpoint on every rank, and rank 0's clock decides when a time budget is spent.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from typing import Callable
 import numpy
 from tqdm.auto import tqdm
 
-from minimaml import backend
+from minimaml import backend, distributed
 from minimaml.files import write_atomic
 
 
@@ -174,8 +178,8 @@ def run(
     state = step.init(params)
     start, history, earlier_seconds, changes = 0, [], 0.0, []
     curve, best_params, best_iteration = [], None, None
-    if resume and checkpoint_path is not None and os.path.exists(checkpoint_path):
-        ckpt = load_checkpoint(checkpoint_path)
+    if resume and checkpoint_path is not None and distributed.broadcast(os.path.exists(checkpoint_path)):
+        ckpt = distributed.broadcast(load_checkpoint(checkpoint_path) if distributed.is_root() else None)
         changes = _check_resume(ckpt, params, seed, config, allow_changes, n_iterations, checkpoint_path)
         params, state, start, history = ckpt.params, ckpt.opt_state, ckpt.iteration, ckpt.history
         earlier_seconds, curve = ckpt.seconds, ckpt.validation
@@ -197,6 +201,7 @@ def run(
     good = None
     saved_at = start
     iteration = start
+    progress = progress and distributed.is_root()  # under MPI, rank 0 shows the bar and writes the checkpoints
     with tqdm(total=n_iterations, initial=min(start, n_iterations), disable=not progress, desc=desc) as bar:
         while iteration < n_iterations and not budget_spent:
             clock = time.perf_counter()
@@ -234,7 +239,8 @@ def run(
                     best_params, best_iteration = params, iteration
                 say(f"{desc} iteration {iteration}: validation {score:.4f} (best "
                     f"{_best_score(curve, best_iteration):.4f} at {best_iteration})")
-                budget_spent = bool(max_train_seconds and seconds() >= max_train_seconds)
+                # rank 0's clock decides for every rank (the ranks must stop at the same iteration)
+                budget_spent = distributed.broadcast(bool(max_train_seconds and seconds() >= max_train_seconds))
             if checkpoint_path is not None and (iteration % checkpoint_every == 0 or validated):
                 save(checkpoint_path, iteration, params, state, history, curve, best_params, best_iteration,
                      seconds())
@@ -352,7 +358,10 @@ def _check_resume(ckpt: Checkpoint, params: dict, seed: int, config, allow_chang
 def save_checkpoint(path, params: dict, opt_state: dict, iteration: int, seed: int, history: list,
                     seconds: float = 0.0, config: dict | None = None, changes=(), validation=(),
                     best_params: dict | None = None, best_iteration: int | None = None) -> None:
-    """Write a checkpoint atomically: a temporary ``.npz`` in the same folder, then ``os.replace``."""
+    """Write a checkpoint atomically: a temporary ``.npz`` in the same folder, then ``os.replace``.
+    Under MPI rank 0 alone writes (every rank holds the same parameters)."""
+    if not distributed.is_root():
+        return
     arrays = {"iteration": numpy.asarray(iteration, dtype=numpy.int64),
               "seed": numpy.asarray(seed, dtype=numpy.int64),
               "seconds": numpy.asarray(seconds, dtype=numpy.float64)}

@@ -5,7 +5,9 @@
    regression, a small conv + batch-norm + max-pool classifier, the RL REINFORCE step through a small
    Gaussian policy), and the MAML-TRPO Fisher-vector product, against central finite differences.
 
-    python -m minimaml.verify          # prints both tables; exit status 1 if any check fails
+3. the follow-ups (``minimaml.followups``): Meta-SGD, MAML++, Reptile and iMAML checks.
+
+    python -m minimaml.verify          # prints the three tables; exit status 1 if any check fails
 """
 
 from __future__ import annotations
@@ -196,6 +198,36 @@ def meta_gradient_report(seed: int = 0, rtol: float = 1e-6, file=sys.stdout) -> 
     return all_ok
 
 
+def followups_report(seed: int = 0, rtol: float = 1e-6, file=sys.stdout) -> bool:
+    """The follow-ups' checks (``followups.checks``): Meta-SGD and MAML++ meta-gradients against central
+    differences, Reptile against a per-task loop, iMAML against the least-squares closed form and, on an
+    MLP, its convergence to differences of L_Q(phi*(theta)) (the last row of the curve must pass)."""
+    from .followups import checks
+
+    rows = [(f"Meta-SGD w.r.t. {part}", error) for part, error in checks.meta_sgd_error(seed).items()]
+    rows += [(f"MAML++ MSL w.r.t. {part}", error) for part, error in checks.maml_pp_error(seed).items()]
+    rows += [(f"MAML++ MSL first order, {part}", error)
+             for part, error in checks.maml_pp_error(seed, second_order=False).items()]
+    rows += [(f"Reptile ({opt}) vs per-task loop", checks.reptile_error(seed, opt)) for opt in ("sgd", "adam")]
+    rows += [(f"iMAML least squares, {part}", error) for part, error in checks.imaml_least_squares_error(seed).items()]
+    curve = checks.imaml_convergence(seed)
+    all_ok = True
+    print(f"{'follow-up check':40s} {'rel. error':>11s}  result", file=file)
+    for name, error in rows:
+        ok = error <= rtol
+        all_ok &= ok
+        print(f"{name:40s} {error:11.2e}  {'ok' if ok else 'FAIL'}", file=file)
+    for i, (inner_steps, cg_steps, error, residual) in enumerate(curve):
+        last = i == len(curve) - 1
+        ok = error <= rtol if last else True
+        all_ok &= ok
+        print(f"{'iMAML MLP: ' + str(inner_steps) + ' inner, ' + str(cg_steps) + ' CG':40s} {error:11.2e}  "
+              f"{('ok' if ok else 'FAIL') if last else 'curve'} (CG residual {residual:.1e})", file=file)
+    print(f"relative error along random directions against 5-point central differences (float64; Reptile: "
+          f"largest entry); {'all passed' if all_ok else 'FAILURES'}", file=file)
+    return all_ok
+
+
 def report(order: int = 2, seed: int = 0, file=sys.stdout) -> bool:
     """Check every case at orders 1..``order``; print a table; return True when all pass."""
     rng = numpy.random.default_rng(seed)
@@ -215,7 +247,9 @@ def report(order: int = 2, seed: int = 0, file=sys.stdout) -> bool:
 def main() -> int:
     primitives_ok = report()
     print()
-    return 0 if primitives_ok and meta_gradient_report() else 1
+    meta_ok = meta_gradient_report()
+    print()
+    return 0 if primitives_ok and meta_ok and followups_report() else 1
 
 
 if __name__ == "__main__":

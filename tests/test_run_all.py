@@ -90,3 +90,12 @@ def test_each_experiment_runs_in_a_fresh_process(tmp_path, monkeypatch):
     assert spawned == ["spawn"]
     assert "### Sinusoid regression (smoke profile: 1000 meta-iterations" in table
     assert folders == ["runs/smoke/sinusoid"] and (tmp_path / "runs/smoke/sinusoid/results.json").exists()
+
+
+def test_the_followups_rows_run_only_when_named():
+    spec = importlib.util.spec_from_file_location("run_all", os.path.join(ROOT, "run_all.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert "followups" in module.EXPERIMENTS
+    assert all("followups" not in names for names in module.DEFAULT.values())
+    assert callable(module.EXPERIMENTS["followups"].run_profile)

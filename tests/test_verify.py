@@ -28,3 +28,15 @@ def test_a_wrong_meta_gradient_fails_its_rows(monkeypatch):
     assert not verify.meta_gradient_report(file=out)
     failed = [line for line in out.getvalue().splitlines() if line.endswith("FAIL")]
     assert len(failed) == 3 and all(" hvp " in line for line in failed)
+
+
+def test_followups_report_passes_with_a_row_per_check():
+    out = io.StringIO()
+    assert verify.followups_report(file=out)
+    text = out.getvalue()
+    for row in ("Meta-SGD w.r.t. alpha", "MAML++ MSL w.r.t. rates", "Reptile (adam) vs per-task loop",
+                "iMAML least squares, gradient"):
+        assert row in text
+    curve = [line for line in text.splitlines() if line.startswith("iMAML MLP")]
+    assert len(curve) >= 3 and all(" curve " in line for line in curve[:-1]) and "  ok (CG" in curve[-1]
+    assert "all passed" in text and "FAIL" not in text

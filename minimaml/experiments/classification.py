@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy
 
 from .. import autodiff as ad
-from .. import backend, files, maml, optim, train
+from .. import backend, distributed, followups, maml, optim, train
 from ..nn import conv4
 from ..tasks import episodes
 from .common import check_config, log, markdown_table, setting, summary, training_settings, write_json
@@ -59,12 +59,32 @@ class ClassificationConfig:
     checkpoint_every: int = setting(500, "iterations between checkpoints", least=1, training=False)
     max_train_minutes: float = setting(0.0, "stop at the first validation past this much training time; 0 = no "
                                        "limit", least=0.0, training=False)
+    algorithm: str = setting("maml", "MAML or one of its follow-ups (docs/followups.md)", choices=followups.ALGORITHMS)
+    reptile_inner_lr: float = setting(1e-3, "Reptile: the inner optimizer's step size (the authors' Adam 1e-3)",
+                                      positive=True)
+    reptile_inner_steps: int = setting(5, "Reptile: inner steps in training (on support + query)", least=1)
+    reptile_inner_optimizer: str = setting("adam", "Reptile: inner optimizer", choices=("sgd", "adam"))
+    reptile_epsilon: float = setting(1.0, "Reptile: outer step size epsilon, annealed linearly ...", positive=True)
+    reptile_epsilon_final: float = setting(0.0, "... to this at the last iteration", least=0.0)
+    meta_sgd_alpha_low: float = setting(0.005, "Meta-SGD: alpha's entries drawn from U(low, high)", positive=True)
+    meta_sgd_alpha_high: float = setting(0.1, "Meta-SGD: the high end of alpha's initial interval", positive=True)
+    maml_pp_inner_steps: int = setting(5, "MAML++: inner steps in training (the rates are per step)", least=1)
+    maml_pp_msl_epochs: float = setting(10.0, "MAML++: epochs of the multi-step loss annealing", positive=True)
+    maml_pp_first_order_epochs: float = setting(0.0, "MAML++: first-order epochs before second order", least=0.0)
+    maml_pp_min_meta_lr: float = setting(1e-5, "MAML++: the cosine-annealed meta-lr's final value", positive=True)
+    maml_pp_iterations_per_epoch: int = setting(500, "MAML++: meta-iterations per epoch", least=1)
+    maml_pp_learned_rates: bool = setting(True, "MAML++: learn the per-layer per-step rates (LSLR), else fixed")
+    maml_pp_per_step_bn: bool = setting(True, "MAML++: batch-norm scale and shift per inner step (BNWB)")
+    imaml_inner_steps: int = setting(16, "iMAML: inner steps on the proximal problem", least=1)
+    imaml_lambda: float = setting(2.0, "iMAML: the proximal regularisation lambda", positive=True)
+    imaml_cg_steps: int = setting(5, "iMAML: conjugate-gradient steps of the implicit gradient", least=1)
 
     @property
     def key(self) -> str:
         model = "" if self.model == "conv" else f"-{self.model}"
         order = "" if self.mode != "first_order" else "-fo"
-        return f"{self.dataset}{model}-{self.n_way}way-{self.k_shot}shot{order}"
+        algorithm = "" if self.algorithm == "maml" else f"-{self.algorithm}"
+        return f"{self.dataset}{model}-{self.n_way}way-{self.k_shot}shot{order}{algorithm}"
 
 
 def make_config(settings: dict, overrides: dict) -> ClassificationConfig:
@@ -127,44 +147,59 @@ def accuracy(logits, labels):
     return (predictions == backend.to_numpy(labels)).mean(axis=-1)
 
 
-def meta_step(config: ClassificationConfig, model, train_images, names) -> train.GradientStep:
-    """Adam (clipped as ``grad_clip`` says) on the meta-gradient of a fresh meta-batch."""
+def meta_step(config: ClassificationConfig, model, train_images, names, algorithm=None) -> train.GradientStep:
+    """Adam (clipped as ``grad_clip`` says) on the meta-gradient of a fresh meta-batch; ``algorithm``: a
+    follow-up's meta-gradient and outer optimizer instead (``followups``)."""
     loss = task_loss(model, config.n_way)
     queries = config.n_way * config.q_train
     # ours: sum_i N mean CE_q = sum_i sum_q CE / Q; the authors': sum_i sum_q CE / (K T)
     scale = queries / (config.k_shot * config.meta_batch_size)
+    if algorithm is not None and algorithm.name == "reptile":  # its direction: a mean over the tasks
+        scale = 1.0 / config.meta_batch_size
 
     def loss_and_grads(params, rng, iteration):
         tasks = episodes.sample_episodes(train_images, config.meta_batch_size, config.n_way,
-                                         config.k_shot, config.q_train, rng)
-        meta_loss, grads = maml.meta_gradient(loss, params, tasks, config.inner_lr, config.inner_steps,
-                                              mode=config.mode, inner_param_names=names)
+                                         config.k_shot, config.q_train, rng)  # the same on every rank
+        if algorithm is None:
+            meta_loss, grads = maml.meta_gradient(loss, params, distributed.share_tasks(tasks), config.inner_lr,
+                                                  config.inner_steps, mode=config.mode, inner_param_names=names)
+            metrics = {}
+        else:
+            meta_loss, grads, metrics = algorithm.meta_gradient(loss, params, distributed.share_tasks(tasks),
+                                                                iteration)
+        meta_loss, grads = distributed.sum_over_ranks(meta_loss, grads)  # the whole meta-batch's, on every rank
         # "loss" is the authors' scale (sum over tasks and queries / (K T)); query_ce reads as a number:
         # the mean cross-entropy of one query image after adaptation (ln N at chance)
         query_ce = meta_loss / (config.meta_batch_size * config.n_way)
-        return meta_loss * scale, {n: g * scale for n, g in grads.items()}, {"query_ce": query_ce}
-    return train.GradientStep(loss_and_grads, optim.Adam(config.meta_lr, clip_value=config.grad_clip or None))
+        return meta_loss * scale, {n: g * scale for n, g in grads.items()}, {"query_ce": query_ce, **metrics}
+    if algorithm is None:
+        return train.GradientStep(loss_and_grads, optim.Adam(config.meta_lr, clip_value=config.grad_clip or None))
+    return train.GradientStep(loss_and_grads, algorithm.optimizer(config.meta_lr, config.n_iterations,
+                                                                  config.grad_clip or None))
 
 
-def evaluate(model, params, images, task_index, config: ClassificationConfig, names) -> numpy.ndarray:
-    """Query accuracy of every task after 0..eval_steps fine-tuning steps: ``(eval_steps + 1, n_tasks)``."""
+def evaluate(model, params, images, task_index, config: ClassificationConfig, names, algorithm=None) -> numpy.ndarray:
+    """Query accuracy of every task after 0..eval_steps fine-tuning steps: ``(eval_steps + 1, n_tasks)``.
+    Under MPI each rank scores its share of the tasks and every rank gets all of them."""
     loss = task_loss(model, config.n_way)
     columns = []
-    for tasks in episodes.iterate_batches(images, task_index, config.eval_batch):
+    for tasks in episodes.iterate_batches(images, task_index[distributed.share(len(task_index))], config.eval_batch):
         per_step = []
-        for theta in maml.adaptation_steps(loss, params, tasks.support, config.inner_lr, config.eval_steps, names):
+        adaptation = (maml.adaptation_steps(loss, params, tasks.support, config.inner_lr, config.eval_steps, names)
+                      if algorithm is None else algorithm.adaptation_steps(loss, params, tasks.support, config.eval_steps))
+        for theta in adaptation:
             with ad.no_grad():
                 per_step.append(accuracy(model.apply(theta, tasks.query.x), tasks.query.y))
         columns.append(numpy.stack(per_step))
-    return numpy.concatenate(columns, axis=1)
+    return distributed.gather_tasks(numpy.concatenate(columns, axis=1), axis=1)
 
 
 def run(config: ClassificationConfig, resume: bool = False, progress: bool = True, allow_changes=(),
         download: bool = False) -> dict:
     """Meta-train with validation-based early stopping, then score the test tasks with the
     best-validation parameters. ``download``: first fetch the data set's missing files (``download_data``)."""
-    with files.folder_lock(config.out_dir):
-        if download:
+    with distributed.root_lock(config.out_dir):
+        if download and distributed.is_root():
             download_data(config)
         return _run(config, resume, progress, allow_changes)
 
@@ -174,16 +209,19 @@ def _run(config: ClassificationConfig, resume: bool, progress: bool, allow_chang
     model = make_model(config)
     params = model.init(numpy.random.default_rng(config.seed), config.n_way)
     names = conv4.inner_param_names(params, adapt_bn_shift=config.adapt_bn_shift)
+    algorithm = None if config.algorithm == "maml" else followups.make(config, names)
+    if algorithm is not None:  # a follow-up's own meta-parameters (step sizes, rates, per-step rows)
+        params = algorithm.init(params, numpy.random.default_rng([config.seed, 1]))
     val_tasks = episodes.fixed_tasks(splits["val"], config.n_val_tasks, config.n_way, config.k_shot,
                                      config.q_eval, seed=config.seed + 1)
     test_tasks = episodes.fixed_tasks(splits["test"], config.n_test_tasks, config.n_way, config.k_shot,
                                       config.q_eval, seed=config.seed + 2)
 
     def validation_accuracy(at_params) -> float:
-        return float(evaluate(model, at_params, splits["val"], val_tasks, config, names)[-1].mean())
+        return float(evaluate(model, at_params, splits["val"], val_tasks, config, names, algorithm)[-1].mean())
 
-    result = train.run(params, meta_step(config, model, splits["train"], names), config.n_iterations,
-                       seed=config.seed, checkpoint_path=os.path.join(config.out_dir, "maml.ckpt.npz"),
+    result = train.run(params, meta_step(config, model, splits["train"], names, algorithm), config.n_iterations,
+                       seed=config.seed, checkpoint_path=os.path.join(config.out_dir, f"{config.algorithm}.ckpt.npz"),
                        checkpoint_every=config.checkpoint_every, resume=resume,
                        config=training_settings(config), allow_changes=allow_changes,
                        log_every=max(config.val_every // 10, 1),
@@ -196,14 +234,15 @@ def _run(config: ClassificationConfig, resume: bool, progress: bool, allow_chang
              for r in result.validation]
     write_json(os.path.join(config.out_dir, "validation.json"), curve)
     best_params = result.best_params if result.best_params is not None else result.params
-    test = evaluate(model, best_params, splits["test"], test_tasks, config, names)
+    test = evaluate(model, best_params, splits["test"], test_tasks, config, names, algorithm)
     results = {"config": dataclasses.asdict(config), "key": config.key, "train_seconds": result.seconds,
                "iterations": result.iterations, "best_iteration": result.best_iteration or 0,
                "validation": curve, "changes": result.changes,
                "test_accuracy": [summary(row) for row in test]}
     write_json(os.path.join(config.out_dir, "results.json"), results)
-    plot_training(results, os.path.join(config.out_dir, "training.png"))
-    plot_steps(results, os.path.join(config.out_dir, "accuracy_vs_steps.png"))
+    if distributed.is_root():
+        plot_training(results, os.path.join(config.out_dir, "training.png"))
+        plot_steps(results, os.path.join(config.out_dir, "accuracy_vs_steps.png"))
     return results
 
 

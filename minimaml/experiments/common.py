@@ -19,7 +19,7 @@ import sys
 
 import numpy
 
-from .. import files
+from .. import distributed, files
 from ..tasks.datadir import DataError
 from ..train import NonFiniteError
 
@@ -86,7 +86,10 @@ def cell(entry: dict, scale: float = 1.0, digits: int = 3) -> str:
 
 
 def write_atomic(path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: never half-written."""
+    """Write ``text`` to ``path`` through a temporary file and a rename: never half-written. Under MPI
+    rank 0 alone writes (every rank holds the same results)."""
+    if not distributed.is_root():
+        return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     files.write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
@@ -165,8 +168,9 @@ def allowed_changes(args) -> tuple:
 
 
 def log(line: str) -> None:
-    """A log line, flushed at once (so a background run's log file is up to date)."""
-    print(line, flush=True)
+    """A log line, flushed at once (so a background run's log file is up to date); under MPI, rank 0's."""
+    if distributed.is_root():
+        print(line, flush=True)
 
 
 def not_a_command(module: str, commands: str) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from .. import allocator
 from . import classification
 from .classification import ClassificationConfig
-from .common import COMMAND_ERRORS, allowed_changes, config_parser, overrides_from_args
+from .common import COMMAND_ERRORS, allowed_changes, config_parser, log, overrides_from_args
 
 PAPER = {"miniimagenet-5way-1shot": "48.70 ± 1.84", "miniimagenet-5way-5shot": "63.11 ± 0.92",
          "miniimagenet-5way-1shot-fo": "48.07 ± 1.75", "miniimagenet-5way-5shot-fo": "63.15 ± 0.91"}
@@ -69,7 +69,7 @@ def main(argv=None):
                                      allow_changes=allowed_changes(args))
     except COMMAND_ERRORS as err:
         parser.exit(1, f"{parser.prog}: error: {err}\n")
-    print(classification.results_table([results], PAPER, f"MiniImagenet ({args.profile} profile)"))
+    log(classification.results_table([results], PAPER, f"MiniImagenet ({args.profile} profile)"))
 
 
 if __name__ == "__main__":

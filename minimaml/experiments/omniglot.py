@@ -17,7 +17,7 @@ from __future__ import annotations
 from .. import allocator
 from . import classification
 from .classification import ClassificationConfig
-from .common import COMMAND_ERRORS, allowed_changes, config_parser, overrides_from_args
+from .common import COMMAND_ERRORS, allowed_changes, config_parser, log, overrides_from_args
 
 PAPER = {"omniglot-5way-1shot": "98.7 ± 0.4", "omniglot-5way-5shot": "99.9 ± 0.1",
          "omniglot-20way-1shot": "95.8 ± 0.3", "omniglot-20way-5shot": "98.9 ± 0.2",
@@ -81,7 +81,7 @@ def main(argv=None):
                                      allow_changes=allowed_changes(args), download=args.download)
     except COMMAND_ERRORS as err:
         parser.exit(1, f"{parser.prog}: error: {err}\n")
-    print(classification.results_table([results], PAPER, f"Omniglot ({args.profile} profile)"))
+    log(classification.results_table([results], PAPER, f"Omniglot ({args.profile} profile)"))
 
 
 if __name__ == "__main__":

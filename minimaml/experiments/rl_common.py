@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import files, train
+from .. import distributed, files, train
 from ..nn import policy as pol
 from ..rl import maml_rl
 from ..rl.reinforce import trajectories
@@ -233,6 +233,9 @@ def run(cfg: RLConfig, resume: bool = False, progress: bool = True, n_show: int 
     ``results.md`` and the figures into ``cfg.out_dir``. Returns ``(results, shown)`` with ``shown`` the
     trajectories of the first ``n_show`` test tasks (``evaluate_policy``) per method."""
     methods = cfg.method_list()
+    if distributed.size() > 1:
+        raise ValueError(f"{cfg.env}: the RL experiments do not split over MPI ranks yet (docs/distributed.md); "
+                         f"run them without mpiexec")
     env = build_env(cfg)
     with files.folder_lock(cfg.out_dir):
         return _run(cfg, env, methods, resume, progress, n_show, allow_changes)

@@ -9,6 +9,7 @@ with K = 5, 10, 20 points (the same points at every step, alpha = 0.01) and repo
     python -m minimaml.experiments.sinusoid --profile quick     # about a minute on 2 cores
     python -m minimaml.experiments.sinusoid --profile smoke     # seconds: a check that it all runs
     python -m minimaml.experiments.sinusoid --profile full      # the paper's 70,000 iterations
+    python -m minimaml.experiments.sinusoid --algorithm reptile # a follow-up instead (docs/followups.md)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import numpy
 
 from .. import autodiff as ad
-from .. import allocator, backend, files, maml, optim, train
+from .. import allocator, backend, distributed, followups, maml, optim, train
 from ..nn import mlp
 from ..tasks import sinusoid
 from .common import (COMMAND_ERRORS, allowed_changes, cell, check_config, config_parser, log, markdown_table,
@@ -48,12 +49,34 @@ class Config:
     seed: int = setting(0, "initialisation and training; the test tasks use seed + 1")
     out_dir: str = setting("runs/quick/sinusoid", "output folder (checkpoints, results, figures)", training=False)
     checkpoint_every: int = setting(2_000, "iterations between checkpoints", least=1, training=False)
+    algorithm: str = setting("maml", "MAML (and the pretrained baseline) or one of its follow-ups "
+                             "(docs/followups.md)", choices=followups.ALGORITHMS)
+    reptile_inner_steps: int = setting(5, "Reptile: inner steps in training (on support + query)", least=1)
+    reptile_inner_lr: float = setting(0.01, "Reptile: the inner optimizer's step size (training and test)",
+                                      positive=True)
+    reptile_inner_optimizer: str = setting("sgd", "Reptile: inner optimizer",
+                                           choices=("sgd", "adam"))
+    reptile_epsilon: float = setting(1.0, "Reptile: outer step size epsilon, annealed linearly ...", positive=True)
+    reptile_epsilon_final: float = setting(0.0, "... to this at the last iteration", least=0.0)
+    meta_sgd_alpha_low: float = setting(0.005, "Meta-SGD: alpha's entries drawn from U(low, high)", positive=True)
+    meta_sgd_alpha_high: float = setting(0.1, "Meta-SGD: the high end of alpha's initial interval", positive=True)
+    maml_pp_inner_steps: int = setting(5, "MAML++: inner steps in training (the rates are per step)", least=1)
+    maml_pp_msl_epochs: float = setting(10.0, "MAML++: epochs of the multi-step loss annealing", positive=True)
+    maml_pp_first_order_epochs: float = setting(0.0, "MAML++: first-order epochs before second order", least=0.0)
+    maml_pp_min_meta_lr: float = setting(1e-5, "MAML++: the cosine-annealed meta-lr's final value", positive=True)
+    maml_pp_iterations_per_epoch: int = setting(500, "MAML++: meta-iterations per epoch", least=1)
+    maml_pp_learned_rates: bool = setting(True, "MAML++: learn the per-layer per-step rates (LSLR), else fixed")
+    imaml_inner_steps: int = setting(16, "iMAML: inner steps on the proximal problem", least=1)
+    imaml_lambda: float = setting(2.0, "iMAML: the proximal regularisation lambda", positive=True)
+    imaml_cg_steps: int = setting(5, "iMAML: conjugate-gradient steps of the implicit gradient", least=1)
 
     @classmethod
     def for_profile(cls, profile: str = "quick", **overrides) -> "Config":
         if profile not in PROFILES:
             raise ValueError(f"sinusoid: unknown profile {profile!r}; expected one of {PROFILES}")
-        settings = dict(profile=profile, out_dir=f"runs/{profile}/sinusoid")
+        algorithm = overrides.get("algorithm", "maml")
+        settings = dict(profile=profile, out_dir=f"runs/{profile}/sinusoid" +
+                        ("" if algorithm == "maml" else f"-{algorithm}"))
         if profile == "full":
             settings.update(n_iterations=70_000)
         elif profile == "smoke":  # a check that everything runs, not a result
@@ -74,12 +97,24 @@ def maml_step(config: Config):
     """One MAML meta-step: the meta-gradient of the mean query MSE over a fresh meta-batch
     (mean over tasks, as the authors' code averages; the gradient is ``meta_gradient``'s / T)."""
     def loss_and_grads(params, rng, iteration):
-        tasks = sinusoid.sample_batch(rng, config.meta_batch_size, config.k_shot)
-        loss, grads = maml.meta_gradient(TASK_LOSS, params, tasks, config.inner_lr, config.inner_steps,
-                                         mode=config.mode)
+        tasks = sinusoid.sample_batch(rng, config.meta_batch_size, config.k_shot)  # the same on every rank
+        loss, grads = maml.meta_gradient(TASK_LOSS, params, distributed.share_tasks(tasks), config.inner_lr,
+                                         config.inner_steps, mode=config.mode)
+        loss, grads = distributed.sum_over_ranks(loss, grads)  # the whole meta-batch's sums, on every rank
         scale = 1.0 / config.meta_batch_size
         return loss * scale, {n: g * scale for n, g in grads.items()}, {}
     return train.GradientStep(loss_and_grads, optim.Adam(config.meta_lr))
+
+
+def followup_step(config: Config, algorithm):
+    """One meta-step of a follow-up: its meta-gradient of the mean over a fresh meta-batch, its optimizer."""
+    def loss_and_grads(params, rng, iteration):
+        tasks = sinusoid.sample_batch(rng, config.meta_batch_size, config.k_shot)  # the same on every rank
+        loss, grads, metrics = algorithm.meta_gradient(TASK_LOSS, params, distributed.share_tasks(tasks), iteration)
+        loss, grads = distributed.sum_over_ranks(loss, grads)
+        scale = 1.0 / config.meta_batch_size
+        return loss * scale, {n: g * scale for n, g in grads.items()}, metrics
+    return train.GradientStep(loss_and_grads, algorithm.optimizer(config.meta_lr, config.n_iterations))
 
 
 def pretrain_step(config: Config):
@@ -97,12 +132,15 @@ def pretrain_step(config: Config):
     return train.GradientStep(loss_and_grads, optim.Adam(config.meta_lr))
 
 
-def fine_tune_curve(params: dict, test_set, inner_lr: float, steps: int) -> numpy.ndarray:
+def fine_tune_curve(params: dict, test_set, inner_lr: float, steps: int, algorithm=None) -> numpy.ndarray:
     """MSE on each test task's evaluation grid (its query set) after 0..steps fine-tuning steps on its
-    K points: an array ``(steps + 1, n_tasks)``."""
+    K points: an array ``(steps + 1, n_tasks)``. ``algorithm``: a follow-up's own fine-tuning (its
+    ``adaptation_steps``), else MAML's steps of size ``inner_lr``."""
     curve = []
     tasks = test_set.tasks
-    for theta in maml.adaptation_steps(TASK_LOSS, params, tasks.support, inner_lr, steps):
+    adaptation = (maml.adaptation_steps(TASK_LOSS, params, tasks.support, inner_lr, steps) if algorithm is None
+                  else algorithm.adaptation_steps(TASK_LOSS, params, tasks.support, steps))
+    for theta in adaptation:
         with ad.no_grad():
             curve.append(backend.to_numpy(TASK_LOSS(theta, tasks.query).data))
     return numpy.stack(curve)
@@ -111,7 +149,7 @@ def fine_tune_curve(params: dict, test_set, inner_lr: float, steps: int) -> nump
 def run(config: Config, resume: bool = False, progress: bool = True, allow_changes=()) -> dict:
     """Train MAML and the pretrained baseline, evaluate both, write results and figures."""
     check_config(config)
-    with files.folder_lock(config.out_dir):
+    with distributed.root_lock(config.out_dir):
         return _run(config, resume, progress, allow_changes)
 
 
@@ -119,7 +157,13 @@ def _run(config: Config, resume: bool, progress: bool, allow_changes) -> dict:
     start = time.time()
     init_params = mlp.init(numpy.random.default_rng(config.seed), scheme=config.init)
     trained, histories, changes = {}, {}, {}
-    for name, step in (("maml", maml_step(config)), ("pretrained", pretrain_step(config))):
+    algorithm = None if config.algorithm == "maml" else followups.make(config)
+    if algorithm is None:
+        steps = (("maml", maml_step(config)), ("pretrained", pretrain_step(config)))
+    else:  # a follow-up's own meta-parameters (step sizes, rates) drawn after the network's
+        init_params = algorithm.init(init_params, numpy.random.default_rng([config.seed, 1]))
+        steps = ((config.algorithm, followup_step(config, algorithm)),)
+    for name, step in steps:
         result = train.run(init_params, step, config.n_iterations, seed=config.seed,
                            checkpoint_path=os.path.join(config.out_dir, f"{name}.ckpt.npz"),
                            checkpoint_every=config.checkpoint_every, resume=resume,
@@ -133,7 +177,7 @@ def _run(config: Config, resume: bool, progress: bool, allow_changes) -> dict:
     for k in (5, 10, 20):
         test_set = sinusoid.fixed_test_tasks(config.n_test_tasks, k_shot=k, seed=config.seed + 1)
         for name, params in trained.items():
-            curve = fine_tune_curve(params, test_set, config.inner_lr, config.eval_steps)
+            curve = fine_tune_curve(params, test_set, config.inner_lr, config.eval_steps, algorithm)
             evaluation[f"{name}/k{k}"] = [summary(row) for row in curve]
     results = {"config": dataclasses.asdict(config), "train_seconds": train_seconds, "mse": evaluation,
                "training_loss": {name: [(h["iteration"], h["loss"]) for h in hist]
@@ -141,8 +185,10 @@ def _run(config: Config, resume: bool, progress: bool, allow_changes) -> dict:
                "changes": changes, "paper_mse_5shot": PAPER_MSE_5SHOT}
     write_json(os.path.join(config.out_dir, "results.json"), results)
     write_atomic(os.path.join(config.out_dir, "results.md"), results_markdown(results))
-    plot_fits(trained, config, os.path.join(config.out_dir, "sinusoid_fits.png"))
-    plot_curves(results, os.path.join(config.out_dir, "sinusoid_steps.png"))
+    if distributed.is_root() and algorithm is None:
+        plot_fits(trained, config, os.path.join(config.out_dir, "sinusoid_fits.png"))
+    if distributed.is_root():
+        plot_curves(results, os.path.join(config.out_dir, "sinusoid_steps.png"))
     return results
 
 
@@ -150,10 +196,12 @@ def results_markdown(results: dict) -> str:
     """The App. C Table 2 comparison (5-shot) and the K = 10, 20 rows."""
     config = results["config"]
     rows = []
+    names = list(dict.fromkeys(key.split("/")[0] for key in results["mse"]))
     for k in (5, 10, 20):
-        for name in ("maml", "pretrained"):
+        for name in names:
             cells = [cell(results["mse"][f"{name}/k{k}"][s]) for s in (0, 1, 5, 10)]
-            paper = " / ".join(str(PAPER_MSE_5SHOT[name][s]) for s in (1, 5, 10)) if k == 5 else "-"
+            paper = (" / ".join(str(PAPER_MSE_5SHOT[name][s]) for s in (1, 5, 10))
+                     if k == 5 and name in PAPER_MSE_5SHOT else "-")
             rows.append([name, k, *cells, paper])
     header = ["method", "K", "0 steps", "1 step", "5 steps", "10 steps", "paper (1 / 5 / 10)"]
     return (f"### Sinusoid regression ({config['profile']} profile: {config['n_iterations']} "
@@ -203,12 +251,13 @@ def plot_curves(results: dict, path: str) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.5), sharey=True)
     for ax, k in zip(axes, (5, 10, 20)):
-        for name, color in (("maml", "C0"), ("pretrained", "C1")):
+        names = list(dict.fromkeys(key.split("/")[0] for key in results["mse"]))
+        for name, color in zip(names, ("C0", "C1")):
             rows = results["mse"][f"{name}/k{k}"]
             means = numpy.array([numpy.nan if r["mean"] is None else r["mean"] for r in rows])  # nan: diverged
             cis = numpy.array([numpy.nan if r["ci95"] is None else r["ci95"] for r in rows])
             steps = numpy.arange(len(rows))
-            ax.plot(steps, means, "o-", color=color, label="MAML" if name == "maml" else "pretrained")
+            ax.plot(steps, means, "o-", color=color, label={"maml": "MAML"}.get(name, name))
             ax.fill_between(steps, means - cis, means + cis, color=color, alpha=0.2)
         ax.set_title(f"K = {k}")
         ax.set_xlabel("number of gradient steps")
@@ -234,7 +283,7 @@ def main(argv=None):
                       allow_changes=allowed_changes(args))
     except COMMAND_ERRORS as err:
         parser.exit(1, f"{parser.prog}: error: {err}\n")
-    print(results_markdown(results))
+    log(results_markdown(results))
     diverged = {key: max(row["n_diverged"] for row in rows) for key, rows in results["mse"].items()}
     diverged = {key: n for key, n in diverged.items() if n}
     if diverged:  # the results are written, the cells say "diverged"; the exit status says so too

@@ -1,0 +1,26 @@
+"""The follow-ups' rows of ``run_all.py --only followups``: the sinusoid experiment (5-shot MSE after 1, 5
+and 10 steps) for each follow-up at the profile's budget, one table. (Omniglot's follow-up rows are
+``python -m minimaml.experiments.omniglot --algorithm NAME``, minutes each: docs/followups.md.)"""
+
+from __future__ import annotations
+
+from ..experiments import sinusoid
+from ..experiments.common import cell, markdown_table
+
+FOLLOWUPS = ("reptile", "meta_sgd", "maml_pp", "anil", "imaml")
+
+
+def run_profile(profile: str, resume: bool = False, progress: bool = True) -> tuple:
+    """(markdown table, [output folders]): MAML and each follow-up on the sinusoid, the profile's budget."""
+    rows, folders = [], []
+    for name in ("maml",) + FOLLOWUPS:
+        # MAML in a folder of its own: runs/<profile>/sinusoid is the sinusoid experiment's
+        folder = {"out_dir": f"runs/{profile}/sinusoid-maml"} if name == "maml" else {}
+        config = sinusoid.Config.for_profile(profile, algorithm=name, **folder)
+        results = sinusoid.run(config, resume=resume, progress=progress)
+        curve = results["mse"][f"{name}/k5"]
+        rows.append([name, *[cell(curve[s]) for s in (1, 5, 10)], f"{results['train_seconds']:.0f}"])
+        folders.append(config.out_dir)
+    header = ["algorithm", "1 step", "5 steps", "10 steps", "train seconds (with evaluation)"]
+    return (f"### Sinusoid 5-shot, MAML's follow-ups ({profile} profile)\n\n"
+            f"MSE on the test tasks (mean ± 95% CI):\n\n" + markdown_table(header, rows)), folders

@@ -1,0 +1,123 @@
+"""iMAML, implicit MAML (Rajeswaran, Finn, Kakade & Levine, NeurIPS 2019, "Meta-Learning with Implicit
+Gradients"). Each task's adapted parameters solve a proximal problem around theta,
+
+    phi_i* = argmin_phi  L_{S_i}(phi) + (lambda / 2) ||phi - theta||^2,
+
+here by ``inner_steps`` steps of gradient descent from theta (``proximal_adapt``). At the solution,
+grad L_S(phi*) + lambda (phi* - theta) = 0, so by the implicit function theorem
+d phi* / d theta = (I + H_{S_i}(phi*) / lambda)^{-1} and the meta-gradient is
+
+    d L_{Q_i}(phi_i*) / d theta = (I + H_{S_i}(phi_i*) / lambda)^{-1} grad L_{Q_i}(phi_i*),
+
+the solution x of (I + H/lambda) x = g by ``cg_steps`` of conjugate gradient (``conjugate_gradient``),
+each step one exact Hessian-vector product of the support loss at phi* (``autodiff.hessian_product``).
+Nothing of the inner loop is recorded: memory does not grow with ``inner_steps``. The CG residual
+||g - (I + H/lambda) x|| / ||g|| (largest over the tasks) is returned with the gradient.
+
+Every parameter is adapted (the proximal term is over all of theta).
+"""
+
+from __future__ import annotations
+
+from .. import autodiff as ad
+from .. import backend, maml
+from .base import MAML
+
+
+def proximal_loss(task_loss, theta: dict, lam: float):
+    """The task loss plus (lambda / 2) ||phi_i - theta||^2 per task, as a ``task_loss`` (``theta``: no task axis)."""
+    anchor = {n: ad.Tensor(p.data if isinstance(p, ad.Tensor) else p) for n, p in theta.items()}
+
+    def loss(params, data):
+        total = task_loss(params, data)
+        for n, a in anchor.items():
+            difference = params[n] - a
+            total = total + ad.sum(difference * difference, axis=tuple(range(1, difference.ndim))) * (lam / 2)
+        return total
+    return loss
+
+
+def proximal_adapt(task_loss, params: dict, support, inner_lr: float, inner_steps: int, lam: float):
+    """phi_i after ``inner_steps`` steps of phi <- phi - alpha (grad L_{S_i}(phi) + lambda (phi - theta)) from
+    theta (``maml.adaptation_steps`` on the proximal loss); yields phi^0 .. phi^K (constants)."""
+    return maml.adaptation_steps(proximal_loss(task_loss, params, lam), params, support, inner_lr, inner_steps)
+
+
+def _dot(a: dict, b: dict):
+    """<a_i, b_i> per task: ``(T,)``."""
+    return sum((a[n] * b[n]).reshape(a[n].shape[0], -1).sum(axis=1) for n in a)
+
+
+def _per_task(scalar, like):
+    return scalar.reshape((-1,) + (1,) * (like.ndim - 1))
+
+
+def conjugate_gradient(matvec, b: dict, steps: int) -> tuple:
+    """x with matvec(x) ~= b by ``steps`` of conjugate gradient from x = 0, for every task at once
+    (``b``: dict of ``(T, ...)`` arrays; the matrix is block diagonal over the tasks, each block symmetric
+    positive definite). Returns ``(x, relative residual ||r_i|| / ||b_i||, largest over tasks)``."""
+    xp = backend.array_namespace(next(iter(b.values())))
+    x = {n: xp.zeros_like(v) for n, v in b.items()}
+    r = {n: v.copy() for n, v in b.items()}
+    p = {n: v.copy() for n, v in b.items()}
+    rs = _dot(r, r)
+    b_norm = xp.sqrt(rs)
+    for _ in range(steps):
+        ap = matvec(p)
+        curvature = _dot(p, ap)
+        step = xp.where(curvature > 0, rs / xp.where(curvature > 0, curvature, 1), 0)
+        x = {n: x[n] + _per_task(step, x[n]) * p[n] for n in x}
+        r = {n: r[n] - _per_task(step, r[n]) * ap[n] for n in r}
+        rs_new = _dot(r, r)
+        ratio = xp.where(rs > 0, rs_new / xp.where(rs > 0, rs, 1), 0)
+        p = {n: r[n] + _per_task(ratio, p[n]) * p[n] for n in p}
+        rs = rs_new
+    residual = xp.sqrt(rs) / xp.where(b_norm > 0, b_norm, 1)
+    return x, float(residual.max())
+
+
+def implicit_meta_gradient(task_loss, params: dict, tasks, inner_lr: float, inner_steps: int, lam: float,
+                           cg_steps: int, query_loss=None) -> tuple:
+    """(sum_i L_{Q_i}(phi_i*), sum_i (I + H_{S_i}(phi_i*) / lambda)^{-1} grad L_{Q_i}(phi_i*), CG residual)."""
+    if not lam > 0:
+        raise ValueError(f"imaml: lambda (the proximal regularisation) must be positive, got {lam}")
+    query_loss = task_loss if query_loss is None else query_loss
+    for adapted in proximal_adapt(task_loss, params, tasks.support, inner_lr, inner_steps, lam):
+        pass  # keep only the last step: nothing of the inner loop is held
+    names = list(params)
+    phi = {n: adapted[n].data for n in names}
+
+    leaves = {n: ad.Tensor(phi[n], requires_grad=True) for n in names}
+    query = ad.sum(query_loss(leaves, tasks.query))
+    g = {n: d.data for n, d in zip(names, ad.grad(query, list(leaves.values())))}
+
+    hessian = ad.hessian_product(lambda *p: ad.sum(task_loss(dict(zip(names, p)), tasks.support)),
+                                 [phi[n] for n in names])
+
+    def matvec(v):  # (I + H / lambda) v, per task
+        hv = hessian([v[n] for n in names])
+        return {n: v[n] + h / lam for n, h in zip(names, hv)}
+
+    x, residual = conjugate_gradient(matvec, g, cg_steps)
+    return float(query.data), {n: x[n].sum(axis=0) for n in names}, residual
+
+
+class IMAML(MAML):
+    """iMAML with the authors' Omniglot settings by default (inner lr 0.1, 16 inner steps, lambda 2,
+    5 CG steps); at test time the same proximal inner loop."""
+
+    name = "imaml"
+
+    def __init__(self, inner_lr: float = 0.1, inner_steps: int = 16, lam: float = 2.0, cg_steps: int = 5):
+        super().__init__(inner_lr, inner_steps)
+        if not lam > 0 or int(cg_steps) != cg_steps or cg_steps < 1:
+            raise ValueError(f"imaml: need lambda > 0 and cg_steps >= 1, got {lam}, {cg_steps}")
+        self.lam, self.cg_steps = float(lam), int(cg_steps)
+
+    def meta_gradient(self, task_loss, meta_params, tasks, iteration):
+        loss, grads, residual = implicit_meta_gradient(task_loss, meta_params, tasks, self.inner_lr,
+                                                       self.inner_steps, self.lam, self.cg_steps)
+        return loss, grads, {"cg_residual": residual}
+
+    def adaptation_steps(self, task_loss, meta_params, support, steps):
+        return proximal_adapt(task_loss, meta_params, support, self.inner_lr, steps, self.lam)

@@ -1,0 +1,167 @@
+"""The meta-batch over MPI ranks (minimaml.distributed): one process is unchanged, and under
+``mpiexec -n 2`` and ``-n 3`` (tasks that do not split evenly) the meta-gradients, a short training run
+and a resume under another R equal one process's; a rank that dies stops the run with an error.
+
+The multi-rank tests start ``mpiexec -n R python tests/mpi_worker.py ...`` (the ``.[mpi]`` extra) and skip
+where it is missing."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minimaml import distributed, files, maml, train
+from minimaml.tasks import sinusoid as sinusoid_tasks
+
+WORKER = Path(__file__).with_name("mpi_worker.py")
+ENV = {**os.environ, "MINIMAML_THREADS": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+       "MINIMAML_DEVICE": "cpu"}
+
+
+def _mpiexec():
+    """The ``mpiexec`` beside this Python (the mpich wheel's) or on PATH, or None."""
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        return None
+    beside = Path(sys.executable).with_name("mpiexec")
+    return str(beside) if beside.exists() else shutil.which("mpiexec")
+
+
+MPIEXEC = _mpiexec()
+needs_mpi = pytest.mark.skipif(MPIEXEC is None, reason="mpi4py or mpiexec missing: install the extra, "
+                                                       "pip install -e '.[mpi]'")
+
+
+def _launch(ranks: int, *args, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``tests/mpi_worker.py args`` under ``mpiexec -n ranks`` (plain ``python`` for ranks == 0)."""
+    command = [sys.executable, str(WORKER), *map(str, args)]
+    if ranks:
+        command = [MPIEXEC, "-n", str(ranks)] + command
+    done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert done.returncode == 0, f"{command} failed:\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+# --- one process: nothing changes ------------------------------------------------------------------
+def test_one_process_is_rank_0_of_1_and_keeps_its_arrays():
+    assert (distributed.rank(), distributed.size(), distributed.local_rank()) == (0, 1, 0)
+    assert distributed.is_root()
+    tasks = sinusoid_tasks.sample_batch(np.random.default_rng(0), 3, 5)
+    assert distributed.share_tasks(tasks) is tasks
+    grads = {"w": np.ones((2, 3), dtype=np.float32)}
+    assert distributed.sum_over_ranks(1.5, grads) == (1.5, grads)
+    assert distributed.all_reduce(grads) is grads
+    assert distributed.broadcast({"a": 1}) == {"a": 1}
+    assert distributed.share(7) == slice(0, 7)
+
+
+@pytest.mark.parametrize("n_items, ranks", [(7, 2), (7, 3), (5, 3), (600, 8), (3, 3)])
+def test_shares_cover_the_tasks_once_in_order_and_differ_by_at_most_one(monkeypatch, n_items, ranks):
+    monkeypatch.setattr(distributed, "size", lambda: ranks)
+    parts = []
+    for me in range(ranks):
+        monkeypatch.setattr(distributed, "rank", lambda me=me: me)
+        parts.append(distributed.share(n_items))
+    assert [i for part in parts for i in range(n_items)[part]] == list(range(n_items))
+    sizes = [part.stop - part.start for part in parts]
+    assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+
+
+def test_more_ranks_than_tasks_is_refused_with_the_counts(monkeypatch):
+    monkeypatch.setattr(distributed, "size", lambda: 4)
+    with pytest.raises(ValueError, match="4 ranks for 3 tasks"):
+        distributed.share(3)
+
+
+# --- several ranks -----------------------------------------------------------------------------------
+@needs_mpi
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_meta_gradients_over_ranks_equal_one_process(tmp_path, ranks):
+    """W1-like (sinusoid MLP, 7 tasks) and W2-like (Omniglot Conv4, 5 tasks) meta-batches in float64,
+    every MAML mode: the loss and each gradient to float64 round-off."""
+    _launch(0, "gradients", tmp_path / "one.npz")
+    _launch(ranks, "gradients", tmp_path / "split.npz")
+    with np.load(tmp_path / "one.npz") as one, np.load(tmp_path / "split.npz") as split:
+        assert sorted(one.files) == sorted(split.files)
+        assert {key.split("/")[1] for key in one.files} == set(maml.MODES)
+        for key in one.files:
+            assert split[key].dtype == np.float64
+            scale = max(float(np.max(np.abs(one[key]))), 1e-12)
+            assert float(np.max(np.abs(split[key] - one[key]))) <= 1e-13 * scale, key
+
+
+def _bn_cancelled_biases(params: dict) -> set:
+    """Biases that feed a batch norm: the normalisation removes them, so their meta-gradient is zero up
+    to round-off, and Adam's first steps (about ``meta_lr x`` its sign) differ between any two ways of
+    summing it. Everything else must agree."""
+    return {name for name in params if name.endswith(".b") and name[:-2] + ".bn.shift" in params}
+
+
+@needs_mpi
+def test_training_over_ranks_equals_one_process_and_resumes_under_another_count(tmp_path):
+    """4 iterations of a toy Omniglot-MLP run (5 tasks a meta-batch, validation and test tasks split
+    too): in one process; and 2 iterations under 2 ranks resumed to 4 under 3 ranks."""
+    _launch(0, "train", tmp_path / "one", 4)
+    _launch(2, "train", tmp_path / "split", 2)
+    assert train.load_checkpoint(tmp_path / "split" / "maml.ckpt.npz").iteration == 2
+    _launch(3, "train", tmp_path / "split", 4, "resume")
+    one = train.load_checkpoint(tmp_path / "one" / "maml.ckpt.npz")
+    split = train.load_checkpoint(tmp_path / "split" / "maml.ckpt.npz")
+    assert split.iteration == one.iteration == 4
+    assert [r["iteration"] for r in split.history] == [0, 1, 2, 3]
+    for column in ("loss", "query_ce"):
+        np.testing.assert_allclose([r[column] for r in split.history], [r[column] for r in one.history],
+                                   rtol=1e-5)
+    for name in set(one.params) - _bn_cancelled_biases(one.params):
+        np.testing.assert_allclose(split.params[name], one.params[name], rtol=0, atol=1e-5, err_msg=name)
+    assert [r["score"] for r in split.validation] == [r["score"] for r in one.validation]
+    one_results = json.loads((tmp_path / "one" / "results.json").read_text())
+    split_results = json.loads((tmp_path / "split" / "results.json").read_text())
+    assert split_results["test_accuracy"] == one_results["test_accuracy"]
+
+
+def _wait_for_the_lock_owner_to_go(folder: Path, seconds: float = 20) -> None:
+    """An aborted rank 0 is reaped a moment after mpiexec returns (a zombie until then, which the
+    folder lock counts as running): wait for it, as a user restarting the run would."""
+    lock = folder / files.LOCK_NAME
+    deadline = time.monotonic() + seconds
+    while lock.exists() and files.process_running(int(lock.read_text().split()[0])):
+        assert time.monotonic() < deadline, f"{lock}: its owner is still running {seconds} s after the abort"
+        time.sleep(0.1)
+
+
+@needs_mpi
+@pytest.mark.parametrize("how", ["kill", "raise"])
+def test_a_rank_that_dies_stops_the_run_with_an_error_and_the_checkpoint_stays_usable(tmp_path, how):
+    """Rank 1 is SIGKILLed (or raises) at iteration 3 of a 10000-iteration run: mpiexec ends with an
+    error within the timeout instead of hanging in a collective; the run resumes from the checkpoint."""
+    done = _launch(2, "die", tmp_path / "run", how, check=False, timeout=60)
+    assert done.returncode != 0
+    if how == "raise":
+        assert "rank 1 fails on purpose" in done.stderr
+    ckpt = train.load_checkpoint(tmp_path / "run" / "maml.ckpt.npz")
+    assert 1 <= ckpt.iteration <= 3
+    _wait_for_the_lock_owner_to_go(tmp_path / "run")
+    _launch(0, "train", tmp_path / "run", ckpt.iteration + 1, "resume")
+    assert train.load_checkpoint(tmp_path / "run" / "maml.ckpt.npz").iteration == ckpt.iteration + 1
+
+
+@needs_mpi
+def test_a_folder_held_by_another_run_stops_every_rank_at_once(tmp_path):
+    """Rank 0 cannot take the folder's lock and the command reports it (a caught error, exit 1): the
+    other rank must not wait for it in a collective."""
+    with files.folder_lock(tmp_path):  # this test process holds the folder, as a live run would
+        start = time.monotonic()
+        done = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-m", "minimaml.experiments.sinusoid",
+                               "--profile", "smoke", "--out-dir", str(tmp_path), "--no-progress"],
+                              env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and time.monotonic() - start < 60
+    assert "is in use by another run" in done.stderr + done.stdout

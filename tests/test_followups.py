@@ -1,0 +1,155 @@
+"""The follow-ups (minimaml.followups): their derivative checks, schedules, and one meta-step of each."""
+
+import numpy
+import pytest
+
+from minimaml import autodiff as ad
+from minimaml import maml
+from minimaml.followups import ALGORITHMS, ANIL, IMAML, MAML, MAMLPlusPlus, MetaSGD, Reptile, checks, maml_pp
+from minimaml.followups import anil, meta_sgd, schedules
+from minimaml.nn import mlp
+from minimaml.tasks import sinusoid
+
+
+def test_meta_sgd_gradient_matches_differences_for_theta_and_alpha():
+    errors = checks.meta_sgd_error(seed=1)
+    assert errors["theta"] < 1e-6 and errors["alpha"] < 1e-6
+
+
+@pytest.mark.parametrize("second_order", [True, False])
+def test_maml_pp_multi_step_gradient_matches_differences(second_order):
+    errors = checks.maml_pp_error(seed=2, second_order=second_order)
+    assert max(errors.values()) < 1e-6, errors
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_reptile_batched_update_equals_a_loop_over_tasks(optimizer):
+    assert checks.reptile_error(seed=3, optimizer=optimizer) < 1e-12
+
+
+def test_imaml_equals_the_least_squares_closed_form():
+    errors = checks.imaml_least_squares_error(seed=4)
+    assert errors["phi*"] < 1e-10 and errors["gradient"] < 1e-10
+
+
+def test_imaml_converges_to_differences_as_inner_solve_and_cg_tighten():
+    curve = checks.imaml_convergence(seed=5, settings=((4, 1), (64, 6), (512, 16)), reference_steps=1500)
+    errors = [row[2] for row in curve]
+    assert errors[-1] < 1e-6 and errors[0] > 1e-3 and errors[1] > errors[-1]
+
+
+def test_a_wrong_step_size_gradient_is_caught(monkeypatch):
+    real = meta_sgd.meta_gradient
+
+    def wrong(*args, **kwargs):
+        loss, grads = real(*args, **kwargs)
+        return loss, {n: g * (1.01 if n.startswith(meta_sgd.ALPHA) else 1.0) for n, g in grads.items()}
+    monkeypatch.setattr(meta_sgd, "meta_gradient", wrong)
+    assert checks.meta_sgd_error()["alpha"] > 1e-3
+
+
+def test_meta_sgd_with_uniform_alpha_is_maml():
+    rng = numpy.random.default_rng(0)
+    loss, params, tasks = checks._regression(rng)
+    meta = MetaSGD(inner_steps=2, alpha_init=(0.05, 0.05)).init(params, rng)
+    _, grads = meta_sgd.meta_gradient(loss, meta, tasks, 2)
+    _, expected = maml.meta_gradient(loss, params, tasks, 0.05, 2)
+    for n in params:
+        numpy.testing.assert_allclose(grads[n], expected[n], rtol=1e-10, atol=1e-12)
+
+
+def test_anil_adapts_only_the_head():
+    rng = numpy.random.default_rng(0)
+    loss, params, tasks = checks._regression(rng)
+    assert anil.head_names(params) == ["layer2.w", "layer2.b"]
+    algorithm = ANIL(0.1, 2)
+    _, grads, _ = algorithm.meta_gradient(loss, algorithm.init(params, rng), tasks, 0)
+    _, expected = maml.meta_gradient(loss, params, tasks, 0.1, 2, inner_param_names=["layer2.w", "layer2.b"])
+    for n in params:
+        numpy.testing.assert_allclose(grads[n], expected[n], rtol=1e-12)
+    *_, adapted = algorithm.adaptation_steps(loss, params, tasks.support, 3)
+    assert adapted["layer0.w"].shape == params["layer0.w"].shape  # the body has no task axis: not adapted
+    assert adapted["layer2.w"].shape == (3,) + params["layer2.w"].shape
+
+
+def test_step_weights_anneal_from_uniform_to_the_last_step():
+    numpy.testing.assert_allclose(maml_pp.step_weights(5, 0, 10), numpy.full(5, 0.2))
+    middle = maml_pp.step_weights(5, 5, 10)
+    assert middle[-1] > 0.2 and numpy.all(middle[:-1] < 0.2) and numpy.all(middle[:-1] >= 0.03 / 5)
+    numpy.testing.assert_allclose(maml_pp.step_weights(5, 10, 10), [0, 0, 0, 0, 1])
+
+
+def test_schedules():
+    linear = schedules.linear(1.0, 0.0, 10)
+    assert linear(0) == 1.0 and linear(5) == 0.5 and linear(20) == 0.0
+    cosine = schedules.cosine(1e-3, 1e-5, 100)
+    assert cosine(0) == pytest.approx(1e-3) and cosine(50) == pytest.approx((1e-3 + 1e-5) / 2)
+    assert cosine(100) == pytest.approx(1e-5)
+
+
+def _algorithms():
+    return {"maml": MAML(0.01, 1), "reptile": Reptile(inner_lr=0.01, inner_steps=3, optimizer="sgd"),
+            "meta_sgd": MetaSGD(), "maml_pp": MAMLPlusPlus(inner_lr=0.01, inner_steps=2, msl_epochs=1,
+                                                          iterations_per_epoch=2),
+            "anil": ANIL(0.01, 1), "imaml": IMAML(inner_lr=0.01, inner_steps=3, lam=1.0, cg_steps=3)}
+
+
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_every_algorithm_takes_a_finite_meta_step_and_adapts(name):
+    rng = numpy.random.default_rng(0)
+    algorithm = _algorithms()[name]
+    loss = maml.supervised_loss(mlp.apply, ad.mse)
+    meta = algorithm.init(mlp.init(rng, sizes=(1, 8, 1)), rng)
+    tasks = sinusoid.sample_batch(rng, 4, 5)
+    optimizer = algorithm.optimizer(1e-3, 10)
+    state = optimizer.init(meta)
+    for iteration in range(3):
+        value, grads, metrics = algorithm.meta_gradient(loss, meta, tasks, iteration)
+        assert numpy.isfinite(value) and set(grads) == set(meta)
+        assert all(grads[n].shape == meta[n].shape and grads[n].dtype == meta[n].dtype for n in meta)
+        new, state = optimizer.update(meta, grads, state)
+        assert any(not numpy.array_equal(new[n], meta[n]) for n in meta)
+        meta = new
+    steps = list(algorithm.adaptation_steps(loss, meta, tasks.support, 4))
+    assert len(steps) == 5
+    with ad.no_grad():
+        losses = [float(ad.mean(loss(theta, tasks.support)).data) for theta in steps]
+    assert numpy.all(numpy.isfinite(losses))
+    assert set(algorithm.model_params(meta)) == set(mlp.init(rng, sizes=(1, 8, 1)))
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(ValueError, match="inner optimizer"):
+        Reptile(optimizer="rmsprop")
+    with pytest.raises(ValueError, match="alpha_init"):
+        MetaSGD(alpha_init=(0.1, 0.01))
+    with pytest.raises(ValueError, match="lambda"):
+        IMAML(lam=0.0)
+    with pytest.raises(ValueError, match="inner_steps"):
+        MAMLPlusPlus(inner_steps=0)
+
+
+@pytest.mark.parametrize("name", [a for a in ALGORITHMS if a != "maml"])
+def test_each_follow_up_runs_in_the_sinusoid_experiment(tmp_path, name):
+    from minimaml.experiments import sinusoid as experiment
+    config = experiment.Config.for_profile("smoke", algorithm=name, n_iterations=3, n_test_tasks=4,
+                                           out_dir=str(tmp_path), maml_pp_inner_steps=2, imaml_inner_steps=2)
+    results = experiment.run(config, progress=False)
+    assert set(results["mse"]) == {f"{name}/k{k}" for k in (5, 10, 20)}
+    assert (tmp_path / f"{name}.ckpt.npz").exists()
+    assert f"| {name} | 5 |" in experiment.results_markdown(results)
+
+
+@pytest.mark.parametrize("name", [a for a in ALGORITHMS if a != "maml"])
+def test_each_follow_up_runs_in_the_classification_experiment(tmp_path, monkeypatch, name):
+    from minimaml.experiments import classification, omniglot
+    rng = numpy.random.default_rng(0)
+    splits = {split: rng.integers(0, 256, size=(n, 4, 28, 28, 1), dtype=numpy.uint8)
+              for split, n in (("train", 12), ("val", 6), ("test", 6))}
+    monkeypatch.setattr(classification, "load_splits", lambda config: splits)
+    config = omniglot.config(5, 1, "mlp", "quick", out_dir=str(tmp_path), algorithm=name, n_iterations=2,
+                             meta_batch_size=2, q_train=2, q_eval=2, val_every=2, n_val_tasks=2, n_test_tasks=2,
+                             eval_batch=2, maml_pp_inner_steps=2, imaml_inner_steps=2, reptile_inner_steps=2)
+    results = classification.run(config, progress=False)
+    assert results["key"].endswith(f"-{name}") and len(results["test_accuracy"]) == config.eval_steps + 1
+    assert all(0.0 <= row["mean"] <= 1.0 for row in results["test_accuracy"])
