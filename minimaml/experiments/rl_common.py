@@ -219,7 +219,8 @@ def evaluate_policy(env, params: dict, cfg: RLConfig, n_show: int = 0, inner_lr:
     returns, shown = [], None
     for begin in range(0, len(tasks), cfg.meta_batch_size):
         chunk = tasks[begin:begin + cfg.meta_batch_size]
-        batches = maml_rl.adaptation_batches(env, params, chunk, inner_lr or cfg.inner_lr, cfg.eval_steps, rng,
+        first_lr = cfg.inner_lr if inner_lr is None else inner_lr
+        batches = maml_rl.adaptation_batches(env, params, chunk, first_lr, cfg.eval_steps, rng,
                                              cfg.test_batch_steps, cfg.n_traj)
         returns.append(np.stack([average_returns(b) for b in batches]))
         if shown is None:
