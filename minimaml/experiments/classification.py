@@ -183,10 +183,13 @@ def evaluate(model, params, images, task_index, config: ClassificationConfig, na
     Under MPI each rank scores its share of the tasks and every rank gets all of them."""
     loss = task_loss(model, config.n_way)
     columns = []
-    for tasks in episodes.iterate_batches(images, task_index[distributed.share(len(task_index))], config.eval_batch):
+    my_tasks = task_index[distributed.share(len(task_index))]  # under MPI, this rank's share
+    for tasks in episodes.iterate_batches(images, my_tasks, config.eval_batch):
         per_step = []
-        adaptation = (maml.adaptation_steps(loss, params, tasks.support, config.inner_lr, config.eval_steps, names)
-                      if algorithm is None else algorithm.adaptation_steps(loss, params, tasks.support, config.eval_steps))
+        if algorithm is None:
+            adaptation = maml.adaptation_steps(loss, params, tasks.support, config.inner_lr, config.eval_steps, names)
+        else:
+            adaptation = algorithm.adaptation_steps(loss, params, tasks.support, config.eval_steps)
         for theta in adaptation:
             with ad.no_grad():
                 per_step.append(accuracy(model.apply(theta, tasks.query.x), tasks.query.y))

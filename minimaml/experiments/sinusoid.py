@@ -192,6 +192,13 @@ def _run(config: Config, resume: bool, progress: bool, allow_changes) -> dict:
     return results
 
 
+def _method(config: dict) -> str:
+    """What trained: MAML's meta-gradient mode, or the follow-up (results written before follow-ups
+    existed have no ``algorithm``)."""
+    algorithm = config.get("algorithm", "maml")
+    return f"mode {config['mode']}" if algorithm == "maml" else f"algorithm {algorithm}"
+
+
 def results_markdown(results: dict) -> str:
     """The App. C Table 2 comparison (5-shot) and the K = 10, 20 rows."""
     config = results["config"]
@@ -205,7 +212,7 @@ def results_markdown(results: dict) -> str:
             rows.append([name, k, *cells, paper])
     header = ["method", "K", "0 steps", "1 step", "5 steps", "10 steps", "paper (1 / 5 / 10)"]
     return (f"### Sinusoid regression ({config['profile']} profile: {config['n_iterations']} "
-            f"meta-iterations, mode {config['mode']}, trained in {results['train_seconds']:.0f} s)\n\n"
+            f"meta-iterations, {_method(config)}, trained in {results['train_seconds']:.0f} s)\n\n"
             f"MSE on {config['n_test_tasks']} test tasks (mean ± 95% CI) after fine-tuning on K points "
             f"with alpha = {config['inner_lr']}:\n\n" + markdown_table(header, rows))
 
