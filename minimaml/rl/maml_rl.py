@@ -84,8 +84,9 @@ def meta_fisher_product(pre, post, old_params: dict, inner_lr):
     F'_i the Hessian of D with respect to theta'_i at ``old_params`` = theta'_i(theta_old) (the Gaussian
     policy's Fisher, with D's 1/T). Per product: two Hessian-vector products of the inner loss and one of
     the KL, each a reverse pass through a gradient recorded once per TRPO step; the tape's default
-    (reverse over reverse through the whole inner step) needs third derivatives and costs several times
-    more (``benchmarks/bench_rl.py``). ``inner_lr``: alpha, a number or a dict per parameter.
+    (reverse over reverse through the whole inner step) needs third derivatives and was measured ~1.2x
+    slower per product, with ~20% more memory (``benchmarks/bench_rl.py``, docs/rl.md).
+    ``inner_lr``: alpha, a number or a dict per parameter.
 
     Returns ``fisher_product(params) -> (v -> F v)``: at theta_old = ``params``, on dicts of arrays.
     """
