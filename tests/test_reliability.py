@@ -144,3 +144,12 @@ def test_resuming_a_finished_run_with_fewer_iterations_is_refused(tmp_path):
     code, _, err = _sinusoid(tmp_path, "--n-iterations", "10", "--resume")
     assert code == 1 and "done 30 iterations, more than the 10 asked for" in err
     assert '"n_iterations": 30' in (tmp_path / "results.json").read_text()  # the results still say 30
+
+
+def test_the_pretrained_baseline_is_fine_tuned_with_its_own_step_size(tmp_path):
+    """--pretrained-lr sets the baseline's test step, alpha MAML's: a huge alpha diverges MAML's
+    fine-tuning only, and the table names both step sizes."""
+    code, out, err = _sinusoid(tmp_path, "--n-iterations", "20", "--inner-lr", "1e6", "--pretrained-lr", "0.01")
+    assert code == 3, err
+    assert "maml/k5 on 5 of 5 tasks" in err and "pretrained/k5" not in err
+    assert "alpha = 1000000.0 (the pretrained baseline: 0.01)" in out
