@@ -29,7 +29,7 @@ from .common import check_config, log, markdown_table, setting, summary, trainin
 
 
 @dataclass
-class ClassificationConfig:
+class ClassificationConfig(followups.Settings):
     """Hyper-parameters of one few-shot classification run (defaults: Omniglot 5-way 1-shot)."""
 
     profile: str = setting("quick", "which profile the other values come from", training=False)
@@ -59,25 +59,12 @@ class ClassificationConfig:
     checkpoint_every: int = setting(500, "iterations between checkpoints", least=1, training=False)
     max_train_minutes: float = setting(0.0, "stop at the first validation past this much training time; 0 = no "
                                        "limit", least=0.0, training=False)
-    algorithm: str = setting("maml", "MAML or one of its follow-ups (docs/followups.md)", choices=followups.ALGORITHMS)
-    reptile_inner_lr: float = setting(1e-3, "Reptile: the inner optimizer's step size (the authors' Adam 1e-3)",
-                                      positive=True)
-    reptile_inner_steps: int = setting(5, "Reptile: inner steps in training (on support + query)", least=1)
-    reptile_inner_optimizer: str = setting("adam", "Reptile: inner optimizer", choices=("sgd", "adam"))
-    reptile_epsilon: float = setting(1.0, "Reptile: outer step size epsilon, annealed linearly ...", positive=True)
-    reptile_epsilon_final: float = setting(0.0, "... to this at the last iteration", least=0.0)
-    meta_sgd_alpha_low: float = setting(0.005, "Meta-SGD: alpha's entries drawn from U(low, high)", positive=True)
-    meta_sgd_alpha_high: float = setting(0.1, "Meta-SGD: the high end of alpha's initial interval", positive=True)
-    maml_pp_inner_steps: int = setting(5, "MAML++: inner steps in training (the rates are per step)", least=1)
-    maml_pp_msl_epochs: float = setting(10.0, "MAML++: epochs of the multi-step loss annealing", positive=True)
-    maml_pp_first_order_epochs: float = setting(0.0, "MAML++: first-order epochs before second order", least=0.0)
-    maml_pp_min_meta_lr: float = setting(1e-5, "MAML++: the cosine-annealed meta-lr's final value", positive=True)
-    maml_pp_iterations_per_epoch: int = setting(500, "MAML++: meta-iterations per epoch", least=1)
-    maml_pp_learned_rates: bool = setting(True, "MAML++: learn the per-layer per-step rates (LSLR), else fixed")
-    maml_pp_per_step_bn: bool = setting(True, "MAML++: batch-norm scale and shift per inner step (BNWB)")
-    imaml_inner_steps: int = setting(16, "iMAML: inner steps on the proximal problem", least=1)
-    imaml_lambda: float = setting(2.0, "iMAML: the proximal regularisation lambda", positive=True)
-    imaml_cg_steps: int = setting(5, "iMAML: conjugate-gradient steps of the implicit gradient", least=1)
+    reptile_inner_lr: float = followups.followup_setting(1e-3, "Reptile: the inner optimizer's step size (the "
+                                                         "authors' Adam 1e-3)", positive=True)
+    reptile_inner_optimizer: str = followups.followup_setting("adam", "Reptile: inner optimizer",
+                                                              choices=("sgd", "adam"))
+    imaml_inner_lr: float = followups.followup_setting(0.1, "iMAML: the step size of the inner steps (the "
+                                                       "authors' Omniglot command: 0.1)", positive=True)
 
     @property
     def key(self) -> str:

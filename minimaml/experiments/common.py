@@ -31,12 +31,14 @@ PROFILES = ("quick", "full")
 _FIELD_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 
-def setting(default, help: str, least=None, choices=None, training: bool = True, positive: bool = False):
+def setting(default, help: str, least=None, choices=None, training: bool = True, positive: bool = False,
+            group: str | None = None):
     """A config field: ``least``: smallest allowed value; ``positive``: must be > 0; ``choices``: the
     allowed values; ``training=False``: does not shape training (e.g. the test set's size), so it may
-    change at a resume."""
+    change at a resume; ``group``: a heading of its own in ``--help`` (listed after the others)."""
     return dataclasses.field(default=default, metadata={"help": help, "least": least, "choices": choices,
-                                                         "training": training, "positive": positive})
+                                                         "training": training, "positive": positive,
+                                                         "group": group})
 
 
 def flag(name: str) -> str:
@@ -134,18 +136,22 @@ def config_parser(config_class, description: str, examples: dict, profiles=PROFI
                         help="with --resume: comma-separated settings (e.g. meta_lr) that may differ from the "
                              "checkpoint's; the change is recorded in the run's history")
     parser.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
-    for f in dataclasses.fields(config_class):
-        if f.name == "profile" or f.name in skip:
-            continue
+    fields = [f for f in dataclasses.fields(config_class) if f.name != "profile" and f.name not in skip]
+    groups = {}
+    for f in fields:
+        heading = f.metadata.get("group")
+        if heading is not None and heading not in groups:
+            groups[heading] = parser.add_argument_group(heading)
+        section = parser if heading is None else groups[heading]
         kind = _FIELD_TYPES.get(f.type, f.type)  # annotations are strings under __future__
         help_text = f"{f.metadata.get('help', '')} [{profile_values(f.name, examples, profiles)}]"
         help_text = help_text.replace("%", "%%")
         if kind is bool:
-            parser.add_argument(flag(f.name), type=_boolean, nargs="?", const=True, default=None, metavar="BOOL",
-                                help=help_text)
+            section.add_argument(flag(f.name), type=_boolean, nargs="?", const=True, default=None, metavar="BOOL",
+                                 help=help_text)
         else:
-            parser.add_argument(flag(f.name), type=kind, default=None, help=help_text,
-                                choices=f.metadata.get("choices"))
+            section.add_argument(flag(f.name), type=kind, default=None, help=help_text,
+                                 choices=f.metadata.get("choices"))
     return parser
 
 

@@ -37,7 +37,9 @@ PROFILES = ("quick", "smoke", "full")
 
 
 @dataclass
-class Config:
+class Config(followups.Settings):
+    """The sinusoid experiment's settings; the follow-ups' (``--algorithm``, ...) come from ``followups.Settings``."""
+
     profile: str = setting("quick", "which profile the other values come from", training=False)
     n_iterations: int = setting(10_000, "meta-iterations (the authors' code: 70,000)", least=0, training=False)
     meta_batch_size: int = setting(25, "tasks per meta-batch", least=1)
@@ -56,26 +58,6 @@ class Config:
     seed: int = setting(0, "initialisation and training; the test tasks use seed + 1")
     out_dir: str = setting("runs/quick/sinusoid", "output folder (checkpoints, results, figures)", training=False)
     checkpoint_every: int = setting(2_000, "iterations between checkpoints", least=1, training=False)
-    algorithm: str = setting("maml", "MAML (and the pretrained baseline) or one of its follow-ups "
-                             "(docs/followups.md)", choices=followups.ALGORITHMS)
-    reptile_inner_steps: int = setting(5, "Reptile: inner steps in training (on support + query)", least=1)
-    reptile_inner_lr: float = setting(0.01, "Reptile: the inner optimizer's step size (training and test)",
-                                      positive=True)
-    reptile_inner_optimizer: str = setting("sgd", "Reptile: inner optimizer",
-                                           choices=("sgd", "adam"))
-    reptile_epsilon: float = setting(1.0, "Reptile: outer step size epsilon, annealed linearly ...", positive=True)
-    reptile_epsilon_final: float = setting(0.0, "... to this at the last iteration", least=0.0)
-    meta_sgd_alpha_low: float = setting(0.005, "Meta-SGD: alpha's entries drawn from U(low, high)", positive=True)
-    meta_sgd_alpha_high: float = setting(0.1, "Meta-SGD: the high end of alpha's initial interval", positive=True)
-    maml_pp_inner_steps: int = setting(5, "MAML++: inner steps in training (the rates are per step)", least=1)
-    maml_pp_msl_epochs: float = setting(10.0, "MAML++: epochs of the multi-step loss annealing", positive=True)
-    maml_pp_first_order_epochs: float = setting(0.0, "MAML++: first-order epochs before second order", least=0.0)
-    maml_pp_min_meta_lr: float = setting(1e-5, "MAML++: the cosine-annealed meta-lr's final value", positive=True)
-    maml_pp_iterations_per_epoch: int = setting(500, "MAML++: meta-iterations per epoch", least=1)
-    maml_pp_learned_rates: bool = setting(True, "MAML++: learn the per-layer per-step rates (LSLR), else fixed")
-    imaml_inner_steps: int = setting(16, "iMAML: inner steps on the proximal problem", least=1)
-    imaml_lambda: float = setting(2.0, "iMAML: the proximal regularisation lambda", positive=True)
-    imaml_cg_steps: int = setting(5, "iMAML: conjugate-gradient steps of the implicit gradient", least=1)
 
     def test_lr(self, method: str) -> float:
         """The fine-tuning step size of ``method`` at test time: the pretrained baseline's own, else alpha."""

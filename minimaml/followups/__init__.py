@@ -23,14 +23,14 @@ from .imaml import IMAML
 from .maml_pp import MAMLPlusPlus
 from .meta_sgd import MetaSGD
 from .reptile import Reptile
+from .settings import ALGORITHMS, Settings, followup_setting
 
-ALGORITHMS = ("maml", "reptile", "meta_sgd", "maml_pp", "anil", "imaml")
 
 
 def make(config, inner_param_names=None):
     """The algorithm ``config.algorithm`` built from an experiment's settings: ``inner_lr``, ``inner_steps``,
-    ``mode`` and the ``reptile_*``, ``meta_sgd_*``, ``maml_pp_*``, ``imaml_*`` fields (see each experiment's
-    ``--help``); ``inner_param_names``: MAML's, Meta-SGD's and MAML++'s adapted parameters (default: all)."""
+    ``mode`` and the fields of ``Settings``; ``inner_param_names``: MAML's, Meta-SGD's and MAML++'s
+    adapted parameters (default: all)."""
     name = config.algorithm
     if name not in ALGORITHMS:
         raise ValueError(f"followups: unknown algorithm {name!r}: expected one of {ALGORITHMS}")
@@ -43,7 +43,7 @@ def make(config, inner_param_names=None):
     if name == "maml_pp":
         return MAMLPlusPlus(config.inner_lr, config.maml_pp_inner_steps, msl_epochs=config.maml_pp_msl_epochs,
                             learned_rates=config.maml_pp_learned_rates,
-                            per_step_bn=getattr(config, "maml_pp_per_step_bn", False),
+                            per_step_bn=config.maml_pp_per_step_bn,
                             first_order_epochs=config.maml_pp_first_order_epochs,
                             min_meta_lr=config.maml_pp_min_meta_lr,
                             iterations_per_epoch=config.maml_pp_iterations_per_epoch,
@@ -51,5 +51,6 @@ def make(config, inner_param_names=None):
     if name == "anil":
         return ANIL(config.inner_lr, config.inner_steps, config.mode)
     if name == "imaml":
-        return IMAML(config.inner_lr, config.imaml_inner_steps, config.imaml_lambda, config.imaml_cg_steps)
+        return IMAML(config.imaml_inner_lr, config.imaml_inner_steps, config.imaml_lambda, config.imaml_cg_steps,
+                     config.imaml_cg_damping, config.imaml_lambda_damping)
     return MAML(config.inner_lr, config.inner_steps, config.mode, inner_param_names)

@@ -1,0 +1,60 @@
+"""The follow-ups' settings, shared by the sinusoid and few-shot classification experiments: each
+experiment's ``Config`` derives from ``Settings``, so ``--algorithm`` and the ``--reptile-*``,
+``--meta-sgd-*``, ``--maml-pp-*`` and ``--imaml-*`` flags are declared once (``--help`` lists them in a
+group of their own, after the experiment's). The defaults are the authors' (``../../docs/followups.md``);
+an experiment overrides the few that differ by re-declaring the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..experiments.common import setting
+
+ALGORITHMS = ("maml", "reptile", "meta_sgd", "maml_pp", "anil", "imaml")
+GROUP = "MAML's follow-ups (docs/followups.md)"
+
+
+def followup_setting(default, help: str, **checks):
+    """A ``setting`` listed under the follow-ups' heading of ``--help``."""
+    return setting(default, help, group=GROUP, **checks)
+
+
+@dataclass
+class Settings:
+    algorithm: str = followup_setting("maml", "MAML (with the experiment's baselines) or one of its follow-ups",
+                                      choices=ALGORITHMS)
+    reptile_inner_lr: float = followup_setting(0.01, "Reptile: the inner optimizer's step size (training and test)",
+                                               positive=True)
+    reptile_inner_steps: int = followup_setting(5, "Reptile: inner steps in training (on support + query)", least=1)
+    reptile_inner_optimizer: str = followup_setting("sgd", "Reptile: inner optimizer", choices=("sgd", "adam"))
+    reptile_epsilon: float = followup_setting(1.0, "Reptile: outer step size epsilon, annealed linearly ...",
+                                              positive=True)
+    reptile_epsilon_final: float = followup_setting(0.0, "... to this at the last iteration", least=0.0)
+    meta_sgd_alpha_low: float = followup_setting(0.005, "Meta-SGD: alpha's entries drawn from U(low, high)",
+                                                 positive=True)
+    meta_sgd_alpha_high: float = followup_setting(0.1, "Meta-SGD: the high end of alpha's initial interval",
+                                                  positive=True)
+    maml_pp_inner_steps: int = followup_setting(5, "MAML++: inner steps in training (the rates are per step)",
+                                                least=1)
+    maml_pp_msl_epochs: float = followup_setting(10.0, "MAML++: epochs of the multi-step loss annealing",
+                                                 positive=True)
+    maml_pp_first_order_epochs: float = followup_setting(0.0, "MAML++: first-order epochs before second order",
+                                                         least=0.0)
+    maml_pp_min_meta_lr: float = followup_setting(1e-5, "MAML++: the cosine-annealed meta-lr's final value",
+                                                  positive=True)
+    maml_pp_iterations_per_epoch: int = followup_setting(500, "MAML++: meta-iterations per epoch", least=1)
+    maml_pp_learned_rates: bool = followup_setting(True, "MAML++: learn the per-layer per-step rates (LSLR), "
+                                                   "else fixed at alpha")
+    maml_pp_per_step_bn: bool = followup_setting(True, "MAML++: batch-norm scale and shift per inner step (BNWB; "
+                                                 "nets with batch norm)")
+    imaml_inner_lr: float = followup_setting(0.01, "iMAML: the step size of the inner steps (training and test)",
+                                             positive=True)
+    imaml_inner_steps: int = followup_setting(16, "iMAML: inner steps on the proximal problem", least=1)
+    imaml_lambda: float = followup_setting(2.0, "iMAML: the proximal regularisation lambda", positive=True)
+    imaml_cg_steps: int = followup_setting(5, "iMAML: conjugate-gradient steps of the implicit gradient", least=1)
+    imaml_cg_damping: float = followup_setting(0.0, "iMAML: CG solves ((1 + this) I + H / (lambda + "
+                                               "--imaml-lambda-damping)) x = g; 0 and 0: the paper's system, "
+                                               "the authors' code: 1 and 10", least=0.0)
+    imaml_lambda_damping: float = followup_setting(0.0, "iMAML: added to lambda in CG's system (see "
+                                                   "--imaml-cg-damping)", least=0.0)
