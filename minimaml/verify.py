@@ -210,6 +210,8 @@ def followups_report(seed: int = 0, rtol: float = 1e-6, file=sys.stdout) -> bool
              for part, error in checks.maml_pp_error(seed, second_order=False).items()]
     rows += [(f"Reptile ({opt}) vs per-task loop", checks.reptile_error(seed, opt)) for opt in ("sgd", "adam")]
     rows += [(f"iMAML least squares, {part}", error) for part, error in checks.imaml_least_squares_error(seed).items()]
+    rows += [("iMAML least squares, damped system", checks.imaml_least_squares_error(seed, cg_damping=1.0,
+                                                                                   lambda_damping=10.0)["gradient"])]
     curve = checks.imaml_convergence(seed)
     all_ok = True
     print(f"{'follow-up check':40s} {'rel. error':>11s}  result", file=file)

@@ -32,6 +32,11 @@ def test_imaml_equals_the_least_squares_closed_form():
     assert errors["phi*"] < 1e-10 and errors["gradient"] < 1e-10
 
 
+def test_imaml_with_the_authors_damping_solves_their_system():
+    errors = checks.imaml_least_squares_error(seed=4, cg_damping=1.0, lambda_damping=10.0)
+    assert errors["phi*"] < 1e-10 and errors["gradient"] < 1e-10
+
+
 def test_imaml_converges_to_differences_as_inner_solve_and_cg_tighten():
     curve = checks.imaml_convergence(seed=5, settings=((4, 1), (64, 6), (512, 16)), reference_steps=1500)
     errors = [row[2] for row in curve]
@@ -125,6 +130,8 @@ def test_bad_settings_are_named():
         MetaSGD(alpha_init=(0.1, 0.01))
     with pytest.raises(ValueError, match="lambda"):
         IMAML(lam=0.0)
+    with pytest.raises(ValueError, match="CG dampings"):
+        IMAML(cg_damping=-1.0)
     with pytest.raises(ValueError, match="inner_steps"):
         MAMLPlusPlus(inner_steps=0)
 

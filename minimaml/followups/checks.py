@@ -136,17 +136,21 @@ def reptile_error(seed: int = 0, optimizer: str = "adam", inner_steps: int = 4) 
     return float(max(numpy.abs(batched[n] - direct[n]).max() for n in direct) / scale)
 
 
-def imaml_least_squares_error(seed: int = 0, lam: float = 2.0) -> dict:
+def imaml_least_squares_error(seed: int = 0, lam: float = 2.0, cg_damping: float = 0.0,
+                              lambda_damping: float = 0.0) -> dict:
     """Linear least squares, L_S(phi) = mean_j (x_j . w + b - y_j)^2, whose proximal solution is
     phi* = (H + lambda I)^{-1} (c + lambda theta) with H = 2 A^T A / n (A = [x, 1]), c = 2 A^T y / n, so
-    d L_Q(phi*) / d theta = lambda (H + lambda I)^{-1} grad L_Q(phi*). Returns the relative errors of
-    phi* (inner solve) and of the implicit gradient (CG on exact Hessian-vector products)."""
+    d L_Q(phi*) / d theta = (I + H / lambda)^{-1} grad L_Q(phi*) (with the dampings: the solution of the
+    authors' code's system, ((1 + cg_damping) I + H / (lambda + lambda_damping))^{-1} grad L_Q(phi*)).
+    Returns the relative errors of phi* (inner solve) and of the gradient (CG on exact Hessian-vector
+    products)."""
     rng = numpy.random.default_rng(seed)
     loss, params, tasks = _regression(rng, sizes=(4, 1), n_tasks=3)
     d = params["layer0.w"].shape[0]
     # enough inner steps (each contracts the error by at least 1 - 0.1 lambda = 0.8) and CG steps (the
     # problem is 5-dimensional) to converge to roundoff
-    _, grads, _ = imaml.implicit_meta_gradient(loss, params, tasks, 0.1, 300, lam, cg_steps=12)
+    _, grads, _ = imaml.implicit_meta_gradient(loss, params, tasks, 0.1, 300, lam, cg_steps=12,
+                                               cg_damping=cg_damping, lambda_damping=lambda_damping)
     *_, adapted = imaml.proximal_adapt(loss, params, tasks.support, 0.1, 300, lam)
     theta = numpy.concatenate([params["layer0.w"][:, 0], params["layer0.b"]])
     expected_grad, phi_error = numpy.zeros(d + 1), 0.0
@@ -161,7 +165,8 @@ def imaml_least_squares_error(seed: int = 0, lam: float = 2.0) -> dict:
         phi_error = max(phi_error, numpy.abs(got - phi).max() / numpy.abs(phi).max())
         aq, yq = design(tasks.query.x[i]), tasks.query.y[i][:, 0]
         query_grad = 2 * aq.T @ (aq @ phi - yq) / aq.shape[0]
-        expected_grad += lam * numpy.linalg.solve(h + lam * numpy.eye(d + 1), query_grad)
+        system = (1 + cg_damping) * numpy.eye(d + 1) + h / (lam + lambda_damping)
+        expected_grad += numpy.linalg.solve(system, query_grad)
     got_grad = numpy.concatenate([grads["layer0.w"][:, 0], grads["layer0.b"]])
     return {"phi*": float(phi_error),
             "gradient": float(numpy.abs(got_grad - expected_grad).max() / numpy.abs(expected_grad).max())}

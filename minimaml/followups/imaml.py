@@ -12,7 +12,16 @@ d phi* / d theta = (I + H_{S_i}(phi*) / lambda)^{-1} and the meta-gradient is
 the solution x of (I + H/lambda) x = g by ``cg_steps`` of conjugate gradient (``conjugate_gradient``),
 each step one exact Hessian-vector product of the support loss at phi* (``autodiff.hessian_product``).
 Nothing of the inner loop is recorded: memory does not grow with ``inner_steps``. The CG residual
-||g - (I + H/lambda) x|| / ||g|| (largest over the tasks) is returned with the gradient.
+||g - A x|| / ||g|| (largest over the tasks) is returned with the gradient.
+
+The authors' released code (aravindr93/imaml_dev, ``matrix_evaluator``) solves a damped system instead,
+
+    A = (1 + cg_damping) I + H_{S_i}(phi_i*) / (lambda + lambda_damping),
+
+their Omniglot command with cg_damping 1 and lambda_damping 10. It is positive definite unless H has an
+eigenvalue below -(1 + cg_damping)(lambda + lambda_damping), where (I + H / lambda) already fails below
+-lambda (a ReLU MLP's support Hessian can), at the price of no longer being the implicit gradient.
+Both dampings 0 (the default) is the paper's A = I + H / lambda, which the checks verify.
 
 Every parameter is adapted (the proximal term is over all of theta).
 """
@@ -77,10 +86,13 @@ def conjugate_gradient(matvec, b: dict, steps: int) -> tuple:
 
 
 def implicit_meta_gradient(task_loss, params: dict, tasks, inner_lr: float, inner_steps: int, lam: float,
-                           cg_steps: int, query_loss=None) -> tuple:
-    """(sum_i L_{Q_i}(phi_i*), sum_i (I + H_{S_i}(phi_i*) / lambda)^{-1} grad L_{Q_i}(phi_i*), CG residual)."""
+                           cg_steps: int, query_loss=None, cg_damping: float = 0.0, lambda_damping: float = 0.0) -> tuple:
+    """(sum_i L_{Q_i}(phi_i*), sum_i A_i^{-1} grad L_{Q_i}(phi_i*), CG residual), A_i = (1 + cg_damping) I
+    + H_{S_i}(phi_i*) / (lambda + lambda_damping): the paper's (I + H / lambda) with both dampings 0."""
     if not lam > 0:
         raise ValueError(f"imaml: lambda (the proximal regularisation) must be positive, got {lam}")
+    if not (cg_damping >= 0 and lambda_damping >= 0):
+        raise ValueError(f"imaml: the CG dampings must be >= 0, got {cg_damping} and {lambda_damping}")
     query_loss = task_loss if query_loss is None else query_loss
     for adapted in proximal_adapt(task_loss, params, tasks.support, inner_lr, inner_steps, lam):
         pass  # keep only the last step: nothing of the inner loop is held
@@ -94,29 +106,38 @@ def implicit_meta_gradient(task_loss, params: dict, tasks, inner_lr: float, inne
     hessian = ad.hessian_product(lambda *p: ad.sum(task_loss(dict(zip(names, p)), tasks.support)),
                                  [phi[n] for n in names])
 
-    def matvec(v):  # (I + H / lambda) v, per task
+    identity, curvature = 1.0 + cg_damping, 1.0 / (lam + lambda_damping)
+
+    def matvec(v):  # A v, per task
         hv = hessian([v[n] for n in names])
-        return {n: v[n] + h / lam for n, h in zip(names, hv)}
+        return {n: identity * v[n] + curvature * h for n, h in zip(names, hv)}
 
     x, residual = conjugate_gradient(matvec, g, cg_steps)
     return float(query.data), {n: x[n].sum(axis=0) for n in names}, residual
 
 
 class IMAML(MAML):
-    """iMAML with the authors' Omniglot settings by default (inner lr 0.1, 16 inner steps, lambda 2,
-    5 CG steps); at test time the same proximal inner loop."""
+    """iMAML with the authors' Omniglot command's settings by default (inner lr 0.1, 16 inner steps,
+    lambda 2, 5 CG steps) and the paper's undamped system (``cg_damping = lambda_damping = 0``; their code's
+    damping: 1 and 10); at test time the same proximal inner loop."""
 
     name = "imaml"
 
-    def __init__(self, inner_lr: float = 0.1, inner_steps: int = 16, lam: float = 2.0, cg_steps: int = 5):
+    def __init__(self, inner_lr: float = 0.1, inner_steps: int = 16, lam: float = 2.0, cg_steps: int = 5,
+                 cg_damping: float = 0.0, lambda_damping: float = 0.0):
         super().__init__(inner_lr, inner_steps)
         if not lam > 0 or int(cg_steps) != cg_steps or cg_steps < 1:
             raise ValueError(f"imaml: need lambda > 0 and cg_steps >= 1, got {lam}, {cg_steps}")
+        if not (cg_damping >= 0 and lambda_damping >= 0):
+            raise ValueError(f"imaml: the CG dampings must be >= 0, got {cg_damping} and {lambda_damping}")
         self.lam, self.cg_steps = float(lam), int(cg_steps)
+        self.cg_damping, self.lambda_damping = float(cg_damping), float(lambda_damping)
 
     def meta_gradient(self, task_loss, meta_params, tasks, iteration):
         loss, grads, residual = implicit_meta_gradient(task_loss, meta_params, tasks, self.inner_lr,
-                                                       self.inner_steps, self.lam, self.cg_steps)
+                                                       self.inner_steps, self.lam, self.cg_steps,
+                                                       cg_damping=self.cg_damping,
+                                                       lambda_damping=self.lambda_damping)
         return loss, grads, {"cg_residual": residual}
 
     def adaptation_steps(self, task_loss, meta_params, support, steps):
