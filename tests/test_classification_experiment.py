@@ -113,3 +113,37 @@ def test_the_training_budget_ends_meta_training_at_a_validation(tmp_path, fake_o
     assert [r["iteration"] for r in again["validation"]] == [2, 4]
     longer = classification.run(dataclasses.replace(config, max_train_minutes=1.0), resume=True, progress=False)
     assert [r["iteration"] for r in longer["validation"]] == [2, 4, 6]
+
+
+@pytest.mark.parametrize("model", ["conv", "mlp"])
+def test_non_transductive_evaluation_classifies_each_query_with_the_support_only(model):
+    """``one_query_at_a_time`` (Reptile's evaluation) equals a loop that classifies each query image in a
+    batch of its task's support images and itself, with one task's adapted parameters; and differs from
+    the transductive logits (batch norm's statistics over all queries)."""
+    from minimaml import autodiff as ad
+    from minimaml import maml
+    from minimaml.tasks import episodes
+
+    config = omniglot.config(5, 1, model, "quick")
+    net = classification.make_model(config)
+    rng = np.random.default_rng(0)
+    params = net.init(rng, 5)
+    images = rng.integers(0, 256, size=(8, 4, 28, 28, 1), dtype=np.uint8)
+    tasks = episodes.sample_episodes(images, 3, 5, 1, 2, rng)
+    loss = classification.task_loss(net, 5)
+    *_, theta = maml.adaptation_steps(loss, params, tasks.support, 0.4, 1)
+    with ad.no_grad():
+        got = classification.one_query_at_a_time(net, theta, params, tasks, chunk=3).data
+        transductive = net.apply(theta, tasks.query.x).data
+        for i in range(3):
+            one_task = {n: ad.Tensor(t.data[i:i + 1]) if t.ndim > params[n].ndim else t for n, t in theta.items()}
+            for j in range(tasks.query.x.shape[1]):
+                batch = np.concatenate([tasks.support.x[i:i + 1], tasks.query.x[i:i + 1, j:j + 1]], axis=1)
+                np.testing.assert_allclose(got[i, j], net.apply(one_task, batch).data[0, -1], rtol=1e-4, atol=1e-5)
+    assert got.shape == transductive.shape and not np.allclose(got, transductive, atol=1e-3)
+
+
+def test_a_non_transductive_run_is_scored_and_recorded(tmp_path, fake_omniglot):
+    results = classification.run(_config(tmp_path, transductive=False), progress=False)
+    assert results["config"]["transductive"] is False
+    assert all(0.0 <= row["mean"] <= 1.0 for row in results["test_accuracy"])

@@ -57,6 +57,9 @@ class ClassificationConfig(followups.Settings):
     seed: int = setting(0, "initialisation and training; validation tasks use seed + 1, test tasks seed + 2")
     out_dir: str = setting("runs/omniglot", "output folder (checkpoints, results, figures)", training=False)
     checkpoint_every: int = setting(500, "iterations between checkpoints", least=1, training=False)
+    transductive: bool = setting(True, "at validation and test, classify a task's query images in one batch (batch "
+                                 "norm's statistics over all of them; the authors'); false: each with the support "
+                                 "images only (Reptile's non-transductive evaluation)")
     max_train_minutes: float = setting(0.0, "stop at the first validation past this much training time; 0 = no "
                                        "limit", least=0.0, training=False)
     reptile_inner_lr: float = followups.followup_setting(1e-3, "Reptile: the inner optimizer's step size (the "
@@ -71,7 +74,8 @@ class ClassificationConfig(followups.Settings):
         model = "" if self.model == "conv" else f"-{self.model}"
         order = "" if self.mode != "first_order" else "-fo"
         algorithm = "" if self.algorithm == "maml" else f"-{self.algorithm}"
-        return f"{self.dataset}{model}-{self.n_way}way-{self.k_shot}shot{order}{algorithm}"
+        evaluation = "" if self.transductive else "-nontransductive"
+        return f"{self.dataset}{model}-{self.n_way}way-{self.k_shot}shot{order}{algorithm}{evaluation}"
 
 
 def make_config(settings: dict, overrides: dict) -> ClassificationConfig:
@@ -165,6 +169,27 @@ def meta_step(config: ClassificationConfig, model, train_images, names, algorith
                                                                   config.grad_clip or None))
 
 
+def one_query_at_a_time(model, theta: dict, params: dict, tasks, chunk: int = 16):
+    """Non-transductive query logits ``(T, Q, n_way)`` (Reptile's evaluation, Nichol et al. 2018): each
+    query image is classified in a batch of its task's support images and itself, so batch norm's
+    statistics never see the other query images. ``theta``: the adapted parameters (a leading task axis
+    where ``params``, the meta-parameters, have none); ``chunk`` query images per task per forward pass."""
+    support, query = tasks.support.x, tasks.query.x
+    xp = backend.array_namespace(support)
+    n_tasks, n_query, n_support = query.shape[0], query.shape[1], support.shape[1]
+    logits = []
+    for begin in range(0, n_query, chunk):
+        picked = query[:, begin:begin + chunk]  # (T, c, ...)
+        c = picked.shape[1]
+        batches = xp.concatenate([xp.broadcast_to(support[:, None], (n_tasks, c) + support.shape[1:]),
+                                  picked[:, :, None]], axis=2)  # (T, c, S + 1, ...): support, then one query
+        per_batch = {n: ad.Tensor(xp.repeat(t.data, c, axis=0)) if t.ndim > params[n].ndim else t
+                     for n, t in theta.items()}  # task i's parameters for each of its c batches
+        out = model.apply(per_batch, batches.reshape((n_tasks * c, n_support + 1) + support.shape[2:]))
+        logits.append(out.data[:, -1].reshape(n_tasks, c, -1))
+    return ad.Tensor(xp.concatenate(logits, axis=1))
+
+
 def evaluate(model, params, images, task_index, config: ClassificationConfig, names, algorithm=None) -> numpy.ndarray:
     """Query accuracy of every task after 0..eval_steps fine-tuning steps: ``(eval_steps + 1, n_tasks)``.
     Under MPI each rank scores its share of the tasks and every rank gets all of them."""
@@ -179,7 +204,9 @@ def evaluate(model, params, images, task_index, config: ClassificationConfig, na
             adaptation = algorithm.adaptation_steps(loss, params, tasks.support, config.eval_steps)
         for theta in adaptation:
             with ad.no_grad():
-                per_step.append(accuracy(model.apply(theta, tasks.query.x), tasks.query.y))
+                logits = (model.apply(theta, tasks.query.x) if config.transductive
+                          else one_query_at_a_time(model, theta, params, tasks))
+                per_step.append(accuracy(logits, tasks.query.y))
         columns.append(numpy.stack(per_step))
     return distributed.gather_tasks(numpy.concatenate(columns, axis=1), axis=1)
 
