@@ -6,7 +6,7 @@ import pytest
 from minimaml import autodiff as ad
 from minimaml import maml
 from minimaml.followups import ALGORITHMS, ANIL, IMAML, MAML, MAMLPlusPlus, MetaSGD, Reptile, checks, maml_pp
-from minimaml.followups import anil, meta_sgd, schedules
+from minimaml.followups import anil, imaml, meta_sgd, schedules
 from minimaml.nn import mlp
 from minimaml.tasks import sinusoid
 
@@ -160,3 +160,39 @@ def test_each_follow_up_runs_in_the_classification_experiment(tmp_path, monkeypa
     results = classification.run(config, progress=False)
     assert results["key"].endswith(f"-{name}") and len(results["test_accuracy"]) == config.eval_steps + 1
     assert all(0.0 <= row["mean"] <= 1.0 for row in results["test_accuracy"])
+
+
+def _sinusoid_problem(seed=0):
+    rng = numpy.random.default_rng(seed)
+    params = mlp.init(rng, scheme="uniform")
+    tasks = sinusoid.sample_batch(rng, meta_batch_size=4, k_shot=10)
+    return maml.supervised_loss(mlp.apply, ad.mse), params, tasks
+
+
+def test_backtracking_inner_steps_never_raise_a_tasks_proximal_loss():
+    """With a step size at which plain gradient descent diverges, every task's proximal loss falls or
+    stays along the path; with a small one, no step is refused and the path is plain descent's."""
+    loss, params, tasks = _sinusoid_problem()
+    proximal = imaml.proximal_loss(loss, params, 2.0)
+    with numpy.errstate(all="ignore"):
+        guarded_path = list(imaml.backtracking_proximal_adapt(loss, params, tasks.support, 1.0, 12, 2.0))
+        plain_path = list(imaml.proximal_adapt(loss, params, tasks.support, 1.0, 12, 2.0))
+        with ad.no_grad():
+            path = [proximal(phi, tasks.support).data for phi in guarded_path]
+            plain = [proximal(phi, tasks.support).data for phi in plain_path]
+    assert all((later <= earlier).all() for earlier, later in zip(path, path[1:]))
+    assert (path[-1] < path[0]).all()
+    assert not numpy.all(numpy.isfinite(plain[-1]) & (plain[-1] <= plain[0]))  # plain descent blows up here
+    small = list(imaml.backtracking_proximal_adapt(loss, params, tasks.support, 1e-3, 5, 2.0))
+    for got, expected in zip(small, imaml.proximal_adapt(loss, params, tasks.support, 1e-3, 5, 2.0)):
+        for n in got:
+            numpy.testing.assert_array_equal(got[n].data, expected[n].data)
+
+
+def test_imaml_with_backtracking_keeps_a_finite_gradient_where_plain_descent_diverges():
+    loss, params, tasks = _sinusoid_problem(1)
+    with numpy.errstate(all="ignore"):
+        _, plain, _ = imaml.implicit_meta_gradient(loss, params, tasks, 1.0, 12, 2.0, 3)
+    _, guarded, residual = imaml.implicit_meta_gradient(loss, params, tasks, 1.0, 12, 2.0, 3, backtracking=True)
+    assert not all(numpy.isfinite(g).all() for g in plain.values())
+    assert all(numpy.isfinite(g).all() for g in guarded.values()) and numpy.isfinite(residual)

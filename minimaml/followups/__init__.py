@@ -52,5 +52,5 @@ def make(config, inner_param_names=None):
         return ANIL(config.inner_lr, config.inner_steps, config.mode)
     if name == "imaml":
         return IMAML(config.imaml_inner_lr, config.imaml_inner_steps, config.imaml_lambda, config.imaml_cg_steps,
-                     config.imaml_cg_damping, config.imaml_lambda_damping)
+                     config.imaml_cg_damping, config.imaml_lambda_damping, config.imaml_backtracking)
     return MAML(config.inner_lr, config.inner_steps, config.mode, inner_param_names)

@@ -23,6 +23,10 @@ eigenvalue below -(1 + cg_damping)(lambda + lambda_damping), where (I + H / lamb
 -lambda (a ReLU MLP's support Hessian can), at the price of no longer being the implicit gradient.
 Both dampings 0 (the default) is the paper's A = I + H / lambda, which the checks verify.
 
+The inner steps are plain gradient descent, as the authors' code's; meta-training can make the support
+loss so sharp that a step overshoots (measured on the sinusoid, docs/followups.md), and
+``backtracking=True`` solves the inner problem with per-task step halving instead.
+
 Every parameter is adapted (the proximal term is over all of theta).
 """
 
@@ -50,6 +54,31 @@ def proximal_adapt(task_loss, params: dict, support, inner_lr: float, inner_step
     """phi_i after ``inner_steps`` steps of phi <- phi - alpha (grad L_{S_i}(phi) + lambda (phi - theta)) from
     theta (``maml.adaptation_steps`` on the proximal loss); yields phi^0 .. phi^K (constants)."""
     return maml.adaptation_steps(proximal_loss(task_loss, params, lam), params, support, inner_lr, inner_steps)
+
+
+def backtracking_proximal_adapt(task_loss, params: dict, support, inner_lr: float, inner_steps: int, lam: float):
+    """phi^0 .. phi^K like ``proximal_adapt``, but a task whose step would not lower its proximal loss
+    does not take it and halves its step size (per task, from ``inner_lr``): gradient descent that
+    cannot diverge, whatever the curvature. iMAML's gradient needs only phi*, not the path to it, so any
+    solver of the inner problem will do (Rajeswaran et al. 2019, Sec. 3). One more forward pass per step."""
+    loss = proximal_loss(task_loss, params, lam)
+    phi = {n: t.detach() for n, t in maml.per_task(params, support.n_tasks).items()}
+    first = next(iter(phi.values()))
+    xp = backend.array_namespace(first.data)
+    rates = xp.full(support.n_tasks, inner_lr, dtype=first.dtype)
+    with ad.no_grad():
+        current = loss(phi, support).data
+    yield phi
+    for _ in range(inner_steps):
+        step_sizes = {n: ad.Tensor(_per_task(rates, p)) for n, p in phi.items()}
+        candidate = maml.inner_step(loss, phi, support, step_sizes)
+        with ad.no_grad():
+            candidate_loss = loss(candidate, support).data
+        lower = candidate_loss <= current  # False for NaN
+        phi = {n: ad.Tensor(xp.where(_per_task(lower, p), candidate[n].data, p.data)) for n, p in phi.items()}
+        current = xp.where(lower, candidate_loss, current)
+        rates = xp.where(lower, rates, rates / 2)
+        yield phi
 
 
 def _dot(a: dict, b: dict):
@@ -86,15 +115,18 @@ def conjugate_gradient(matvec, b: dict, steps: int) -> tuple:
 
 
 def implicit_meta_gradient(task_loss, params: dict, tasks, inner_lr: float, inner_steps: int, lam: float,
-                           cg_steps: int, query_loss=None, cg_damping: float = 0.0, lambda_damping: float = 0.0) -> tuple:
+                           cg_steps: int, query_loss=None, cg_damping: float = 0.0, lambda_damping: float = 0.0,
+                           backtracking: bool = False) -> tuple:
     """(sum_i L_{Q_i}(phi_i*), sum_i A_i^{-1} grad L_{Q_i}(phi_i*), CG residual), A_i = (1 + cg_damping) I
-    + H_{S_i}(phi_i*) / (lambda + lambda_damping): the paper's (I + H / lambda) with both dampings 0."""
+    + H_{S_i}(phi_i*) / (lambda + lambda_damping): the paper's (I + H / lambda) with both dampings 0.
+    ``backtracking``: phi* by ``backtracking_proximal_adapt`` instead of plain gradient descent."""
     if not lam > 0:
         raise ValueError(f"imaml: lambda (the proximal regularisation) must be positive, got {lam}")
     if not (cg_damping >= 0 and lambda_damping >= 0):
         raise ValueError(f"imaml: the CG dampings must be >= 0, got {cg_damping} and {lambda_damping}")
     query_loss = task_loss if query_loss is None else query_loss
-    for adapted in proximal_adapt(task_loss, params, tasks.support, inner_lr, inner_steps, lam):
+    solver = backtracking_proximal_adapt if backtracking else proximal_adapt
+    for adapted in solver(task_loss, params, tasks.support, inner_lr, inner_steps, lam):
         pass  # keep only the last step: nothing of the inner loop is held
     names = list(params)
     phi = {n: adapted[n].data for n in names}
@@ -124,7 +156,7 @@ class IMAML(MAML):
     name = "imaml"
 
     def __init__(self, inner_lr: float = 0.1, inner_steps: int = 16, lam: float = 2.0, cg_steps: int = 5,
-                 cg_damping: float = 0.0, lambda_damping: float = 0.0):
+                 cg_damping: float = 0.0, lambda_damping: float = 0.0, backtracking: bool = False):
         super().__init__(inner_lr, inner_steps)
         if not lam > 0 or int(cg_steps) != cg_steps or cg_steps < 1:
             raise ValueError(f"imaml: need lambda > 0 and cg_steps >= 1, got {lam}, {cg_steps}")
@@ -132,13 +164,16 @@ class IMAML(MAML):
             raise ValueError(f"imaml: the CG dampings must be >= 0, got {cg_damping} and {lambda_damping}")
         self.lam, self.cg_steps = float(lam), int(cg_steps)
         self.cg_damping, self.lambda_damping = float(cg_damping), float(lambda_damping)
+        self.backtracking = bool(backtracking)
 
     def meta_gradient(self, task_loss, meta_params, tasks, iteration):
         loss, grads, residual = implicit_meta_gradient(task_loss, meta_params, tasks, self.inner_lr,
                                                        self.inner_steps, self.lam, self.cg_steps,
                                                        cg_damping=self.cg_damping,
-                                                       lambda_damping=self.lambda_damping)
+                                                       lambda_damping=self.lambda_damping,
+                                                       backtracking=self.backtracking)
         return loss, grads, {"cg_residual": residual}
 
     def adaptation_steps(self, task_loss, meta_params, support, steps):
-        return proximal_adapt(task_loss, meta_params, support, self.inner_lr, steps, self.lam)
+        solver = backtracking_proximal_adapt if self.backtracking else proximal_adapt
+        return solver(task_loss, meta_params, support, self.inner_lr, steps, self.lam)

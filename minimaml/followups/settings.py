@@ -50,6 +50,9 @@ class Settings:
                                                  "nets with batch norm)")
     imaml_inner_lr: float = followup_setting(0.01, "iMAML: the step size of the inner steps (training and test)",
                                              positive=True)
+    imaml_backtracking: bool = followup_setting(False, "iMAML: halve a task's inner step size (and skip the step) "
+                                                "whenever it would raise its proximal loss; false: plain gradient "
+                                                "descent (the authors')")
     imaml_inner_steps: int = followup_setting(16, "iMAML: inner steps on the proximal problem", least=1)
     imaml_lambda: float = followup_setting(2.0, "iMAML: the proximal regularisation lambda", positive=True)
     imaml_cg_steps: int = followup_setting(5, "iMAML: conjugate-gradient steps of the implicit gradient", least=1)
