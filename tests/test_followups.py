@@ -196,3 +196,23 @@ def test_imaml_with_backtracking_keeps_a_finite_gradient_where_plain_descent_div
     _, guarded, residual = imaml.implicit_meta_gradient(loss, params, tasks, 1.0, 12, 2.0, 3, backtracking=True)
     assert not all(numpy.isfinite(g).all() for g in plain.values())
     assert all(numpy.isfinite(g).all() for g in guarded.values()) and numpy.isfinite(residual)
+
+
+def test_the_followups_table_reports_a_diverged_run_and_goes_on(monkeypatch):
+    from minimaml.experiments import sinusoid as experiment
+    from minimaml.followups import experiments
+    from minimaml.train import NonFiniteError
+    ran = []
+
+    def fake_run(config, resume=False, progress=True):
+        ran.append((config.algorithm, config.imaml_backtracking))
+        if config.algorithm == "maml_pp":
+            raise NonFiniteError("iteration 7: loss is nan. The checkpoint ...")
+        row = {"mean": 0.5, "ci95": 0.1, "n_diverged": 0}
+        return {"mse": {f"{config.algorithm}/k5": [row] * 11}, "train_seconds": 1.0}
+
+    monkeypatch.setattr(experiment, "run", fake_run)
+    table, folders = experiments.run_profile("smoke")
+    assert [name for name, _ in ran] == ["maml", *experiments.FOLLOWUPS] and len(folders) == len(ran)
+    assert ("imaml", True) in ran
+    assert "| maml_pp | training diverged (iteration 7: loss is nan) |" in table
