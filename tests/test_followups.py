@@ -144,7 +144,11 @@ def test_each_follow_up_runs_in_the_sinusoid_experiment(tmp_path, name):
     results = experiment.run(config, progress=False)
     assert set(results["mse"]) == {f"{name}/k{k}" for k in (5, 10, 20)}
     assert (tmp_path / f"{name}.ckpt.npz").exists()
-    assert f"| {name} | 5 |" in experiment.results_markdown(results)
+    table = experiment.results_markdown(results)
+    assert f"| {name} | 5 |" in table
+    says = {"reptile": "Reptile's inner optimizer (sgd, 0.01)", "meta_sgd": "Meta-SGD's learned alpha",
+            "maml_pp": "MAML++'s per-step rates", "anil": "alpha = 0.001", "imaml": "iMAML's proximal steps (0.01"}
+    assert f"fine-tuning on K points with {says[name]}" in table
 
 
 @pytest.mark.parametrize("name", [a for a in ALGORITHMS if a != "maml"])

@@ -211,8 +211,19 @@ def results_markdown(results: dict) -> str:
 
 
 def _step_sizes(config: dict, names: list) -> str:
-    """The fine-tuning step sizes of a results file's config (written before ``pretrained_lr`` existed:
-    the baseline was fine-tuned with alpha)."""
+    """How a results file's methods were fine-tuned (files written before ``pretrained_lr`` existed
+    fine-tuned the baseline with alpha)."""
+    algorithm = config.get("algorithm", "maml")
+    if algorithm == "reptile":
+        return f"Reptile's inner optimizer ({config['reptile_inner_optimizer']}, {config['reptile_inner_lr']})"
+    if algorithm == "meta_sgd":
+        return "Meta-SGD's learned alpha"
+    if algorithm == "maml_pp":
+        return f"MAML++'s per-step rates (alpha = {config['inner_lr']} at the start of training)"
+    if algorithm == "imaml":
+        step = config.get("imaml_inner_lr", config["inner_lr"])  # before imaml_inner_lr: alpha
+        solver = ", backtracking" if config.get("imaml_backtracking") else ""
+        return f"iMAML's proximal steps ({step}, lambda {config['imaml_lambda']}{solver})"
     pretrained_lr = config.get("pretrained_lr", config["inner_lr"])
     if "pretrained" in names and pretrained_lr != config["inner_lr"]:
         return f"alpha = {config['inner_lr']} (the pretrained baseline: {pretrained_lr})"
