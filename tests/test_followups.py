@@ -218,5 +218,5 @@ def test_the_followups_table_reports_a_diverged_run_and_goes_on(monkeypatch):
     monkeypatch.setattr(experiment, "run", fake_run)
     table, folders = experiments.run_profile("smoke")
     assert [name for name, _ in ran] == ["maml", *experiments.FOLLOWUPS] and len(folders) == len(ran)
-    assert ("imaml", True) in ran
+    assert ("imaml", True) in ran  # backtracking (and the damped CG) for iMAML
     assert "| maml_pp | training diverged (iteration 7: loss is nan) |" in table

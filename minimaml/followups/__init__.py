@@ -26,7 +26,6 @@ from .reptile import Reptile
 from .settings import ALGORITHMS, Settings, followup_setting
 
 
-
 def make(config, inner_param_names=None):
     """The algorithm ``config.algorithm`` built from an experiment's settings: ``inner_lr``, ``inner_steps``,
     ``mode`` and the fields of ``Settings``; ``inner_param_names``: MAML's, Meta-SGD's and MAML++'s

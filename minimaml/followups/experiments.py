@@ -9,9 +9,10 @@ from ..experiments.common import cell, markdown_table
 from ..train import NonFiniteError
 
 FOLLOWUPS = ("reptile", "meta_sgd", "maml_pp", "anil", "imaml")
-# iMAML's inner loop on the sinusoid: plain descent overshoots once meta-training sharpens the support
-# loss (docs/followups.md), so its row solves the inner problem with backtracking
-SETTINGS = {"imaml": {"imaml_backtracking": True}}
+# iMAML on the sinusoid (docs/followups.md): plain inner descent overshoots once meta-training sharpens
+# the support loss, and the ReLU MLP makes the paper's CG system indefinite, so its row solves the inner
+# problem with backtracking and CG on the authors' code's damped system
+SETTINGS = {"imaml": {"imaml_backtracking": True, "imaml_cg_damping": 1.0, "imaml_lambda_damping": 10.0}}
 
 
 def run_profile(profile: str, resume: bool = False, progress: bool = True) -> tuple:

@@ -1,7 +1,7 @@
 """The follow-ups' settings, shared by the sinusoid and few-shot classification experiments: each
 experiment's ``Config`` derives from ``Settings``, so ``--algorithm`` and the ``--reptile-*``,
 ``--meta-sgd-*``, ``--maml-pp-*`` and ``--imaml-*`` flags are declared once (``--help`` lists them in a
-group of their own, after the experiment's). The defaults are the authors' (``../../docs/followups.md``);
+group of their own, after the experiment's). The defaults are the authors' (docs/followups.md);
 an experiment overrides the few that differ by re-declaring the field.
 """
 
