@@ -12,7 +12,10 @@ the number of ranks R), computes the summed meta-gradient of its contiguous shar
 same optimizer step. Rank 0 alone writes checkpoints and results (``train.save_checkpoint`` and
 ``experiments.common.write_atomic`` ask ``is_root``), logs and holds the output folder's lock
 (``root_lock``). With ``MINIMAML_DEVICE=gpu`` each rank takes the GPU of its local rank (``root_lock``
-calls ``use_local_gpu``): one rank per GPU.
+calls ``use_local_gpu``): one rank per GPU. MAML-TRPO splits the same way: each rank samples its share
+of the tasks (``rl.sampler.rank_share``, the sampler's early stops decided by ``any_over_ranks`` /
+``all_over_ranks``) and TRPO all-reduces its gradient, Fisher products and line-search values
+(``rl.trpo.trpo_step(..., over_ranks=True)``).
 
 Without ``mpiexec`` there is one rank: ``rank() == 0``, ``size() == 1``, every function here gives
 back what it was given, and mpi4py is never imported, so nothing changes for a single process (under
@@ -167,6 +170,20 @@ def gather_tasks(per_task: np.ndarray, axis: int = -1) -> np.ndarray:
     if comm is None:
         return per_task
     return np.concatenate(comm.allgather(np.asarray(per_task)), axis=axis)
+
+
+def any_over_ranks(flag: bool) -> bool:
+    """Whether ``flag`` holds on some rank: the same answer on every rank (``flag`` itself in one
+    process). For a loop that must stop at the same pass on every rank (the RL sampler's early stops)."""
+    comm = _comm()
+    return bool(flag) if comm is None else any(comm.allgather(bool(flag)))
+
+
+def all_over_ranks(flag: bool) -> bool:
+    """Whether ``flag`` holds on every rank: the same answer on every rank (``flag`` itself in one
+    process)."""
+    comm = _comm()
+    return bool(flag) if comm is None else all(comm.allgather(bool(flag)))
 
 
 def broadcast(value):

@@ -1,6 +1,8 @@
 """The meta-batch over MPI ranks (minimaml.distributed): one process is unchanged, and under
 ``mpiexec -n 2`` and ``-n 3`` (tasks that do not split evenly) the meta-gradients, a short training run
-and a resume under another R equal one process's; a rank that dies stops the run with an error.
+and a resume under another R equal one process's, for the supervised settings and for MAML-TRPO (its
+sampled trajectories, gradient, Fisher products, meta-iterations, evaluation and a 2D-navigation run);
+a rank that dies stops the run with an error.
 
 The multi-rank tests start ``mpiexec -n R python tests/mpi_worker.py ...`` (the ``.[mpi]`` extra) and skip
 where it is missing."""
@@ -61,6 +63,8 @@ def test_one_process_is_rank_0_of_1_and_keeps_its_arrays():
     assert distributed.all_reduce(grads) is grads
     assert distributed.broadcast({"a": 1}) == {"a": 1}
     assert distributed.share(7) == slice(0, 7)
+    assert distributed.any_over_ranks(True) is True and distributed.any_over_ranks(False) is False
+    assert distributed.all_over_ranks(np.bool_(True)) is True and distributed.all_over_ranks(False) is False
 
 
 @pytest.mark.parametrize("n_items, ranks", [(7, 2), (7, 3), (5, 3), (600, 8), (3, 3)])
@@ -126,6 +130,107 @@ def test_training_over_ranks_equals_one_process_and_resumes_under_another_count(
     one_results = json.loads((tmp_path / "one" / "results.json").read_text())
     split_results = json.loads((tmp_path / "split" / "results.json").read_text())
     assert split_results["test_accuracy"] == one_results["test_accuracy"]
+
+
+def _relative_difference(split: np.ndarray, one: np.ndarray) -> float:
+    """max |split - one| / max |one| (0 for equal arrays, also empty or all-zero ones)."""
+    if np.array_equal(split, one):
+        return 0.0
+    return float(np.max(np.abs(split - one))) / max(float(np.max(np.abs(one))), 1e-300)
+
+
+@pytest.fixture(scope="module")
+def rl_one_process(tmp_path_factory):
+    """``mpi_worker.py rl`` in one process, the reference of the RL tests (navigation)."""
+    path = tmp_path_factory.mktemp("rl") / "one.npz"
+    _launch(0, "rl", path, "navigation")
+    return path
+
+
+def _check_rl_against_one_process(one, split, iteration_rtol: float) -> None:
+    """The RL worker's results over ranks against one process's. The sampled batches: the episodes
+    (mask, kept) and the generator's next draws bit for bit, the trajectories to float64 round-off (BLAS
+    may round the shared policy's products in the last bit when it has fewer rows). The summed loss,
+    KL, g and F v (both paths) to 1e-13. A whole meta-iteration's params to ``iteration_rtol``: CG
+    amplifies the round-off of F v (one process whose products get 1e-16 relative noise moves as far)."""
+    assert sorted(one.files) == sorted(split.files)
+    for key in one.files:
+        assert split[key].dtype == one[key].dtype and split[key].shape == one[key].shape, key
+        if key.endswith(("/mask", "/kept")) or key == "draws_after" or key.endswith(("accepted", "backtracks")):
+            np.testing.assert_array_equal(split[key], one[key], err_msg=key)
+        elif key.startswith(("pre/", "post/", "sum/", "evaluation/")) or key.endswith(("_return", "grad_norm",
+                                                                                       "loss_before")):
+            assert _relative_difference(split[key], one[key]) <= 1e-13, key
+        else:  # the meta-iterations' new params, KL and loss after the step
+            assert key.startswith("iteration_"), key
+            assert _relative_difference(split[key], one[key]) <= iteration_rtol, key
+
+
+@needs_mpi
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_maml_trpo_over_ranks_equals_one_process(tmp_path, rl_one_process, ranks):
+    """2D navigation, 5 tasks of 12-step episodes (some reach the goal early), float64: the sampled
+    batches, g and the Fisher-vector products of ``meta_fisher_product`` and of the tape, two whole
+    meta-iterations (one with each) and an evaluation of 7 test tasks in chunks of 4."""
+    _launch(ranks, "rl", tmp_path / "split.npz", "navigation")
+    with np.load(rl_one_process) as one, np.load(tmp_path / "split.npz") as split:
+        assert "evaluation/returns" in one.files and one["pre/mask"].shape[0] == 5
+        assert not one["pre/mask"].all()  # some episodes ended early
+        _check_rl_against_one_process(one, split, iteration_rtol=1e-6)
+
+
+@needs_mpi
+def test_maml_trpo_on_mujoco_over_ranks_equals_one_process(tmp_path):
+    """The half-cheetah (its reset seeds drawn through the task share's stream) under 2 ranks. Its F is
+    far worse conditioned (eigenvalues 4e-5 .. 9e5), so CG takes the round-off of F v to ~1e-5 of the
+    step: the meta-iterations are compared loosely, everything else as on navigation."""
+    pytest.importorskip("mujoco")
+    pytest.importorskip("gymnasium")
+    _launch(0, "rl", tmp_path / "one.npz", "cheetah_direction")
+    _launch(2, "rl", tmp_path / "split.npz", "cheetah_direction")
+    with np.load(tmp_path / "one.npz") as one, np.load(tmp_path / "split.npz") as split:
+        _check_rl_against_one_process(one, split, iteration_rtol=1e-2)
+
+
+@needs_mpi
+def test_navigation_training_over_ranks_equals_one_process_and_resumes_under_another_count(tmp_path):
+    """The navigation command's three methods, 4 iterations each, float64: in one process; and 2
+    iterations under 2 ranks resumed to 4 under 3 ranks. Params, training history and test returns
+    agree to float64 round-off (the pretrained baseline, which gathers its trajectories and steps on
+    all of them on every rank, bit for bit)."""
+    _launch(0, "rl_train", tmp_path / "one", 4)
+    _launch(2, "rl_train", tmp_path / "split", 2)
+    assert train.load_checkpoint(tmp_path / "split" / "maml.ckpt.npz").iteration == 2
+    _launch(3, "rl_train", tmp_path / "split", 4, "resume")
+    for method in ("maml", "pretrained"):
+        one = train.load_checkpoint(tmp_path / "one" / f"{method}.ckpt.npz")
+        split = train.load_checkpoint(tmp_path / "split" / f"{method}.ckpt.npz")
+        assert split.iteration == one.iteration == 4
+        assert [r["iteration"] for r in split.history] == [0, 1, 2, 3]
+        for column in set(one.history[0]) - {"iteration", "seconds"}:
+            np.testing.assert_allclose([r[column] for r in split.history], [r[column] for r in one.history],
+                                       rtol=1e-10, atol=1e-14, err_msg=f"{method} {column}")
+        for name in one.params:
+            assert split.params[name].dtype == np.float64
+            assert _relative_difference(split.params[name], one.params[name]) <= 1e-10, f"{method} {name}"
+    one_results = json.loads((tmp_path / "one" / "results.json").read_text())
+    split_results = json.loads((tmp_path / "split" / "results.json").read_text())
+    for method, per_task in one_results["per_task"].items():
+        np.testing.assert_allclose(split_results["per_task"][method], per_task, rtol=1e-10, err_msg=method)
+    for figure in ("navigation_steps.png", "navigation_training.png", "navigation_trajectories.png"):
+        assert (tmp_path / "split" / figure).stat().st_size > 0
+
+
+@needs_mpi
+def test_rl_settings_that_leave_a_rank_without_tasks_are_refused_at_once(tmp_path):
+    """A last chunk of 2 test tasks for 3 ranks: every rank says so and exits before any work."""
+    done = subprocess.run([MPIEXEC, "-n", "3", sys.executable, "-m", "minimaml.experiments.navigation",
+                           "--profile", "smoke", "--meta-batch-size", "5", "--n-test-tasks", "7",
+                           "--out-dir", str(tmp_path / "run"), "--no-progress"],
+                          env=ENV, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "last chunk of 2 test tasks for 3 MPI ranks" in done.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def _wait_for_the_lock_owner_to_go(folder: Path, seconds: float = 20) -> None:

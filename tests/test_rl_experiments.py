@@ -161,6 +161,19 @@ def test_configs_are_checked_and_give_trpo_settings():
     assert (settings.max_kl, settings.cg_iters, settings.damping) == (0.02, 7, 1e-4)
 
 
+def test_settings_that_leave_an_mpi_rank_without_tasks_are_refused_with_the_counts():
+    """Each meta-batch and each chunk of test tasks (``meta_batch_size`` at a time) is split over the
+    ranks, at least one task each; one process always fits."""
+    rl_common.check_ranks(navigation.config("quick", meta_batch_size=1, n_test_tasks=3), 1)
+    rl_common.check_ranks(navigation.config("quick", meta_batch_size=5, n_test_tasks=13), 3)  # chunks 5, 5, 3
+    with pytest.raises(ValueError, match=r"--meta-batch-size 2 is smaller than the 3 MPI ranks.*mpiexec -n 2"):
+        rl_common.check_ranks(navigation.config("quick", meta_batch_size=2, n_test_tasks=4), 3)
+    with pytest.raises(ValueError, match=r"--n-test-tasks 11 .* last chunk of 1 test tasks for 2 MPI ranks"):
+        rl_common.check_ranks(navigation.config("quick", meta_batch_size=5, n_test_tasks=11), 2)
+    with pytest.raises(ValueError, match=r"last chunk of 3 test tasks for 4 MPI ranks"):
+        rl_common.check_ranks(navigation.config("quick", meta_batch_size=5, n_test_tasks=3), 4)
+
+
 def _module_help(module: str) -> str:
     out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "COLUMNS": "100"})

@@ -1,4 +1,4 @@
-"""Returns, GAE, the linear baseline and the batched sampler."""
+"""Returns, GAE, the linear baseline, the batched sampler and its share of the tasks under MPI."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,8 @@ import pytest
 from minimaml.rl.baseline import features, fit_linear_baseline
 from minimaml.rl.envs import Navigation2D
 from minimaml.rl.returns import discounted_returns, gae
-from minimaml.rl.sampler import advantages, average_returns, sample_steps, sample_trajectories
+from minimaml.rl.sampler import (TaskShareOfStream, advantages, average_returns, rank_share, sample_steps,
+                                  sample_trajectories)
 
 
 def _random_batch(rng, shape=(3, 4, 12)):
@@ -183,3 +184,58 @@ def test_advantages_centred_per_task_and_masked():
     returns = discounted_returns(batch["rewards"], mask)
     values = fit_linear_baseline(batch["obs"], returns, mask)
     np.testing.assert_allclose(raw, (returns - values) * mask, rtol=1e-5, atol=1e-5)
+
+
+# --- a rank's share of the tasks (minimaml.distributed) ----------------------------------------------
+def test_task_share_of_stream_draws_one_process_numbers_and_keeps_the_shares_rows():
+    """Tasks 1..2 of 5: each draw is the share's rows of the draw one process makes for all 5 tasks
+    (noise (T, B, act_dim), reset seeds (T * B,)), and the generator goes on as one process's."""
+    whole, shared = np.random.default_rng(3), np.random.default_rng(3)
+    stream = TaskShareOfStream(shared, slice(1, 3), 5)
+    np.testing.assert_array_equal(stream.standard_normal((2, 4, 6)), whole.standard_normal((5, 4, 6))[1:3])
+    np.testing.assert_array_equal(stream.integers(0, 2**31 - 1, size=2 * 4),
+                                  whole.integers(0, 2**31 - 1, size=5 * 4)[4:12])
+    np.testing.assert_array_equal(shared.standard_normal(3), whole.standard_normal(3))
+    with pytest.raises(ValueError, match="same number of rows"):
+        stream.standard_normal((3, 4))
+    with pytest.raises(ValueError, match="non-empty slice of 5 tasks"):
+        TaskShareOfStream(shared, slice(4, 6), 5)
+
+
+def test_one_process_samples_all_the_tasks_from_its_own_generator():
+    tasks, rng = np.zeros((4, 2)), np.random.default_rng(0)
+    mine, my_rng = rank_share(tasks, rng)
+    assert mine is tasks and my_rng is rng
+
+
+def test_a_share_samples_the_rows_one_process_samples():
+    """A per-task policy (each task's actions depend on its rows only) on tasks 1..3 of 5, through the
+    share's stream: bit for bit the rows of one process's batch of all 5 tasks."""
+    env = Navigation2D()
+    goals = env.sample_tasks(np.random.default_rng(0), 5)
+    whole = sample_trajectories(env, _goal_seeking_policy(goals.astype(np.float32), log_std=0.0), goals, 3,
+                                np.random.default_rng(4), horizon=20)
+    part = slice(1, 4)
+    share = sample_trajectories(env, _goal_seeking_policy(goals[part].astype(np.float32), log_std=0.0), goals[part],
+                                3, TaskShareOfStream(np.random.default_rng(4), part, 5), horizon=20)
+    for key in whole:
+        np.testing.assert_array_equal(share[key], whole[key][part], err_msg=key)
+
+
+def test_a_share_of_mujoco_tasks_resets_and_samples_as_one_process():
+    """The half-cheetah draws its reset seeds (``integers``) through the share's stream too."""
+    pytest.importorskip("mujoco")
+    pytest.importorskip("gymnasium")
+    from minimaml.rl.mujoco_envs import MujocoVecEnv
+
+    env = MujocoVecEnv("cheetah_direction")
+    tasks = env.sample_tasks(np.random.default_rng(0), 3)
+
+    def policy(obs):  # per task: each row's mean from its own observation
+        return 0.1 * obs[..., :env.act_dim], np.zeros(env.act_dim, np.float32)
+
+    whole = sample_trajectories(env, policy, tasks, 2, np.random.default_rng(5), horizon=4)
+    share = sample_trajectories(env, policy, tasks[2:], 2, TaskShareOfStream(np.random.default_rng(5), slice(2, 3), 3),
+                                horizon=4)
+    for key in whole:
+        np.testing.assert_array_equal(share[key], whole[key][2:], err_msg=key)

@@ -336,3 +336,56 @@ def test_trpo_step_with_the_meta_fisher_product_takes_the_same_step(problem):
     assert fast_stats["backtracks"] == slow_stats["backtracks"] and fast_stats["accepted"]
     for k in params:
         np.testing.assert_allclose(fast[k], slow[k], rtol=1e-6, atol=1e-8)
+
+
+# --- the meta-batch split into shares of tasks (minimaml.distributed) --------------------------------
+def _share(data: Trajectories, part: slice) -> Trajectories:
+    return Trajectories(data.obs[part], data.actions[part], data.mask[part], data.advantages[part])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_task_mean_is_ad_mean_bit_for_bit(dtype):
+    """What one process computes: (1/T) sum_i over all T tasks, value and gradient, exactly ``ad.mean``."""
+    values = np.random.default_rng(0).standard_normal(7).astype(dtype)
+    x, y = ad.Tensor(values, requires_grad=True), ad.Tensor(values, requires_grad=True)
+    ours, reference = maml_rl.task_mean(x, 7), ad.mean(y)
+    assert ours.dtype == reference.dtype == dtype and ours.item() == reference.item()
+    np.testing.assert_array_equal(ad.grad(ours, [x])[0].data, ad.grad(reference, [y])[0].data)
+
+
+def test_the_shares_objectives_and_fisher_products_add_up_to_the_whole(problem):
+    """The 3 tasks split as over 2 ranks (tasks 0..1 and 2): L, D, g and F v of the shares, each with the
+    global T, add up to the whole meta-batch's to round-off."""
+    params, pre, post, old, objective = problem
+    names = list(params)
+    v = {k: np.random.default_rng(6).standard_normal(params[k].shape) for k in names}
+
+    def parts(pre_share, post_share, old_share, n_tasks):
+        leaves = [ad.Tensor(params[k], requires_grad=True) for k in names]
+        loss, kl = maml_rl.meta_objective(pre_share, post_share, old_share, ALPHA, n_tasks)(
+            dict(zip(names, leaves)), create_graph=True)
+        fisher_v = maml_rl.meta_fisher_product(pre_share, post_share, old_share, ALPHA, n_tasks)(params)(v)
+        return np.concatenate([[loss.item(), kl.item()], trpo.flatten(ad.grad(loss, leaves)),
+                               trpo.flatten(fisher_v[k] for k in names)])
+
+    whole = parts(pre, post, old, None)
+    shares = [parts(_share(pre, part), _share(post, part), {k: old[k][part] for k in names}, T)
+              for part in (slice(0, 2), slice(2, 3))]
+    np.testing.assert_allclose(shares[0] + shares[1], whole, rtol=1e-13, atol=1e-15)
+
+
+def test_trpo_step_over_ranks_is_the_same_step_in_one_process(problem):
+    """In one process the all-reduces of ``over_ranks`` are the identity: the same step, bit for bit,
+    with either Fisher product; and the damped product is the Hessian product plus damping v."""
+    params, pre, post, old, objective = problem
+    for fisher in (None, maml_rl.meta_fisher_product(pre, post, old, ALPHA)):
+        plain, plain_stats = trpo.trpo_step(objective, params, fisher_product=fisher)
+        split, split_stats = trpo.trpo_step(objective, params, fisher_product=fisher, over_ranks=True)
+        assert split_stats == plain_stats
+        assert all(np.array_equal(split[k], plain[k]) for k in params)
+    names = list(params)
+    leaves = [ad.Tensor(params[k], requires_grad=True) for k in names]
+    _, kl = objective(dict(zip(names, leaves)), create_graph=True)
+    v = np.random.default_rng(7).standard_normal(trpo.flatten(params.values()).size)
+    np.testing.assert_array_equal(trpo.fisher_vector_product(kl, leaves, damping=0.1)(v),
+                                  trpo.kl_hessian_product(kl, leaves)(v) + 0.1 * v)

@@ -15,6 +15,7 @@ profile (``--n-traj``), and the baselines are fine-tuned at test with step 0.2 (
     python -m minimaml.experiments.locomotion --env cheetah_direction --profile quick
     python -m minimaml.experiments.locomotion --env cheetah_velocity --profile reduced --resume
     python -m minimaml.experiments.locomotion --env ant_direction --profile full --meta-batch-size 20
+    OPENBLAS_NUM_THREADS=1 MINIMAML_THREADS=1 mpiexec -n 2 python -m minimaml.experiments.locomotion --profile reduced
 
 Profiles (every field can still be overridden by its flag):
 

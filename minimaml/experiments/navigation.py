@@ -10,6 +10,7 @@ and the trajectories of three test tasks before and after 1..3 steps.
 
     python -m minimaml.experiments.navigation --profile quick           # about 12 minutes on 2 busy cores
     python -m minimaml.experiments.navigation --profile full --resume   # the authors' script
+    OPENBLAS_NUM_THREADS=1 MINIMAML_THREADS=1 mpiexec -n 2 python -m minimaml.experiments.navigation   # 2 ranks
 
 Profiles: ``quick`` = the paper's text (meta-batch 20, also the setting of the authors' checkpoint behind the
 paper's figure, named ``..._mbs20_...`` in their test script) with the authors' n_itr = 100 MAML iterations
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import os
 
-from .. import allocator
+from .. import allocator, distributed
 from . import rl_common
 from .common import COMMAND_ERRORS, allowed_changes, check_config, config_parser, overrides_from_args
 from .rl_common import RLConfig
@@ -85,10 +86,12 @@ def _env():
 
 
 def run(cfg: RLConfig, resume: bool = False, progress: bool = True, allow_changes=()) -> dict:
-    """Train, evaluate, write results.json / results.md and the figures into ``cfg.out_dir``."""
+    """Train, evaluate, write results.json / results.md and the figures into ``cfg.out_dir`` (under
+    MPI: rank 0)."""
     results, shown = rl_common.run(cfg, resume=resume, progress=progress, n_show=TRAJECTORY_TASKS,
                                    allow_changes=allow_changes)
-    plot_trajectories(shown, cfg, os.path.join(cfg.out_dir, "navigation_trajectories.png"))
+    if distributed.is_root():
+        plot_trajectories(shown, cfg, os.path.join(cfg.out_dir, "navigation_trajectories.png"))
     return results
 
 

@@ -20,6 +20,13 @@ Adam: iteration ``i`` gets the generator ``train.iteration_rng(seed, i)``, check
 parameter or return raises ``train.NonFiniteError``. The envs draw their initial-state noise from the
 sampler's generator (the iteration's, or the test seed's), so an evaluation repeats exactly, on MuJoCo too
 (``tests/test_rl_envs.py``), and a resumed run resets as the uninterrupted one.
+
+Under MPI (``mpiexec -n R``, ``minimaml.distributed``) every rank draws the same tasks and samples its
+share of them with one process's noise (``sampler.rank_share``): MAML-TRPO's step adds the shares'
+parts (``maml_rl.meta_iteration``); the pretrained baseline gathers the shares' trajectories and takes
+its TRPO step, one baseline fitted to the pooled batch, whole on every rank; evaluation splits each
+chunk of test tasks and gathers the returns. Rank 0 holds the folder, writes and plots. Each
+meta-batch and each chunk of test tasks needs at least one task per rank (``check_ranks``).
 """
 
 from __future__ import annotations
@@ -31,11 +38,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import distributed, files, train
+from .. import distributed, train
 from ..nn import policy as pol
 from ..rl import maml_rl
 from ..rl.reinforce import trajectories
-from ..rl.sampler import advantages, average_returns, sample_trajectories
+from ..rl.sampler import advantages, average_returns, rank_share, sample_trajectories
 from ..rl.trpo import TRPO
 from .common import cell, log, markdown_table, setting, summary, training_settings, write_atomic, write_json
 
@@ -178,12 +185,15 @@ class MamlStep(TRPOStep):
 class PretrainStep(TRPOStep):
     """One TRPO step of the pretrained baseline on ``meta_batch_size x n_traj`` trajectories of freshly
     drawn tasks, pooled into one batch with one linear baseline (the policy never sees which task it
-    is on)."""
+    is on). Under MPI each rank samples its share of the tasks, and every rank takes the step on all the
+    trajectories (the baseline's one fit needs them all)."""
 
     def __call__(self, params, state, rng, iteration):
         cfg = self.cfg
         tasks = self.env.sample_tasks(rng, cfg.meta_batch_size)
-        batch = sample_trajectories(self.env, pol.sampler_policy(params), tasks, cfg.n_traj, rng)
+        my_tasks, my_rng = rank_share(tasks, rng)
+        my_batch = sample_trajectories(self.env, pol.sampler_policy(params), my_tasks, cfg.n_traj, my_rng)
+        batch = {k: distributed.gather_tasks(v, axis=0) for k, v in my_batch.items()}  # every task's, on every rank
         pooled = {k: v.reshape((1, -1) + v.shape[2:]) for k, v in batch.items()}
         data = trajectories(pooled, advantages(pooled, cfg.discount, cfg.gae_lambda), params["log_std"].dtype)
         params, stats = cfg.trpo().step(maml_rl.surrogate_objective(data, params), params)
@@ -213,32 +223,49 @@ def evaluate_policy(env, params: dict, cfg: RLConfig, n_show: int = 0, inner_lr:
 
     Returns ``(returns, shown)``: returns (eval_steps + 1, n_test_tasks), each task's average return
     after each step; shown: for the first ``n_show`` tasks, per step, the first trajectory's
-    ``obs (n_show, H, obs_dim)`` and ``mask (n_show, H)`` (for trajectory plots)."""
+    ``obs (n_show, H, obs_dim)`` and ``mask (n_show, H)`` (for trajectory plots). Under MPI each rank
+    fine-tunes its share of every chunk and every rank gets all the results."""
     tasks = test_tasks(env, cfg)
     rng = np.random.default_rng([cfg.test_seed, 1])  # the same noise for every method
     returns, shown = [], None
     for begin in range(0, len(tasks), cfg.meta_batch_size):
-        chunk = tasks[begin:begin + cfg.meta_batch_size]
+        my_chunk, my_rng = rank_share(tasks[begin:begin + cfg.meta_batch_size], rng)
         first_lr = cfg.inner_lr if inner_lr is None else inner_lr
-        batches = maml_rl.adaptation_batches(env, params, chunk, first_lr, cfg.eval_steps, rng,
+        batches = maml_rl.adaptation_batches(env, params, my_chunk, first_lr, cfg.eval_steps, my_rng,
                                              cfg.test_batch_steps, cfg.n_traj)
-        returns.append(np.stack([average_returns(b) for b in batches]))
+        returns.append(distributed.gather_tasks(np.stack([average_returns(b) for b in batches]), axis=1))
         if shown is None:
-            shown = [{"obs": b["obs"][:n_show, 0], "mask": b["mask"][:n_show, 0]} for b in batches]
+            shown = [{key: distributed.gather_tasks(b[key][:, 0], axis=0)[:n_show] for key in ("obs", "mask")}
+                     for b in batches]
     return np.concatenate(returns, axis=1), shown
 
 
 # --- the whole experiment ----------------------------------------------------------------------------
+def check_ranks(cfg: RLConfig, ranks: int) -> None:
+    """Refuse, before any work, settings that leave one of ``ranks`` MPI ranks without a task: every
+    meta-batch (``meta_batch_size``) and every chunk of test tasks (``meta_batch_size`` at a time, the
+    last one the rest) is split over the ranks, at least one task each."""
+    if cfg.meta_batch_size < ranks:
+        raise ValueError(f"--meta-batch-size {cfg.meta_batch_size} is smaller than the {ranks} MPI ranks: every rank "
+                         f"needs at least one task of each meta-batch (use mpiexec -n {cfg.meta_batch_size} or "
+                         f"fewer, or a larger --meta-batch-size)")
+    last_chunk = cfg.n_test_tasks % cfg.meta_batch_size or cfg.meta_batch_size
+    if last_chunk < ranks:
+        raise ValueError(f"--n-test-tasks {cfg.n_test_tasks} in chunks of --meta-batch-size {cfg.meta_batch_size} "
+                         f"leaves a last chunk of {last_chunk} test tasks for {ranks} MPI ranks: every rank needs at "
+                         f"least one (use mpiexec -n {last_chunk} or fewer, or --n-test-tasks a multiple of "
+                         f"{cfg.meta_batch_size})")
+
+
 def run(cfg: RLConfig, resume: bool = False, progress: bool = True, n_show: int = 0, allow_changes=()) -> tuple:
     """Train the methods of ``cfg.methods``, evaluate them on the test tasks, write ``results.json``,
     ``results.md`` and the figures into ``cfg.out_dir``. Returns ``(results, shown)`` with ``shown`` the
-    trajectories of the first ``n_show`` test tasks (``evaluate_policy``) per method."""
+    trajectories of the first ``n_show`` test tasks (``evaluate_policy``) per method. Under MPI every
+    rank returns the same; rank 0 holds the folder and writes."""
     methods = cfg.method_list()
-    if distributed.size() > 1:
-        raise ValueError(f"{cfg.env}: the RL experiments do not split over MPI ranks yet (docs/distributed.md); "
-                         f"run them without mpiexec")
+    check_ranks(cfg, distributed.size())
     env = build_env(cfg)
-    with files.folder_lock(cfg.out_dir):
+    with distributed.root_lock(cfg.out_dir):
         return _run(cfg, env, methods, resume, progress, n_show, allow_changes)
 
 
@@ -268,8 +295,9 @@ def _run(cfg: RLConfig, env, methods, resume, progress, n_show, allow_changes) -
         results["returns"][name] = [summary(row) for row in per_task]
         write_json(os.path.join(cfg.out_dir, "results.json"), results)  # partial results survive a crash
     write_atomic(os.path.join(cfg.out_dir, "results.md"), results_markdown(results))
-    plot_steps(results, os.path.join(cfg.out_dir, f"{cfg.env}_steps.png"))
-    plot_training(results, os.path.join(cfg.out_dir, f"{cfg.env}_training.png"))
+    if distributed.is_root():
+        plot_steps(results, os.path.join(cfg.out_dir, f"{cfg.env}_steps.png"))
+        plot_training(results, os.path.join(cfg.out_dir, f"{cfg.env}_training.png"))
     return results, shown
 
 

@@ -16,6 +16,12 @@ Jacobian and F'_i the KL's Hessian at the adapted policy; no third derivative of
 
 Advantages (both sets): GAE(lambda = 1) against a linear baseline fitted per task, centred per task.
 The inner step is ``maml``'s, with the REINFORCE task loss; nothing here adapts parameters itself.
+
+Under MPI (``minimaml.distributed``) every rank draws the same T tasks, then samples, adapts and
+differentiates its contiguous share of them (``sampler.rank_share``). L, D and F are sums over the
+tasks, (1/T) sum_i = sum_r (1/T) sum_{i in share_r}: each rank computes its share's part with the global
+T (``task_mean``) and TRPO adds the parts (``trpo_step(..., over_ranks=True)``), so every rank takes the
+same step; in one process the arithmetic is exactly the mean over the T tasks.
 """
 
 from __future__ import annotations
@@ -23,10 +29,10 @@ from __future__ import annotations
 import numpy as np
 
 from minimaml import autodiff as ad
-from minimaml import backend, maml
+from minimaml import backend, distributed, maml
 from minimaml.nn import policy as pol
 from minimaml.rl.reinforce import evaluation_step_sizes, masked_task_mean, reinforce_loss, trajectories
-from minimaml.rl.sampler import advantages, average_returns, sample_steps, sample_trajectories
+from minimaml.rl.sampler import advantages, average_returns, rank_share, sample_steps, sample_trajectories
 from minimaml.rl.trpo import TRPO
 
 
@@ -41,12 +47,23 @@ def sample(env, params, tasks, rng, n_traj: int = 0, min_steps: int = 0, discoun
     return batch, trajectories(batch, advantages(batch, discount, gae_lambda), params["log_std"].dtype)
 
 
-def surrogate_objective(data, old_params: dict, acting_policy=None):
+def task_mean(per_task, n_tasks: int):
+    """(1/T) sum_i x_i over the T = ``n_tasks`` tasks of a meta-batch, of which ``per_task`` (Tensor
+    (T_r,)) holds this rank's share: summed over the ranks, the mean. It is ``ad.mean``'s own arithmetic
+    (the sum, then x 1/T), so in one process it is the mean over the tasks, bit for bit."""
+    return ad.multiply(ad.sum(per_task), 1.0 / n_tasks)
+
+
+def surrogate_objective(data, old_params: dict, acting_policy=None, n_tasks: int | None = None):
     """TRPO's objective ``(params, create_graph) -> (L, D)`` on ``Trajectories`` ``data`` sampled by
     ``old_params``, for the policy ``acting_policy(params, create_graph)`` (default: ``params`` itself):
 
-        L(theta) = -mean_i E[pi_theta(a|s) / pi_old(a|s) A_i],   D(theta) = mean_i E[KL(pi_old || pi_theta)]
+        L(theta) = -(1/T) sum_i E[pi_theta(a|s) / pi_old(a|s) A_i],   D(theta) = (1/T) sum_i E[KL(pi_old || pi_theta)]
+
+    T = ``n_tasks``, the meta-batch's tasks, of which ``data`` holds this rank's share (``task_mean``);
+    default: all of them, ``data.n_tasks``.
     """
+    n_tasks = data.n_tasks if n_tasks is None else n_tasks
     with ad.no_grad():
         old_mean, old_log_std = pol.apply(old_params, data.obs)
         old_log_prob = pol.gaussian_log_prob(old_mean, old_log_std, ad.as_tensor(data.actions))
@@ -56,23 +73,24 @@ def surrogate_objective(data, old_params: dict, acting_policy=None):
         mean, log_std = pol.apply(acting, data.obs)
         log_prob = pol.gaussian_log_prob(mean, log_std, ad.as_tensor(data.actions))
         ratio = ad.exp(log_prob - old_log_prob)
-        surrogate = -ad.mean(masked_task_mean(ratio * data.advantages, data.mask))
+        surrogate = -task_mean(masked_task_mean(ratio * data.advantages, data.mask), n_tasks)
         kl = pol.gaussian_kl(old_mean, old_log_std, mean, log_std)
-        return surrogate, ad.mean(masked_task_mean(kl, data.mask))
+        return surrogate, task_mean(masked_task_mean(kl, data.mask), n_tasks)
 
     return objective
 
 
-def meta_objective(pre, post, old_params: dict, inner_lr: float):
+def meta_objective(pre, post, old_params: dict, inner_lr: float, n_tasks: int | None = None):
     """The MAML-TRPO objective: the surrogate of the post-update trajectories ``post`` for the adapted
     policies theta'_i(theta) = theta - alpha grad L_i(theta) (``maml.adapt`` on ``pre``, differentiated
-    through), pi_old = the post-update policies ``old_params`` that sampled ``post``."""
+    through), pi_old = the post-update policies ``old_params`` that sampled ``post``. ``n_tasks``: the
+    meta-batch's T (``surrogate_objective``)."""
     def adapted_policy(params, create_graph):
         return maml.adapt(reinforce_loss, params, pre, inner_lr, 1, create_graph=create_graph)
-    return surrogate_objective(post, old_params, adapted_policy)
+    return surrogate_objective(post, old_params, adapted_policy, n_tasks)
 
 
-def meta_fisher_product(pre, post, old_params: dict, inner_lr):
+def meta_fisher_product(pre, post, old_params: dict, inner_lr, n_tasks: int | None = None):
     """MAML-TRPO's Fisher-vector product, exact, from second-order products only, for ``trpo_step``.
 
     D(theta) = mean_i E_{D'_i}[KL(pi_{theta'_i(theta_old)} || pi_{theta'_i(theta)})] has zero gradient at
@@ -86,18 +104,21 @@ def meta_fisher_product(pre, post, old_params: dict, inner_lr):
     the KL, each a reverse pass through a gradient recorded once per TRPO step; the tape's default
     (reverse over reverse through the whole inner step) needs third derivatives and was measured ~1.2x
     slower per product, with ~20% more memory (``benchmarks/bench_rl.py``, docs/rl.md).
-    ``inner_lr``: alpha, a number or a dict per parameter.
+    ``inner_lr``: alpha, a number or a dict per parameter. ``n_tasks``: the meta-batch's T, of which
+    ``pre`` and ``post`` hold this rank's share (default: all of it); the sum over i is then the share's
+    part of F v (``trpo_step(..., over_ranks=True)`` adds the parts).
 
     Returns ``fisher_product(params) -> (v -> F v)``: at theta_old = ``params``, on dicts of arrays.
     """
     names = list(old_params)
+    n_tasks = post.n_tasks if n_tasks is None else n_tasks
     old = {n: p.data if isinstance(p, ad.Tensor) else p for n, p in old_params.items()}
     with ad.no_grad():
         old_mean, old_log_std = pol.apply(old, post.obs)
 
     def mean_kl(*adapted):
         mean, log_std = pol.apply(dict(zip(names, adapted)), post.obs)
-        return ad.mean(masked_task_mean(pol.gaussian_kl(old_mean, old_log_std, mean, log_std), post.mask))
+        return task_mean(masked_task_mean(pol.gaussian_kl(old_mean, old_log_std, mean, log_std), post.mask), n_tasks)
 
     def inner_loss(*per_task_params):
         return ad.sum(reinforce_loss(dict(zip(names, per_task_params)), pre))
@@ -127,15 +148,20 @@ def meta_iteration(env, params: dict, rng: np.random.Generator, trpo: TRPO, meta
     """One MAML-TRPO update. params: policy dict of arrays. Returns (new params, stats) with the average
     undiscounted pre- and post-update returns and TRPO's statistics (``trpo_step``).
     ``third_order_fisher=True``: the tape's reverse-over-reverse Fisher products through the inner step
-    (the reference the tests check ``meta_fisher_product`` against; the same F, several times slower)."""
-    tasks = env.sample_tasks(rng, meta_batch_size)
-    pre_batch, pre = sample(env, params, tasks, rng, n_traj, discount=discount, gae_lambda=gae_lambda)
+    (the reference the tests check ``meta_fisher_product`` against; the same F, several times slower).
+    Under MPI each rank works on its share of the tasks (module docstring); the new params and the stats
+    are the whole meta-batch's, the same on every rank."""
+    tasks = env.sample_tasks(rng, meta_batch_size)  # the whole meta-batch, the same on every rank
+    my_tasks, my_rng = rank_share(tasks, rng)
+    pre_batch, pre = sample(env, params, my_tasks, my_rng, n_traj, discount=discount, gae_lambda=gae_lambda)
     adapted = maml.adapt(reinforce_loss, params, pre, inner_lr, 1)
-    post_batch, post = sample(env, adapted, tasks, rng, n_traj, discount=discount, gae_lambda=gae_lambda)
-    fisher_product = None if third_order_fisher else meta_fisher_product(pre, post, adapted, inner_lr)
-    new_params, trpo_stats = trpo.step(meta_objective(pre, post, adapted, inner_lr), params, fisher_product)
-    stats = {"pre_return": float(average_returns(pre_batch).mean()),
-             "post_return": float(average_returns(post_batch).mean()), **trpo_stats}
+    post_batch, post = sample(env, adapted, my_tasks, my_rng, n_traj, discount=discount, gae_lambda=gae_lambda)
+    n_tasks = len(tasks)
+    fisher_product = None if third_order_fisher else meta_fisher_product(pre, post, adapted, inner_lr, n_tasks)
+    new_params, trpo_stats = trpo.step(meta_objective(pre, post, adapted, inner_lr, n_tasks), params, fisher_product,
+                                       over_ranks=True)
+    pre_returns, post_returns = (distributed.gather_tasks(average_returns(b)) for b in (pre_batch, post_batch))
+    stats = {"pre_return": float(pre_returns.mean()), "post_return": float(post_returns.mean()), **trpo_stats}
     return new_params, stats
 
 
@@ -144,7 +170,8 @@ def adaptation_batches(env, params: dict, tasks, inner_lr: float, n_steps: int, 
     """The trajectories of each task's policy after 0, 1, ..., n_steps inner steps (step size alpha, then
     alpha / 2), each step on fresh trajectories of the current adapted policies: ``test_batch_steps``
     time steps per task, as the authors' test scripts (0: ``n_traj`` trajectories). Returns n_steps + 1
-    raw batches of ``sample_steps`` (``episode_returns (T, B)``, ``kept (T, B)``, ``obs (T, B, H, obs_dim)``, ...)."""
+    raw batches of ``sample_steps`` (``episode_returns (T, B)``, ``kept (T, B)``, ``obs (T, B, H, obs_dim)``, ...).
+    Under MPI: ``tasks`` and ``rng`` are this rank's share and its generator (``sampler.rank_share``)."""
     batches, theta = [], params  # shared until the first step gives every task its own policy
     for step, lr in enumerate(evaluation_step_sizes(inner_lr, n_steps) + [None]):
         batch, data = sample(env, theta, tasks, rng, n_traj, test_batch_steps)

@@ -19,6 +19,12 @@ F = sum_i J_i^T F'_i J_i from second-order products only). The paper used finite
 
 CG and the line search work on flat float64 host vectors (``flatten`` / ``unflatten``). ``TRPO`` holds
 the settings and takes the step, as ``optim.Adam`` does for the supervised meta-gradient.
+
+Under MPI (``minimaml.distributed``) L and D are sums over ranks: each rank's objective sums its share
+of the tasks divided by the global task count (``maml_rl.task_mean``). With ``over_ranks=True`` the step
+adds the ranks' parts of g, of every F v (damping added once, after the sum) and of the losses and KLs
+of the line search (``distributed.all_reduce``), so CG and the line search run alike on every rank and
+every rank ends with the same parameters.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from minimaml import autodiff as ad
-from minimaml import backend
+from minimaml import backend, distributed
 
 
 def flatten(arrays) -> np.ndarray:
@@ -74,20 +80,31 @@ def conjugate_gradient(matvec, b: np.ndarray, iters: int = 10, residual_tol: flo
     return x, b - r
 
 
-def fisher_vector_product(kl, leaves: list, damping: float = 1e-5):
-    """v -> (Hessian of ``kl`` w.r.t. ``leaves``) v + damping v, flat float64 vectors.
+def kl_hessian_product(kl, leaves: list):
+    """v -> (Hessian of ``kl`` w.r.t. ``leaves``) v, flat float64 vectors.
 
     ``kl`` must be recorded from ``leaves`` with every inner gradient built with ``create_graph=True``.
     grad D is recorded once; each product is one more reverse pass through it.
     """
     kl_grads = ad.grad(kl, leaves, create_graph=True)
 
-    def fvp(v: np.ndarray) -> np.ndarray:
+    def product(v: np.ndarray) -> np.ndarray:
         directions = unflatten(v, leaves)
         inner = ad.sum(ad.multiply(kl_grads[0], directions[0]))
         for g, d in zip(kl_grads[1:], directions[1:]):
             inner = ad.add(inner, ad.sum(ad.multiply(g, d)))
-        return flatten(ad.grad(inner, leaves)) + damping * v
+        return flatten(ad.grad(inner, leaves))
+
+    return product
+
+
+def fisher_vector_product(kl, leaves: list, damping: float = 1e-5):
+    """v -> (Hessian of ``kl`` w.r.t. ``leaves``) v + damping v, flat float64 vectors
+    (``kl_hessian_product`` with damping)."""
+    product = kl_hessian_product(kl, leaves)
+
+    def fvp(v: np.ndarray) -> np.ndarray:
+        return product(v) + damping * v
 
     return fvp
 
@@ -108,45 +125,59 @@ def line_search(evaluate, theta: np.ndarray, step: np.ndarray, loss_before: floa
 
 
 def trpo_step(objective, params: dict, max_kl: float = 0.01, cg_iters: int = 10, damping: float = 1e-5,
-              backtrack_ratio: float = 0.8, max_backtracks: int = 15, fisher_product=None):
+              backtrack_ratio: float = 0.8, max_backtracks: int = 15, fisher_product=None, over_ranks: bool = False):
     """One TRPO update of ``params`` (dict of arrays); returns (new params dict, stats).
 
     ``objective(params: dict of Tensors, create_graph: bool) -> (loss, mean_kl)`` scalar Tensors; with
     ``create_graph=False`` it only needs values. ``fisher_product``: optional, ``params -> (v -> F v)``
     on dicts of arrays named like ``params``, the Hessian of the mean KL at ``params`` in a form cheaper
-    than the tape's reverse over reverse (default). Stats: loss before/after, kl, the gradient's norm
+    than the tape's reverse over reverse (default). ``over_ranks=True``: ``objective`` (and
+    ``fisher_product``) give this rank's part of sums over the MPI ranks, which the step adds up (module
+    docstring); in one process that changes nothing. Stats: loss before/after, kl, the gradient's norm
     and the line search's outcome.
     """
+    def summed(vector: np.ndarray) -> np.ndarray:
+        """The ranks' parts of ``vector`` added up, on every rank (with ``over_ranks``)."""
+        return distributed.all_reduce({"sum": vector})["sum"] if over_ranks else vector
+
+    def values(*scalars) -> list:
+        """Scalar Tensors as floats, summed over the ranks."""
+        return [float(x) for x in summed(np.array([s.item() for s in scalars]))]
+
     names = list(params)
     leaves = [ad.Tensor(params[k], requires_grad=True) for k in names]
     loss, kl = objective(dict(zip(names, leaves)), create_graph=True)
-    g = flatten(ad.grad(loss, leaves))
+    g = summed(flatten(ad.grad(loss, leaves)))
     if fisher_product is None:
-        fvp = fisher_vector_product(kl, leaves, damping)
+        product = kl_hessian_product(kl, leaves)
     else:
-        product = fisher_product(params)
+        product_at_params = fisher_product(params)
 
-        def fvp(v: np.ndarray) -> np.ndarray:
-            fisher_v = product(dict(zip(names, unflatten(v, leaves))))
-            return flatten(fisher_v[k] for k in names) + damping * v
+        def product(v: np.ndarray) -> np.ndarray:
+            fisher_v = product_at_params(dict(zip(names, unflatten(v, leaves))))
+            return flatten(fisher_v[k] for k in names)
+
+    def fvp(v: np.ndarray) -> np.ndarray:
+        return summed(product(v)) + damping * v
 
     x, fisher_x = conjugate_gradient(fvp, g, cg_iters)
     step = math.sqrt(2 * max_kl / (x @ fisher_x + 1e-8)) * x
 
     def evaluate(flat):
         candidate = [ad.Tensor(a, requires_grad=True) for a in unflatten(flat, leaves)]
-        loss_c, kl_c = objective(dict(zip(names, candidate)), create_graph=False)
-        return loss_c.item(), kl_c.item()
+        return values(*objective(dict(zip(names, candidate)), create_graph=False))
 
-    theta, info = line_search(evaluate, flatten(leaves), step, loss.item(), max_kl, backtrack_ratio, max_backtracks)
+    [loss_before] = values(loss)
+    theta, info = line_search(evaluate, flatten(leaves), step, loss_before, max_kl, backtrack_ratio, max_backtracks)
     new_params = dict(zip(names, unflatten(theta, leaves))) if info["accepted"] else dict(params)
-    return new_params, {"loss_before": loss.item(), **info, "grad_norm": float(np.linalg.norm(g))}
+    return new_params, {"loss_before": loss_before, **info, "grad_norm": float(np.linalg.norm(g))}
 
 
 @dataclass(frozen=True)
 class TRPO:
     """TRPO's settings: the trust region ``max_kl`` (delta), CG's iterations and damping, the line
-    search's backtracking. ``step(objective, params, fisher_product=None)`` is ``trpo_step`` with them."""
+    search's backtracking. ``step(objective, params, fisher_product=None, over_ranks=False)`` is
+    ``trpo_step`` with them."""
 
     max_kl: float = 0.01
     cg_iters: int = 10
@@ -154,6 +185,6 @@ class TRPO:
     backtrack_ratio: float = 0.8
     max_backtracks: int = 15
 
-    def step(self, objective, params: dict, fisher_product=None):
+    def step(self, objective, params: dict, fisher_product=None, over_ranks: bool = False):
         return trpo_step(objective, params, self.max_kl, self.cg_iters, self.damping, self.backtrack_ratio,
-                         self.max_backtracks, fisher_product)
+                         self.max_backtracks, fisher_product, over_ranks)
