@@ -1,15 +1,21 @@
 """Time a meta-step in one process with 1 and 2 threads and over 2 MPI ranks of one thread each, in one
 run, the three set-ups alternating round by round (the ``.[mpi]`` extra):
 
-    python benchmarks/bench_mpi.py [--steps w2 miniimagenet] [--repeats 5] [--rounds 3]
+    python benchmarks/bench_mpi.py [--steps w2 miniimagenet cheetah_direction] [--repeats 5] [--rounds 3]
 
-Steps (random inputs, float32, the split of ``minimaml.distributed`` as the experiments use it: this
-rank's share of the tasks, ``maml.meta_gradient``, ``distributed.sum_over_ranks``):
+Steps (float32, the split of ``minimaml.distributed`` as the experiments use it):
 
 - ``w2``: the Omniglot Conv4 (64 filters, 28x28) on 32 tasks of 5-way 1-shot with 15 queries a class,
   one inner step, second order: the W2 meta-step;
 - ``miniimagenet``: ``miniimagenet_conv4`` (32 filters, 84x84x3) on the 1-shot setting's 4 tasks,
-  5 inner steps, first order (``experiments.miniimagenet.config(1, "first_order", "full")``).
+  5 inner steps, first order (``experiments.miniimagenet.config(1, "first_order", "full")``);
+- ``cheetah_direction``: one MAML-TRPO meta-iteration of the locomotion command (``rl_common.MamlStep``:
+  sampling 10 tasks x 10 trajectories of 200 MuJoCo steps before and after the inner step, then the TRPO
+  step), the quick profile's sizes, the same iteration (seed 0, iteration 0) every time (the
+  ``.[mujoco]`` extra too).
+
+The supervised steps (random inputs) take this rank's share of the tasks, ``maml.meta_gradient`` and
+``distributed.sum_over_ranks``; the RL step shares out its tasks itself (``maml_rl.meta_iteration``).
 
 Each (round, set-up) is its own process (``mpiexec -n 2`` for the ranks; MPICH's ``mpiexec`` beside this
 Python, or on PATH); it prints ``step setup median_ms min_ms`` over ``--repeats`` steps after one
@@ -31,11 +37,12 @@ import time
 import numpy
 
 from minimaml import autodiff as ad
-from minimaml import allocator, distributed, maml
-from minimaml.experiments import miniimagenet
+from minimaml import allocator, distributed, maml, train
+from minimaml.experiments import locomotion, miniimagenet, rl_common
 from minimaml.nn.conv4 import Conv4, miniimagenet_conv4
 
 SETUPS = {"1 process, 1 thread": (0, 1), "1 process, 2 threads": (0, 2), "2 ranks, 1 thread each": (2, 1)}
+STEPS = ("w2", "miniimagenet", "cheetah_direction")
 
 
 def random_tasks(rng, n_tasks: int, k_shot: int, q_query: int, size: int, channels: int, n_way: int = 5):
@@ -63,9 +70,14 @@ def problem(name: str):
     return (maml.supervised_loss(net.apply, ad.softmax_cross_entropy), params, tasks) + settings
 
 
-def time_step(name: str, repeats: int) -> None:
-    """One set-up's timing (run under the threads / ranks it is given)."""
-    allocator.keep_freed_memory()  # as the training commands and the other benchmarks do
+def meta_step(name: str):
+    """The step ``name`` as a function of nothing, the same work on every rank."""
+    if name == "cheetah_direction":
+        cfg = locomotion.config("quick", env=name)
+        env = rl_common.build_env(cfg)
+        params = rl_common.init_policy(env, cfg.seed, cfg.init_output_scale)
+        iteration = rl_common.MamlStep(env, cfg)
+        return lambda: iteration(params, {}, train.iteration_rng(cfg.seed, 0), 0)
     task_loss, params, tasks, inner_lr, inner_steps, mode = problem(name)
 
     def step():
@@ -73,6 +85,13 @@ def time_step(name: str, repeats: int) -> None:
                                          inner_steps, mode=mode)
         return distributed.sum_over_ranks(loss, grads)
 
+    return step
+
+
+def time_step(name: str, repeats: int) -> None:
+    """One set-up's timing (run under the threads / ranks it is given)."""
+    allocator.keep_freed_memory()  # as the training commands and the other benchmarks do
+    step = meta_step(name)
     step()
     times = []
     for _ in range(repeats):
@@ -95,7 +114,7 @@ def mpiexec() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", nargs="+", default=["w2", "miniimagenet"], choices=["w2", "miniimagenet"])
+    parser.add_argument("--steps", nargs="+", default=list(STEPS), choices=STEPS)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -118,9 +137,10 @@ def main() -> None:
                 median, best = out.stdout.split()[-2:]
                 medians.setdefault((name, setup), []).append(float(median))
                 print(f"{round_} {name} {setup!r} {median} {best}", flush=True)
-    print("\nstep | set-up | median over rounds of the per-round medians (ms)")
+    print("\nstep | set-up | median over rounds of the per-round medians (ms) | 1 process, 1 thread / this")
     for (name, setup), values in medians.items():
-        print(f"{name} | {setup} | {statistics.median(values):.0f}")
+        ratio = statistics.median(medians[(name, next(iter(SETUPS)))]) / statistics.median(values)
+        print(f"{name} | {setup} | {statistics.median(values):.0f} | {ratio:.2f}x")
 
 
 if __name__ == "__main__":
