@@ -22,7 +22,8 @@ back what it was given, and mpi4py is never imported, so nothing changes for a s
 ``mpiexec`` without mpi4py, the first call says to install the extra).
 
 Arrays are all-reduced through host memory as float64 (CuPy arrays are copied to the host and back;
-simple and always correct), so a sum over R ranks differs from one process's only in rounding
+simple and always correct; ``MINIMAML_ALL_REDUCE=cuda-aware`` or ``nccl`` keeps CuPy arrays on the
+device, ``all_reduce_path``), so a sum over R ranks differs from one process's only in rounding
 (a few 1e-15 relative in float64, the last bits of float32). A rank that dies or raises stops the whole run:
 an uncaught exception calls ``MPI.COMM_WORLD.Abort`` (``_abort_on_error``), and ``mpiexec`` kills
 the other ranks when one is killed, instead of leaving them blocked in a collective.
@@ -135,23 +136,72 @@ def share_tasks(tasks):
     return type(tasks)(support=_take(tasks.support, part), query=_take(tasks.query, part))
 
 
+ALL_REDUCE_PATHS = ("host", "cuda-aware", "nccl")
+_NCCL = None  # cupyx.distributed's NCCL communicator, made at the first all-reduce that needs it
+
+
+def all_reduce_path() -> str:
+    """How CuPy arrays are summed over the ranks, ``MINIMAML_ALL_REDUCE``: ``host`` (the default: through
+    host memory, simple and always correct), ``cuda-aware`` (MPI's ``Allreduce`` on the device buffer;
+    needs an MPI built with CUDA support, which the mpich wheel of the ``.[mpi]`` extra is not) or
+    ``nccl`` (``cupyx.distributed``'s NCCL communicator, bootstrapped over MPI). NumPy arrays always
+    take the host path."""
+    path = os.environ.get("MINIMAML_ALL_REDUCE", "host")
+    if path not in ALL_REDUCE_PATHS:
+        raise ValueError(f"MINIMAML_ALL_REDUCE={path!r}: expected one of {', '.join(ALL_REDUCE_PATHS)}")
+    return path
+
+
+def _sum_on_device(flat, path: str, comm):
+    """The sum over ranks of the float64 CuPy vector ``flat``, by ``path`` (``all_reduce_path``), on the
+    device."""
+    import cupy
+    total = cupy.empty_like(flat)
+    if path == "cuda-aware":
+        cupy.cuda.get_current_stream().synchronize()  # MPI reads the buffer outside CuPy's stream
+        comm.Allreduce(flat, total)
+        return total
+    global _NCCL
+    if _NCCL is None:
+        from cupyx import distributed as cupy_distributed
+        _NCCL = cupy_distributed.init_process_group(comm.Get_size(), comm.Get_rank(), use_mpi=True)
+    _NCCL.all_reduce(flat, total, op="sum")
+    return total
+
+
 def all_reduce(arrays: dict) -> dict:
     """The sum over ranks of each array of ``arrays`` (NumPy or CuPy, any shapes), the same on every
-    rank, each in its own dtype and device. One ``Allreduce`` of all of them packed into one float64
-    host buffer: CuPy arrays go through host memory."""
+    rank, each in its own dtype and device. One all-reduce of all of them packed into one float64
+    buffer: on the host (CuPy arrays are copied there and back), or for CuPy arrays on the device if
+    ``MINIMAML_ALL_REDUCE`` says so (``all_reduce_path``)."""
     comm = _comm()
     if comm is None:
         return arrays
     names = list(arrays)
-    flat = np.concatenate([backend.to_numpy(arrays[n]).astype(np.float64).ravel() for n in names])
-    total = np.empty_like(flat)
-    comm.Allreduce(flat, total)
+    path = all_reduce_path()
+    devices = [xp for xp in map(backend.array_namespace, arrays.values()) if xp is not np]
+    if path != "host" and devices:  # every array into one device buffer (a NumPy scalar loss too)
+        xp = devices[0]
+        flat = xp.concatenate([xp.asarray(arrays[n], dtype=xp.float64).ravel() for n in names])
+        total = _sum_on_device(flat, path, comm)
+    else:
+        flat = np.concatenate([backend.to_numpy(arrays[n]).astype(np.float64).ravel() for n in names])
+        total = np.empty_like(flat)
+        comm.Allreduce(flat, total)
     out, start = {}, 0
     for n in names:
         a = arrays[n]
-        out[n] = backend.array_namespace(a).asarray(total[start:start + a.size].reshape(a.shape), dtype=a.dtype)
+        out[n] = _placed_like(total[start:start + a.size].reshape(a.shape), a)
         start += a.size
     return out
+
+
+def _placed_like(piece, like):
+    """``piece`` (NumPy or CuPy) in ``like``'s namespace and dtype."""
+    xp = backend.array_namespace(like)
+    if xp is np:
+        return np.asarray(backend.to_numpy(piece), dtype=like.dtype)
+    return xp.asarray(piece, dtype=like.dtype)
 
 
 def sum_over_ranks(loss: float, grads: dict) -> tuple:

@@ -17,7 +17,7 @@ import sys
 import numpy as np
 
 from minimaml import autodiff as ad
-from minimaml import distributed, maml
+from minimaml import backend, distributed, maml
 from minimaml.experiments import classification, navigation, omniglot, rl_common, sinusoid
 from minimaml.nn import conv4, mlp
 from minimaml.nn import policy as pol
@@ -189,6 +189,24 @@ def rl_train(out_dir: str, n_iterations: int, resume: bool):
     return navigation.run(cfg, resume=resume, progress=False)
 
 
+def all_reduce_path(out_path: str, path: str) -> None:
+    """``distributed.all_reduce`` with ``MINIMAML_ALL_REDUCE=path`` of rank-dependent arrays on the
+    default device (a float32 matrix, a float64 vector, a NumPy scalar as ``sum_over_ranks`` sends);
+    rank 0 saves the sums on the host."""
+    os.environ["MINIMAML_ALL_REDUCE"] = path
+    distributed.use_local_gpu()
+    xp = backend.array_namespace(backend.asarray(np.zeros(1)))
+    r = distributed.rank()
+    arrays = {"matrix": xp.asarray(np.arange(12, dtype=np.float32).reshape(3, 4) * (r + 1)),
+              "vector": xp.asarray(np.linspace(0, 1, 5) + r), "loss": np.asarray(0.5 * r)}
+    total = distributed.all_reduce(arrays)
+    placed = {n: (backend.array_namespace(t) is backend.array_namespace(arrays[n]), t.dtype == arrays[n].dtype)
+              for n, t in total.items()}
+    if distributed.is_root():
+        np.savez(out_path, placed=all(all(p) for p in placed.values()),
+                 **{n: backend.to_numpy(t) for n, t in total.items()})
+
+
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
     if command == "gradients":
@@ -199,6 +217,8 @@ if __name__ == "__main__":
         die(*args)
     elif command == "rl":
         rl(*args)
+    elif command == "all_reduce_path":
+        all_reduce_path(*args)
     elif command == "rl_train":
         rl_train(args[0], int(args[1]), resume=args[2:] == ["resume"])
     else:

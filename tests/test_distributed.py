@@ -270,3 +270,42 @@ def test_a_folder_held_by_another_run_stops_every_rank_at_once(tmp_path):
                               env=ENV, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and time.monotonic() - start < 60
     assert "is in use by another run" in done.stderr + done.stdout
+
+
+# --- the all-reduce's device paths ---------------------------------------------------------------------
+def test_an_unknown_all_reduce_path_is_refused(monkeypatch):
+    monkeypatch.setenv("MINIMAML_ALL_REDUCE", "gloo")
+    with pytest.raises(ValueError, match="MINIMAML_ALL_REDUCE='gloo': expected one of host, cuda-aware, nccl"):
+        distributed.all_reduce_path()
+    monkeypatch.delenv("MINIMAML_ALL_REDUCE")
+    assert distributed.all_reduce_path() == "host"
+
+
+def _gpus() -> int:
+    from minimaml import backend
+    return backend._import_cupy().cuda.runtime.getDeviceCount() if backend.gpu_available() else 0
+
+
+@needs_mpi
+@pytest.mark.parametrize("path, device", [
+    ("host", "cpu"), ("nccl", "cpu"),  # NumPy arrays take the host path whatever the setting
+    pytest.param("host", "gpu", marks=pytest.mark.gpu),
+    pytest.param("nccl", "gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        _gpus() < 2, reason="NCCL needs one GPU per rank: fewer than 2 GPUs")]),
+    pytest.param("cuda-aware", "gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        os.environ.get("MINIMAML_TEST_CUDA_AWARE_MPI") != "1",
+        reason="set MINIMAML_TEST_CUDA_AWARE_MPI=1 where mpi4py runs on a CUDA-aware MPI")]),
+])
+def test_each_all_reduce_path_sums_over_ranks_in_place(tmp_path, path, device):
+    """2 ranks: the sums of a float32 matrix, a float64 vector and a NumPy scalar, each back in its own
+    namespace and dtype, the same by every path."""
+    out = tmp_path / "sums.npz"
+    command = [MPIEXEC, "-n", "2", sys.executable, str(WORKER), "all_reduce_path", str(out), path]
+    done = subprocess.run(command, env={**ENV, "MINIMAML_DEVICE": device}, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    sums = np.load(out)
+    assert bool(sums["placed"])
+    np.testing.assert_array_equal(sums["matrix"], np.arange(12, dtype=np.float32).reshape(3, 4) * 3)
+    np.testing.assert_allclose(sums["vector"], 2 * np.linspace(0, 1, 5) + 1, rtol=1e-15)
+    assert float(sums["loss"]) == 0.5
