@@ -34,7 +34,7 @@ import functools
 
 from .. import allocator
 from . import rl_common
-from .common import COMMAND_ERRORS, allowed_changes, check_config, config_parser, overrides_from_args
+from .common import COMMAND_ERRORS, allowed_changes, check_config, config_parser, log, overrides_from_args
 from .rl_common import RLConfig
 
 TASKS = ("cheetah_velocity", "cheetah_direction", "ant_velocity", "ant_direction")
@@ -106,7 +106,7 @@ def main(argv=None):
         parser.exit(2, f"{parser.prog}: {err}\n")
     except COMMAND_ERRORS as err:
         parser.exit(1, f"{parser.prog}: error: {err}\n")
-    print(rl_common.results_markdown(results))
+    log(rl_common.results_markdown(results))  # under MPI: rank 0 alone
 
 
 if __name__ == "__main__":

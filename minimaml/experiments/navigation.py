@@ -25,7 +25,7 @@ import os
 
 from .. import allocator, distributed
 from . import rl_common
-from .common import COMMAND_ERRORS, allowed_changes, check_config, config_parser, overrides_from_args
+from .common import COMMAND_ERRORS, allowed_changes, check_config, config_parser, log, overrides_from_args
 from .rl_common import RLConfig
 
 PROFILES = ("quick", "smoke", "full")
@@ -109,7 +109,7 @@ def main(argv=None):
         results = run(cfg, resume=args.resume, progress=not args.no_progress, allow_changes=allowed_changes(args))
     except COMMAND_ERRORS as err:
         parser.exit(1, f"{parser.prog}: error: {err}\n")
-    print(rl_common.results_markdown(results))
+    log(rl_common.results_markdown(results))  # under MPI: rank 0 alone
 
 
 if __name__ == "__main__":
