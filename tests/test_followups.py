@@ -211,7 +211,7 @@ def test_the_followups_table_reports_a_diverged_run_and_goes_on(monkeypatch):
     def fake_run(config, resume=False, progress=True):
         ran.append((config.algorithm, config.imaml_backtracking))
         if config.algorithm == "maml_pp":
-            raise NonFiniteError("iteration 7: loss is nan. The checkpoint ...")
+            raise NonFiniteError("iteration 7: gradient 'layer0.w' has 40 non-finite value(s). The checkpoint ...")
         row = {"mean": 0.5, "ci95": 0.1, "n_diverged": 0}
         return {"mse": {f"{config.algorithm}/k5": [row] * 11}, "train_seconds": 1.0}
 
@@ -219,4 +219,4 @@ def test_the_followups_table_reports_a_diverged_run_and_goes_on(monkeypatch):
     table, folders = experiments.run_profile("smoke")
     assert [name for name, _ in ran] == ["maml", *experiments.FOLLOWUPS] and len(folders) == len(ran)
     assert ("imaml", True) in ran  # backtracking (and the damped CG) for iMAML
-    assert "| maml_pp | training diverged (iteration 7: loss is nan) |" in table
+    assert "| maml_pp | training diverged (iteration 7: gradient 'layer0.w' has 40 non-finite value(s)) |" in table

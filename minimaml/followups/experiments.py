@@ -27,7 +27,7 @@ def run_profile(profile: str, resume: bool = False, progress: bool = True) -> tu
         try:
             results = sinusoid.run(config, resume=resume, progress=progress)
         except NonFiniteError as err:
-            rows.append([name, f"training diverged ({str(err).split('.')[0]})", "-", "-", "-"])
+            rows.append([name, f"training diverged ({str(err).split('. ')[0]})", "-", "-", "-"])
             continue
         curve = results["mse"][f"{name}/k5"]
         rows.append([name, *[cell(curve[s]) for s in (1, 5, 10)], f"{results['train_seconds']:.0f}"])
