@@ -60,7 +60,7 @@ def backtracking_proximal_adapt(task_loss, params: dict, support, inner_lr: floa
     """phi^0 .. phi^K like ``proximal_adapt``, but a task whose step would not lower its proximal loss
     does not take it and halves its step size (per task, from ``inner_lr``): gradient descent that
     cannot diverge, whatever the curvature. iMAML's gradient needs only phi*, not the path to it, so any
-    solver of the inner problem will do (Rajeswaran et al. 2019, Sec. 3). One more forward pass per step."""
+    solver of the inner problem will do (Rajeswaran et al. 2019). One more forward pass per step."""
     loss = proximal_loss(task_loss, params, lam)
     phi = {n: t.detach() for n, t in maml.per_task(params, support.n_tasks).items()}
     first = next(iter(phi.values()))
