@@ -114,16 +114,21 @@ def conjugate_gradient(matvec, b: dict, steps: int) -> tuple:
     return x, float(residual.max())
 
 
+def check_system(lam: float, cg_damping: float, lambda_damping: float) -> None:
+    """Refuse a proximal term or CG dampings out of range, naming them."""
+    if not lam > 0:
+        raise ValueError(f"imaml: lambda (the proximal regularisation) must be positive, got {lam}")
+    if not (cg_damping >= 0 and lambda_damping >= 0):
+        raise ValueError(f"imaml: the CG dampings must be >= 0, got {cg_damping} and {lambda_damping}")
+
+
 def implicit_meta_gradient(task_loss, params: dict, tasks, inner_lr: float, inner_steps: int, lam: float,
                            cg_steps: int, query_loss=None, cg_damping: float = 0.0, lambda_damping: float = 0.0,
                            backtracking: bool = False) -> tuple:
     """(sum_i L_{Q_i}(phi_i*), sum_i A_i^{-1} grad L_{Q_i}(phi_i*), CG residual), A_i = (1 + cg_damping) I
     + H_{S_i}(phi_i*) / (lambda + lambda_damping): the paper's (I + H / lambda) with both dampings 0.
     ``backtracking``: phi* by ``backtracking_proximal_adapt`` instead of plain gradient descent."""
-    if not lam > 0:
-        raise ValueError(f"imaml: lambda (the proximal regularisation) must be positive, got {lam}")
-    if not (cg_damping >= 0 and lambda_damping >= 0):
-        raise ValueError(f"imaml: the CG dampings must be >= 0, got {cg_damping} and {lambda_damping}")
+    check_system(lam, cg_damping, lambda_damping)
     query_loss = task_loss if query_loss is None else query_loss
     solver = backtracking_proximal_adapt if backtracking else proximal_adapt
     for adapted in solver(task_loss, params, tasks.support, inner_lr, inner_steps, lam):
@@ -158,10 +163,9 @@ class IMAML(MAML):
     def __init__(self, inner_lr: float = 0.1, inner_steps: int = 16, lam: float = 2.0, cg_steps: int = 5,
                  cg_damping: float = 0.0, lambda_damping: float = 0.0, backtracking: bool = False):
         super().__init__(inner_lr, inner_steps)
-        if not lam > 0 or int(cg_steps) != cg_steps or cg_steps < 1:
-            raise ValueError(f"imaml: need lambda > 0 and cg_steps >= 1, got {lam}, {cg_steps}")
-        if not (cg_damping >= 0 and lambda_damping >= 0):
-            raise ValueError(f"imaml: the CG dampings must be >= 0, got {cg_damping} and {lambda_damping}")
+        check_system(lam, cg_damping, lambda_damping)
+        if int(cg_steps) != cg_steps or cg_steps < 1:
+            raise ValueError(f"imaml: need cg_steps >= 1, got {cg_steps}")
         self.lam, self.cg_steps = float(lam), int(cg_steps)
         self.cg_damping, self.lambda_damping = float(cg_damping), float(lambda_damping)
         self.backtracking = bool(backtracking)
