@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy
 
 from .. import autodiff as ad
+from .. import backend
 from . import init as initializers
 from .layers import batch_norm, conv2d, flatten, linear, max_pool2x2
 
@@ -128,7 +129,7 @@ class Conv4:
             params["head.w"] = (initializers.normal(rng, shape, 1.0, dtype) if self.features == "mean"
                                 else initializers.glorot_uniform(rng, shape, dtype))
             params["head.b"] = initializers.zeros((n_way,), dtype)
-        return params
+        return {name: backend.asarray(p) for name, p in params.items()}  # a host rng's draws, moved
 
     def apply(self, params: dict, x):
         """Logits ``(*task, N, n_way)`` of images ``x: (*task, N, H, W, C)``; batch statistics per task."""
