@@ -5,7 +5,8 @@ This is the only module that imports CuPy. Everything else asks it for the array
 
 - ``array_namespace(a)``: the namespace an array belongs to.
 - ``get_device()`` / ``set_device("cpu" | "gpu")``: the process-wide default device, first read from the
-  environment variable ``MINIMAML_DEVICE`` (default ``cpu``).
+  environment variable ``MINIMAML_DEVICE`` (default ``cpu``). ``"strict"`` is for the tests: their
+  stand-in for CuPy (``tests/strict_xp.py``) plays CuPy, and the device is ``"gpu"``.
 - ``xp()``: the namespace of the default device.
 - ``rng(seed)``: a seeded generator on the default device; ``to_numpy(a)``: a host copy.
 - ``scatter_add(out, index, values)``: ``out[index] += values`` with repeated indices summed.
@@ -15,10 +16,11 @@ This is the only module that imports CuPy. Everything else asks it for the array
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy
 
-DEVICES = ("cpu", "gpu")
+DEVICES = ("cpu", "gpu", "strict")
 
 _cupy = None  # the cupy module once it has been imported successfully
 _device = None  # the default device, read lazily from MINIMAML_DEVICE
@@ -50,6 +52,17 @@ def _import_cupy():
     return cupy
 
 
+def _import_strict_stand_in():
+    """The tests' stand-in for ``cupy`` and ``cupyx``, which NumPy backs (``tests/strict_xp.py``)."""
+    try:
+        import strict_xp
+    except ImportError as err:
+        raise BackendError("device 'strict' is the tests' stand-in for CuPy (tests/strict_xp.py): run it "
+                           "with tests/ on PYTHONPATH") from err
+    sys.modules["cupyx"] = strict_xp.cupyx
+    return strict_xp
+
+
 def gpu_available() -> bool:
     """True when CuPy is installed and sees at least one GPU."""
     try:
@@ -60,10 +73,13 @@ def gpu_available() -> bool:
 
 
 def set_device(device: str) -> None:
-    """Set the process-wide default device: ``"cpu"`` (NumPy) or ``"gpu"`` (CuPy)."""
-    global _device
+    """Set the process-wide default device: ``"cpu"`` (NumPy) or ``"gpu"`` (CuPy); ``"strict"``: the
+    GPU path on the tests' stand-in for CuPy."""
+    global _device, _cupy
     if device not in DEVICES:
         raise BackendError(f"unknown device {device!r}: expected one of {DEVICES}")
+    if device == "strict":
+        _cupy, device = _import_strict_stand_in(), "gpu"
     if device == "gpu":
         _import_cupy()
     _device = device

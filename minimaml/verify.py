@@ -24,8 +24,9 @@ from .rl import reinforce, trpo
 from .rl.maml_rl import meta_objective
 
 
-def _cases(rng) -> list:
-    """(name, function, inputs): inputs are float64 arrays kept away from kinks and ties."""
+def _cases(rng, to_device=lambda a: a) -> list:
+    """(name, function, inputs): inputs are float64 arrays kept away from kinks and ties; the constants
+    the functions hold (a mask, labels) put where ``to_device`` says (the inputs are the caller's to place)."""
     def normal(*shape):
         return rng.standard_normal(shape)
 
@@ -38,8 +39,8 @@ def _cases(rng) -> list:
     def distinct(*shape):  # entries far from one another: max and max-pool have no ties
         return rng.permutation(numpy.arange(numpy.prod(shape), dtype=float)).reshape(shape) * 0.1
 
-    labels = rng.integers(0, 4, (2, 3))
-    mask = rng.random((3, 4)) > 0.5
+    labels = to_device(rng.integers(0, 4, (2, 3)))
+    mask = to_device(rng.random((3, 4)) > 0.5)
     return [
         ("add (broadcast)", lambda a, b: a + b, [normal(2, 3, 4), normal(3, 1)]),
         ("subtract (broadcast)", lambda a, b: a - b, [normal(3, 4), normal(4)]),
