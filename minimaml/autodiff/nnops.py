@@ -595,7 +595,7 @@ def one_hot(labels, n_classes: int, dtype):
 def _check_labels(labels, logits: Tensor) -> None:
     """Refuse labels that are not integer class indices ``(..., N)`` in ``[0, C)`` for ``logits (..., N, C)``
     (one-hot or float labels, or labels out of range, which would add zero loss silently). The range
-    check is one min and one max over the labels."""
+    check is one pass over the labels and one host sync on a GPU."""
     expected, n_classes = logits.shape[:-1], logits.shape[-1]
     is_integer = labels.dtype.kind in "iu"
     if tuple(labels.shape) != tuple(expected):
@@ -606,9 +606,10 @@ def _check_labels(labels, logits: Tensor) -> None:
     if not is_integer:
         raise TypeError(f"softmax_cross_entropy: expected integer class labels of shape {expected}, got "
                         f"{labels.dtype} labels")
-    if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
+    outside = (labels < 0) | (labels >= n_classes)
+    if labels.size and bool(outside.any()):
         xp = backend.array_namespace(labels)
-        bad = backend.to_numpy(xp.unique(labels[(labels < 0) | (labels >= n_classes)])).tolist()
+        bad = backend.to_numpy(xp.unique(labels[outside])).tolist()
         shown = bad if len(bad) <= 10 else bad[:10] + ["..."]
         raise ValueError(f"softmax_cross_entropy: labels {shown} are outside the valid range [0, {n_classes}) "
                          f"of {n_classes} classes (logits {logits.shape})")
