@@ -103,9 +103,13 @@ def gaussian_kl(old_mean, old_log_std, mean, log_std):
 
 
 def sampler_policy(params: dict):
-    """The policy as the sampler wants it: ``obs (T, B, obs_dim) -> (mean, log_std)`` arrays, no tape."""
+    """The policy as the sampler wants it: ``obs (T, B, obs_dim) -> (mean, log_std)`` host arrays, no tape.
+    It runs on a host copy of ``params``, made once: the environment steps on the host, and a policy on
+    a GPU would stall it twice a time step to bring the actions' mean and std back."""
+    host = {name: backend.to_numpy(p.data if isinstance(p, ad.Tensor) else p) for name, p in params.items()}
+
     def policy(obs):
         with ad.no_grad():
-            mean, log_std = apply(params, backend.asarray(obs, dtype=params["log_std"].dtype))
+            mean, log_std = apply(host, np.asarray(obs, dtype=host["log_std"].dtype))
         return mean.data, log_std.data
     return policy
