@@ -39,9 +39,11 @@ from minimaml import backend, distributed
 
 
 def flatten(arrays) -> np.ndarray:
-    """Arrays or Tensors (any device, dtype) -> one float64 host vector."""
-    return np.concatenate([backend.to_numpy(a.data if isinstance(a, ad.Tensor) else a).astype(np.float64).ravel()
-                           for a in arrays])
+    """Arrays or Tensors (any device, dtype) -> one float64 host vector, joined where they live (from a
+    GPU: one transfer, not one per array)."""
+    arrays = [a.data if isinstance(a, ad.Tensor) else a for a in arrays]
+    xp = backend.array_namespace(arrays[0])
+    return backend.to_numpy(xp.concatenate([a.astype(np.float64).ravel() for a in arrays]))
 
 
 def unflatten(vector: np.ndarray, like) -> list:
@@ -141,8 +143,9 @@ def trpo_step(objective, params: dict, max_kl: float = 0.01, cg_iters: int = 10,
         return distributed.all_reduce({"sum": vector})["sum"] if over_ranks else vector
 
     def values(*scalars) -> list:
-        """Scalar Tensors as floats, summed over the ranks."""
-        return [float(x) for x in summed(np.array([s.item() for s in scalars]))]
+        """Scalar Tensors as floats (one transfer from a GPU for all of them), summed over the ranks."""
+        stacked = backend.array_namespace(scalars[0].data).stack([s.data for s in scalars])
+        return [float(x) for x in summed(backend.to_numpy(stacked).astype(np.float64))]
 
     names = list(params)
     leaves = [ad.Tensor(params[k], requires_grad=True) for k in names]
