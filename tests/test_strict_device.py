@@ -21,10 +21,10 @@ from minimaml import autodiff as ad
 from minimaml import backend, distributed, maml, optim, train, verify
 from minimaml.experiments import classification, navigation, omniglot, sinusoid
 from minimaml.followups import ALGORITHMS, ANIL, IMAML, MAML, MAMLPlusPlus, MetaSGD, Reptile
-from minimaml.nn import mlp
+from minimaml.nn import conv4, mlp
 from minimaml.nn import policy as pol
-from minimaml.rl import maml_rl, trpo
-from minimaml.rl.envs import make_env
+from minimaml.rl import maml_rl, sampler, trpo
+from minimaml.rl.envs import Navigation2D, make_env
 from minimaml.tasks import sinusoid as sinusoid_tasks
 
 
@@ -140,13 +140,17 @@ def test_each_followups_meta_gradient(strict, name):
     assert_same_on_device(grads, cpu_grads, rtol=1e-9)
 
 
-def test_a_trpo_meta_iteration(strict):
-    """One MAML-TRPO meta-iteration on 2D navigation: sampling, the inner REINFORCE step, the
-    Fisher-vector products through it, conjugate gradients and the line search."""
-    env = make_env("navigation")
+@pytest.mark.parametrize("env_name", ["navigation", "cheetah_direction"])
+def test_a_trpo_meta_iteration(strict, env_name):
+    """One MAML-TRPO meta-iteration: sampling, the inner REINFORCE step, the Fisher-vector products
+    through it, conjugate gradients and the line search (MuJoCo's cheetah where it is installed)."""
+    if env_name != "navigation":
+        pytest.importorskip("mujoco", reason="MuJoCo is not installed (pip install -e '.[mujoco]')")
+    env = make_env(env_name)
+    env.horizon = 20  # short episodes: a quick check
 
     def iteration():
-        params = pol.init(np.random.default_rng(0), env.obs_dim, env.act_dim, dtype=np.float64)
+        params = pol.init(np.random.default_rng(0), env.obs_dim, env.act_dim, hidden=(16, 16), dtype=np.float64)
         return maml_rl.meta_iteration(env, params, np.random.default_rng(1), trpo.TRPO(damping=0.1), 3, 2, 0.1)
     cpu_params, cpu_stats = on_cpu(iteration)
     params, stats = iteration()
@@ -154,15 +158,39 @@ def test_a_trpo_meta_iteration(strict):
     assert stats.keys() == cpu_stats.keys()
 
 
-def test_the_all_reduce_on_one_rank(strict):
+class OneRank:
+    """An MPI communicator of one process, as the all-reduce's host path uses it (MPI reads and writes
+    host memory: the buffers must be NumPy arrays)."""
+
+    def Get_size(self):
+        return 1
+
+    def Get_rank(self):
+        return 0
+
+    def Allreduce(self, send, receive):
+        assert isinstance(send, np.ndarray) and isinstance(receive, np.ndarray), "MPI was handed a device array"
+        receive[...] = send
+
+    def allgather(self, value):
+        return [value]
+
+    def bcast(self, value, root=0):
+        return value
+
+
+def test_the_all_reduce_on_one_rank(strict, monkeypatch):
+    monkeypatch.setattr(distributed, "_COMM", OneRank())
     rng = np.random.default_rng(0)
-    arrays = {"w": backend.asarray(rng.standard_normal((3, 4)).astype(np.float32)),
-              "b": backend.asarray(rng.standard_normal(4))}
-    total = distributed.all_reduce(arrays)
-    assert_same_on_device(total, {n: backend.to_numpy(a) for n, a in arrays.items()})
-    loss, grads = distributed.sum_over_ranks(1.5, arrays)
+    host = {"w": rng.standard_normal((3, 4)).astype(np.float32), "b": rng.standard_normal(4)}
+    assert_same_on_device(distributed.all_reduce(to_device(host)), host)
+    loss, grads = distributed.sum_over_ranks(1.5, to_device(host))
     assert loss == 1.5
-    assert_same_on_device(grads, {n: backend.to_numpy(a) for n, a in arrays.items()})
+    assert_same_on_device(grads, host)
+    config = sinusoid.Config.for_profile("quick", meta_batch_size=4)
+    params = mlp.init(np.random.default_rng(0))
+    result = train.run(params, sinusoid.maml_step(config), 1, seed=0, progress=False)
+    assert all(backend.is_gpu_array(p) for p in result.params.values()) and np.isfinite(result.history[0]["loss"])
 
 
 # --- one training step of each experiment, start to finish -------------------------------------------------
@@ -198,7 +226,8 @@ def test_an_omniglot_run(strict, tmp_path):
     assert results["iterations"] == 1 and np.isfinite(results["test_accuracy"][-1]["mean"])
 
 
-def test_a_navigation_run(strict, tmp_path):
+def test_a_navigation_run(strict, tmp_path, monkeypatch):
+    monkeypatch.setattr(Navigation2D, "horizon", 20)  # short episodes: a quick check
     cfg = navigation.config("quick", out_dir=str(tmp_path), maml_iterations=1, pretrain_iterations=1,
                             meta_batch_size=2, n_traj=2, n_test_tasks=2, eval_steps=1, test_batch_steps=0,
                             checkpoint_every=1)
@@ -218,3 +247,50 @@ def test_a_training_step_stays_on_the_device(strict):
     new, state, record = step(params, step.init(params), np.random.default_rng(1), 0)
     assert all(backend.is_gpu_array(a) for name, a in [*new.items(), *state.items()] if name != "step")
     assert np.isfinite(record["loss"])
+
+
+@pytest.mark.parametrize("algorithm", [a for a in ALGORITHMS if a != "maml"])
+def test_a_followups_sinusoid_run(strict, tmp_path, algorithm):
+    config = sinusoid.Config.for_profile("quick", algorithm=algorithm, n_iterations=2, meta_batch_size=2,
+                                         n_test_tasks=2, out_dir=str(tmp_path))
+    results = sinusoid.run(config, progress=False)
+    assert np.isfinite(results["mse"][f"{algorithm}/k5"][-1]["mean"])
+
+
+@pytest.mark.parametrize("algorithm", [a for a in ALGORITHMS if a != "maml"])
+def test_a_followups_classifier_run_on_random_images(strict, tmp_path, monkeypatch, algorithm):
+    """A small Conv4 (6 filters) on random 12 x 12 images: the follow-ups' code, quickly."""
+    rng = np.random.default_rng(0)
+    splits = {name: rng.integers(0, 256, size=(n, 4, 12, 12, 1), dtype=np.uint8)
+              for name, n in (("train", 8), ("val", 6), ("test", 6))}
+    monkeypatch.setattr(classification, "load_splits", lambda config: splits)
+    monkeypatch.setattr(classification, "make_model", lambda config: conv4.omniglot_conv4(image_size=12, filters=6))
+    config = dataclasses.replace(_tiny_omniglot(tmp_path), algorithm=algorithm)
+    results = classification.run(config, progress=False)
+    assert results["iterations"] == 1 and np.isfinite(results["test_accuracy"][-1]["mean"])
+
+
+# --- host synchronisations (benchmarks/bench_host_sync.py prints them for the full-size steps) ----------------
+
+
+def test_a_maml_training_step_syncs_three_times(strict):
+    """The meta-loss (for the progress line) and the NaN guard (the gradients before the update, the
+    parameters after it): nothing else in a step of ``train.run`` waits for the GPU."""
+    config = sinusoid.Config.for_profile("quick", meta_batch_size=4)
+    params = mlp.init(np.random.default_rng(0))
+    train.run(params, sinusoid.maml_step(config), 1, seed=0, progress=False)
+    strict.reset()
+    train.run(params, sinusoid.maml_step(config), 2, seed=0, progress=False)
+    assert sorted(kind for (kind, _), n in strict.transfers.items() for _ in range(n)) == ["bool"] * 4 + ["float"] * 2
+
+
+def test_the_sampler_syncs_once_per_rollout_not_per_time_step(strict):
+    env = make_env("navigation")
+    params = pol.init(np.random.default_rng(0), env.obs_dim, env.act_dim)
+    counts = []
+    for horizon in (5, 20):
+        strict.reset()
+        sampler.sample_trajectories(env, pol.sampler_policy(params), env.sample_tasks(np.random.default_rng(1), 3),
+                                    2, np.random.default_rng(2), horizon)
+        counts.append(strict.count())
+    assert counts[0] == counts[1] == len(params)  # one host copy of each parameter array
