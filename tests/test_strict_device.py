@@ -294,3 +294,29 @@ def test_the_sampler_syncs_once_per_rollout_not_per_time_step(strict):
                                     2, np.random.default_rng(2), horizon)
         counts.append(strict.count())
     assert counts[0] == counts[1] == len(params)  # one host copy of each parameter array
+
+
+def test_the_strict_device_without_the_stand_in_on_the_path_says_where_it_is(monkeypatch, restore_device):
+    monkeypatch.setitem(sys.modules, "strict_xp", None)  # `import strict_xp` now fails, as outside the tests
+    monkeypatch.setattr(backend, "_cupy", backend._cupy)
+    with pytest.raises(backend.BackendError, match=r"tests/strict_xp\.py"):
+        backend.set_device("strict")
+
+
+def test_a_sinusoid_run_resumed_from_its_checkpoint(strict, tmp_path):
+    config = sinusoid.Config.for_profile("quick", n_iterations=1, meta_batch_size=2, n_test_tasks=2,
+                                         out_dir=str(tmp_path))
+    sinusoid.run(config, progress=False)
+    resumed = sinusoid.run(dataclasses.replace(config, n_iterations=2), resume=True, progress=False)
+    assert [i for i, _ in resumed["training_loss"]["maml"]] == [0, 1]
+
+
+def test_a_classifier_run_one_query_at_a_time(strict, tmp_path, monkeypatch):
+    """Evaluation without transduction (each query image classified on its own)."""
+    rng = np.random.default_rng(0)
+    splits = {name: rng.integers(0, 256, size=(n, 4, 12, 12, 1), dtype=np.uint8)
+              for name, n in (("train", 8), ("val", 6), ("test", 6))}
+    monkeypatch.setattr(classification, "load_splits", lambda config: splits)
+    monkeypatch.setattr(classification, "make_model", lambda config: conv4.omniglot_conv4(image_size=12, filters=6))
+    results = classification.run(dataclasses.replace(_tiny_omniglot(tmp_path), transductive=False), progress=False)
+    assert np.isfinite(results["test_accuracy"][-1]["mean"])
