@@ -15,6 +15,8 @@ On a GPU every transfer of a device array to the host (``backend.to_numpy``, ``f
   before and after the inner step, 10 conjugate-gradient steps, the line search).
 
 The counts do not depend on the machine; times are not measured (the stand-in says nothing of speed).
+About 1.5 minutes of CPU with ``--steps 2``, most of it the RL iteration and W2 (``--skip-rl`` leaves
+the first out). docs/autodiff.md ("Host synchronisations per step") says which syncs remain and why.
 """
 
 from __future__ import annotations
