@@ -30,6 +30,7 @@ import numpy
 transfers = collections.Counter()  # (kind, "path:line") -> count of device-to-host transfers
 _FORWARDERS = ("strict_xp.py", os.path.join("minimaml", "backend.py"),
                os.path.join("minimaml", "autodiff", "tensor.py"))  # their callers are the ones asking
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # the repository
 _HOST_INPUT = frozenset({"asarray", "array", "asanyarray", "ascontiguousarray"})  # CuPy uploads these
 
 
@@ -43,12 +44,13 @@ def count() -> int:
 
 
 def _asking_line() -> str:
-    """``path:line`` of the innermost frame outside this module, the backend and the tape's Tensor."""
+    """``path:line`` (from the repository's root) of the innermost frame outside this module, the backend
+    and the tape's Tensor."""
     frame = sys._getframe(2)
     while frame.f_back is not None and frame.f_code.co_filename.endswith(_FORWARDERS):
         frame = frame.f_back
-    path = frame.f_code.co_filename
-    return f"{path[path.rfind('minimaml'):] if 'minimaml' in path else os.path.basename(path)}:{frame.f_lineno}"
+    path = os.path.abspath(frame.f_code.co_filename)
+    return f"{os.path.relpath(path, _ROOT) if path.startswith(_ROOT) else path}:{frame.f_lineno}"
 
 
 def _transfer(kind: str) -> None:

@@ -87,7 +87,7 @@ def test_the_stand_in_refuses_what_cupy_refuses_and_counts_host_transfers(strict
     assert float(b.sum()) == 36.0 and bool(b.all()) and b[1, 2].item() == 11.0
     np.testing.assert_array_equal(backend.to_numpy(b), np.arange(6.0).reshape(2, 3) * 2 + 1)
     assert {kind for kind, _ in strict.transfers} == {"float", "bool", "item", "asnumpy"}
-    assert strict.count() == 4 and all(line.startswith("test_strict_device.py:") for _, line in strict.transfers)
+    assert strict.count() == 4 and all(line.startswith("tests/test_strict_device.py:") for _, line in strict.transfers)
 
 
 def test_the_stand_in_has_only_cupys_random_generator_methods(strict):
