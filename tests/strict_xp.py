@@ -10,7 +10,7 @@ adds is CuPy's refusals, and a count of the host transfers:
 - an operation mixing one with a NumPy array raises TypeError (NumPy and Python scalars are allowed,
   as in CuPy); only ``asarray`` / ``array``, an index and a value assigned into an array take host arrays;
 - every explicit device-to-host transfer, each a GPU stall (``asnumpy``, which ``backend.to_numpy``
-  calls; ``float``, ``int``, ``bool``, ``.item()``, ``.tolist()``, ``.get()``; ``synchronize``), is
+  calls; ``float``, ``int``, ``bool``, ``.item()``, ``.tolist()``, ``.get()``, formatting; ``synchronize``), is
   counted in ``transfers`` by kind and by the line of minimaml that asked for it.
 
 It is stricter than CuPy in one way: CuPy lets ``numpy.sum(cupy_array)`` through (``__array_function__``);
@@ -148,6 +148,10 @@ class ndarray:
     def __bool__(self):
         _transfer("bool")
         return bool(self._data)
+
+    def __format__(self, spec):  # f"{loss:.3f}" of a device scalar: CuPy copies it to the host
+        _transfer("format")
+        return format(self._data, spec)
 
 
 def _operator(name: str):
