@@ -153,6 +153,8 @@ def _claim(out_dir: str, experiment: str, settings: dict, resume: bool, overwrit
     record_path = os.path.join(out_dir, RUN_RECORD)
     if found and overwrite:
         aside = os.path.join(out_dir, "replaced-" + datetime.datetime.now().strftime("%Y-%m-%dT%H%M%S"))
+        while os.path.exists(aside):  # two in one second
+            aside += "+"
         os.makedirs(aside)
         for name in found:
             shutil.move(os.path.join(out_dir, name), os.path.join(aside, name))
