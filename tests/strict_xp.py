@@ -162,8 +162,8 @@ def _operator(name: str):
 
 def _in_place(name: str):
     def method(self, other):
-        getattr(self._data, name)(_device(other))
-        return self
+        result = getattr(self._data, name)(_device(other))  # in place on the NumPy array underneath
+        return NotImplemented if result is NotImplemented else self
     return method
 
 
@@ -178,7 +178,7 @@ for _op in ("lt", "le", "gt", "ge", "eq", "ne", "neg", "pos", "abs", "invert"):
 def asnumpy(array) -> numpy.ndarray:
     """CuPy's ``asnumpy``: the one door from the device to the host (``backend.to_numpy``)."""
     _transfer("asnumpy")
-    return _device(array, host_ok=True).copy() if isinstance(array, ndarray) else numpy.asarray(array)
+    return array._data.copy() if isinstance(array, ndarray) else numpy.asarray(array)
 
 
 def __getattr__(name):
