@@ -1,0 +1,201 @@
+"""Where a meta-step's time goes, by tape primitive: W1 (sinusoid, 1 inner step, second order), W2
+(Omniglot Conv4, 32 tasks, second order) and one navigation MAML-TRPO iteration (quick settings).
+
+    BENCH_DATA=/tmp/bench-data python benchmarks/bench_profile.py [--only W1 W2 RL] [--repeats 3]
+
+The library holds no timing code: for the timed calls this script replaces every tape primitive of
+``ops`` and ``nnops`` (``PRIMITIVES``), the tape's reverse pass (``grad``, ``_nodes_between``) and the
+Tensor operators bound to them by timing wrappers, and puts the originals back afterwards. A
+primitive's *self* time is its wall time less that of the primitives it calls (``conv2d``'s rule calls
+no other; ``add``'s VJP calls ``sum`` when it unbroadcasts, counted under ``sum``). Rows:
+
+- each primitive: calls per step, self ms per step, us per call;
+- ``grad (reverse loop)``: the reverse pass less the primitives its VJPs call (cotangent dicts, the
+  VJP closures' own Python), and ``_nodes_between`` (the topological sort); batch norm's VJP on raw
+  arrays (``_batch_normalize_vjp_arrays``, run by the reverse pass when it is not recorded) is a row
+  of its own;
+- ``outside the tape``: everything else in the step (model code, ``maml``, the sampler, CG's NumPy).
+
+Bookkeeping vs array work: the script measures the tape's fixed cost per recorded primitive (an
+``add`` of two (1, 1) float32 Tensors, minus the bare NumPy add, as ``bench_tape.py`` does) and
+estimates bookkeeping = calls x that cost + the reverse loop + the sort; the rest of the primitives'
+self time is array work. An estimate: stated as such in the output. Timing wrappers add their own
+cost (~1 us a call), so the total here is somewhat above an unwrapped step. Numbers are printed,
+never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+from collections import defaultdict
+
+import numpy
+
+from minimaml import autodiff as ad
+from minimaml.autodiff import nnops, ops, tensor
+
+PRIMITIVES = {
+    ops: ("add", "subtract", "multiply", "divide", "negative", "power", "exp", "log", "sqrt", "tanh",
+          "sigmoid", "where", "sum", "max", "broadcast_to", "reshape", "transpose", "getitem",
+          "scatter_add", "concatenate", "matmul"),
+    nnops: ("im2col", "col2im", "_conv", "_conv_input_grad", "_conv_filter_grad", "channel_dot",
+            "channel_scale", "batch_normalize", "_batch_normalize_vjp_arrays"),
+    tensor: ("grad", "_nodes_between"),
+}
+
+
+class Profile:
+    """``with Profile() as profile:`` times every function of ``PRIMITIVES`` (self time, calls)."""
+
+    def __init__(self):
+        self.seconds, self.calls = defaultdict(float), defaultdict(int)
+        self._stack = []  # per active wrapped call: seconds spent in wrapped calls below it
+        self._originals = []
+
+    def _wrap(self, function, name):
+        @functools.wraps(function)
+        def timed(*args, **kwargs):
+            self._stack.append(0.0)
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                elapsed = time.perf_counter() - start
+                inner = self._stack.pop()
+                self.seconds[name] += elapsed - inner
+                self.calls[name] += 1
+                if self._stack:
+                    self._stack[-1] += elapsed
+        return timed
+
+    def _replace(self, owner, attribute, value):
+        self._originals.append((owner, attribute, getattr(owner, attribute)))
+        setattr(owner, attribute, value)
+
+    def __enter__(self):
+        wrapped = {}
+        for module, names in PRIMITIVES.items():
+            for name in names:
+                original = getattr(module, name)
+                wrapped[original] = self._wrap(original, name)
+                self._replace(module, name, wrapped[original])
+                if getattr(ad, name, None) is original:
+                    self._replace(ad, name, wrapped[original])
+        for attribute, value in list(vars(ad.Tensor).items()):
+            if callable(value) and value in wrapped:  # Tensor.__add__ = add, ...
+                self._replace(ad.Tensor, attribute, wrapped[value])
+        return self
+
+    def __exit__(self, *exc):
+        for owner, attribute, original in reversed(self._originals):
+            setattr(owner, attribute, original)
+        self._originals.clear()
+        return False
+
+
+def record_cost_us(repeats: int = 20000) -> float:
+    """The tape's fixed cost of one recorded primitive: ``add`` of (1, 1) float32 Tensors (one needing a
+    gradient) less the bare NumPy add, best of 5 runs of ``repeats`` calls."""
+    a_np, b_np = numpy.ones((1, 1), numpy.float32), numpy.ones((1, 1), numpy.float32)
+    a, b = ad.Tensor(a_np, requires_grad=True), ad.Tensor(b_np)
+
+    def best(fn):
+        runs = []
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(repeats):
+                fn()
+            runs.append((time.perf_counter() - start) / repeats * 1e6)
+        return min(runs)
+
+    return best(lambda: ops.add(a, b)) - best(lambda: a_np + b_np)
+
+
+def profile_step(step, repeats: int) -> tuple:
+    """(total ms per step unwrapped, total ms wrapped, Profile) of ``repeats`` calls after one warm-up."""
+    step()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    plain_ms = 1e3 * (time.perf_counter() - start) / repeats
+    with Profile() as profile:
+        start = time.perf_counter()
+        for _ in range(repeats):
+            step()
+        wrapped_ms = 1e3 * (time.perf_counter() - start) / repeats
+    return plain_ms, wrapped_ms, profile
+
+
+def report(name: str, plain_ms: float, wrapped_ms: float, profile: Profile, repeats: int, cost_us: float):
+    per_step = {k: 1e3 * s / repeats for k, s in profile.seconds.items()}
+    calls = {k: c / repeats for k, c in profile.calls.items()}
+    tape = per_step.get("grad", 0.0) + per_step.get("_nodes_between", 0.0)
+    primitive_names = [k for k in per_step if k not in ("grad", "_nodes_between")]
+    primitives_ms = sum(per_step[k] for k in primitive_names)
+    n_calls = sum(calls[k] for k in primitive_names)
+    outside = wrapped_ms - primitives_ms - tape
+    print(f"\n## {name}: {plain_ms:.2f} ms per step unwrapped, {wrapped_ms:.2f} ms wrapped, "
+          f"{n_calls:.0f} primitive calls per step")
+    print(f"{'primitive':24s} {'calls':>8s} {'self ms':>9s} {'share':>6s} {'us/call':>8s}")
+    for key in sorted(primitive_names, key=lambda k: -per_step[k]):
+        print(f"{key:24s} {calls[key]:8.0f} {per_step[key]:9.2f} {100 * per_step[key] / wrapped_ms:5.1f}% "
+              f"{1e3 * per_step[key] / max(calls[key], 1):8.1f}")
+    for key, label in (("grad", "grad (reverse loop)"), ("_nodes_between", "_nodes_between (sort)")):
+        print(f"{label:24s} {calls.get(key, 0):8.0f} {per_step.get(key, 0.0):9.2f} "
+              f"{100 * per_step.get(key, 0.0) / wrapped_ms:5.1f}%")
+    print(f"{'outside the tape':24s} {'':8s} {outside:9.2f} {100 * outside / wrapped_ms:5.1f}%")
+    bookkeeping = min(primitives_ms, n_calls * cost_us / 1e3) + tape
+    array = primitives_ms + tape - bookkeeping
+    print(f"estimate: tape bookkeeping {bookkeeping:.2f} ms ({100 * bookkeeping / wrapped_ms:.0f}%: "
+          f"{n_calls:.0f} calls x {cost_us:.2f} us + reverse loop and sort), array work in primitives "
+          f"{array:.2f} ms ({100 * array / wrapped_ms:.0f}%), outside the tape {100 * outside / wrapped_ms:.0f}%")
+
+
+def w1_step():
+    from bench_w1 import meta_step, workload_inputs
+    params, tasks = workload_inputs(numpy.float32)
+    return lambda: meta_step(params, tasks, "W1", "second_order")
+
+
+def w2_step():
+    from bench_w2 import meta_step, workload_inputs
+    params, tasks = workload_inputs(numpy.float32)
+    return lambda: meta_step(params, tasks, "second_order")
+
+
+def rl_step():
+    from minimaml.experiments import navigation
+    from minimaml.experiments.rl_common import build_env, init_policy
+    from minimaml.rl import maml_rl
+    cfg = navigation.config("quick")
+    env = build_env(cfg)
+    params = init_policy(env, seed=0)
+    seeds = iter(range(1000))
+    return lambda: maml_rl.meta_iteration(env, params, numpy.random.default_rng(next(seeds)), cfg.trpo(),
+                                          cfg.meta_batch_size, cfg.n_traj, cfg.inner_lr, cfg.discount,
+                                          cfg.gae_lambda)
+
+
+STEPS = {"W1": (w1_step, "W1 sinusoid, 25 tasks, 1 inner step, second order"),
+         "W2": (w2_step, "W2 Omniglot Conv4, 32 tasks 5-way 1-shot, second order"),
+         "RL": (rl_step, "navigation MAML-TRPO iteration, quick settings (20 tasks x 20 trajectories)")}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", default=list(STEPS), choices=list(STEPS))
+    parser.add_argument("--repeats", type=int, default=3, help="steps timed per workload (W1: x 100)")
+    args = parser.parse_args()
+    cost_us = record_cost_us()
+    print(f"# tape cost per recorded primitive ((1, 1) add less NumPy's): {cost_us:.2f} us")
+    for key in args.only:
+        make, title = STEPS[key]
+        repeats = args.repeats * (100 if key == "W1" else 1)
+        plain_ms, wrapped_ms, profile = profile_step(make(), repeats)
+        report(title, plain_ms, wrapped_ms, profile, repeats, cost_us)
+
+
+if __name__ == "__main__":
+    main()
