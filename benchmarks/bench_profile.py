@@ -4,44 +4,56 @@
     BENCH_DATA=/tmp/bench-data python benchmarks/bench_profile.py [--only W1 W2 RL] [--repeats 3]
 
 The library holds no timing code: for the timed calls this script replaces every tape primitive of
-``ops`` and ``nnops`` (``PRIMITIVES``), the tape's reverse pass (``grad``, ``_nodes_between``) and the
-Tensor operators bound to them by timing wrappers, and puts the originals back afterwards. A
-primitive's *self* time is its wall time less that of the primitives it calls (``conv2d``'s rule calls
-no other; ``add``'s VJP calls ``sum`` when it unbroadcasts, counted under ``sum``). Rows:
+``ops`` and ``nnops``, every array kernel of ``kernels`` (``PRIMITIVES``), the tape's reverse pass
+(``grad``, ``_nodes_between``) and the Tensor operators bound to them by timing wrappers, and puts the
+originals back afterwards. A function's *self* time is its wall time less that of the wrapped
+functions it calls (``_conv``'s self time is its bookkeeping; ``kernels.conv``'s is the im2col
+copies and blocking, its GEMMs are counted under ``kernels.matmul``). Rows:
 
-- each primitive: calls per step, self ms per step, us per call;
-- ``grad (reverse loop)``: the reverse pass less the primitives its VJPs call (cotangent dicts, the
-  VJP closures' own Python), and ``_nodes_between`` (the topological sort); batch norm's VJP on raw
-  arrays (``_batch_normalize_vjp_arrays``, run by the reverse pass when it is not recorded) is a row
-  of its own;
+- ``kernels.*``: the array kernels (convolution, im2col / col2im, batch norm and its VJP, matmul):
+  array work, measured;
+- each primitive: calls per step, self ms per step, us per call: its bookkeeping plus any array
+  work it does inline (``add``'s ``a + b``);
+- ``grad (reverse loop)``: the reverse pass less the functions its VJPs call (cotangent dicts, the
+  VJP closures' own Python), and ``_nodes_between`` (the topological sort);
 - ``outside the tape``: everything else in the step (model code, ``maml``, the sampler, CG's NumPy).
 
-Bookkeeping vs array work: the script measures the tape's fixed cost per recorded primitive (an
-``add`` of two (1, 1) float32 Tensors, minus the bare NumPy add, as ``bench_tape.py`` does) and
-estimates bookkeeping = calls x that cost + the reverse loop + the sort; the rest of the primitives'
-self time is array work. An estimate: stated as such in the output. Timing wrappers add their own
-cost (~1 us a call), so the total here is somewhat above an unwrapped step. Numbers are printed,
+Bookkeeping vs array work: the kernels' time is array work; for the primitives the script measures
+the tape's fixed cost per recorded primitive (an ``add`` of two (1, 1) float32 Tensors, minus the
+bare NumPy add, as ``bench_tape.py`` does) and estimates their bookkeeping as calls x that cost, the
+rest of their self time being inline array work; the reverse loop and the sort are bookkeeping. An
+estimate, stated as such in the output. The profile runs on one thread (``MINIMAML_THREADS=1`` and
+one BLAS thread, unless set), so that each kernel's time is its own. Timing wrappers add their
+own cost (~1 us a call), so the total here is somewhat above an unwrapped step. Numbers are printed,
 never asserted.
 """
 
 from __future__ import annotations
 
-import argparse
-import functools
-import time
-from collections import defaultdict
+import os
 
-import numpy
+for _variable in ("MINIMAML_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_variable, "1")  # before NumPy loads: one thread, so each kernel's time is its own
 
-from minimaml import autodiff as ad
-from minimaml.autodiff import nnops, ops, tensor
+import argparse  # noqa: E402
+import functools  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from collections import defaultdict  # noqa: E402
+
+import numpy  # noqa: E402
+
+from minimaml import autodiff as ad  # noqa: E402
+from minimaml.autodiff import kernels, nnops, ops, tensor  # noqa: E402
 
 PRIMITIVES = {
     ops: ("add", "subtract", "multiply", "divide", "negative", "power", "exp", "log", "sqrt", "tanh",
           "sigmoid", "where", "sum", "max", "broadcast_to", "reshape", "transpose", "getitem",
           "scatter_add", "concatenate", "matmul"),
     nnops: ("im2col", "col2im", "_conv", "_conv_input_grad", "_conv_filter_grad", "channel_dot",
-            "channel_scale", "batch_normalize", "_batch_normalize_vjp_arrays"),
+            "channel_scale", "batch_normalize"),
+    kernels: ("im2col", "col2im", "conv", "conv_input_grad", "conv_filter_grad", "batch_norm",
+              "batch_norm_vjp", "matmul"),
     tensor: ("grad", "_nodes_between"),
 }
 
@@ -51,23 +63,24 @@ class Profile:
 
     def __init__(self):
         self.seconds, self.calls = defaultdict(float), defaultdict(int)
-        self._stack = []  # per active wrapped call: seconds spent in wrapped calls below it
+        self._local = threading.local()  # .stack: per active wrapped call, seconds in wrapped calls below it
         self._originals = []
 
     def _wrap(self, function, name):
         @functools.wraps(function)
         def timed(*args, **kwargs):
-            self._stack.append(0.0)
+            stack = self._local.__dict__.setdefault("stack", [])
+            stack.append(0.0)
             start = time.perf_counter()
             try:
                 return function(*args, **kwargs)
             finally:
                 elapsed = time.perf_counter() - start
-                inner = self._stack.pop()
+                inner = stack.pop()
                 self.seconds[name] += elapsed - inner
                 self.calls[name] += 1
-                if self._stack:
-                    self._stack[-1] += elapsed
+                if stack:
+                    stack[-1] += elapsed
         return timed
 
     def _replace(self, owner, attribute, value):
@@ -79,7 +92,8 @@ class Profile:
         for module, names in PRIMITIVES.items():
             for name in names:
                 original = getattr(module, name)
-                wrapped[original] = self._wrap(original, name)
+                label = f"kernels.{name}" if module is kernels else name
+                wrapped[original] = self._wrap(original, label)
                 self._replace(module, name, wrapped[original])
                 if getattr(ad, name, None) is original:
                     self._replace(ad, name, wrapped[original])
@@ -132,14 +146,16 @@ def report(name: str, plain_ms: float, wrapped_ms: float, profile: Profile, repe
     per_step = {k: 1e3 * s / repeats for k, s in profile.seconds.items()}
     calls = {k: c / repeats for k, c in profile.calls.items()}
     tape = per_step.get("grad", 0.0) + per_step.get("_nodes_between", 0.0)
-    primitive_names = [k for k in per_step if k not in ("grad", "_nodes_between")]
+    kernel_names = [k for k in per_step if k.startswith("kernels.")]
+    primitive_names = [k for k in per_step if k not in ("grad", "_nodes_between") and k not in kernel_names]
+    kernels_ms = sum(per_step[k] for k in kernel_names)
     primitives_ms = sum(per_step[k] for k in primitive_names)
     n_calls = sum(calls[k] for k in primitive_names)
-    outside = wrapped_ms - primitives_ms - tape
+    outside = wrapped_ms - kernels_ms - primitives_ms - tape
     print(f"\n## {name}: {plain_ms:.2f} ms per step unwrapped, {wrapped_ms:.2f} ms wrapped, "
           f"{n_calls:.0f} primitive calls per step")
-    print(f"{'primitive':24s} {'calls':>8s} {'self ms':>9s} {'share':>6s} {'us/call':>8s}")
-    for key in sorted(primitive_names, key=lambda k: -per_step[k]):
+    print(f"{'function':24s} {'calls':>8s} {'self ms':>9s} {'share':>6s} {'us/call':>8s}")
+    for key in sorted(kernel_names, key=lambda k: -per_step[k]) + sorted(primitive_names, key=lambda k: -per_step[k]):
         print(f"{key:24s} {calls[key]:8.0f} {per_step[key]:9.2f} {100 * per_step[key] / wrapped_ms:5.1f}% "
               f"{1e3 * per_step[key] / max(calls[key], 1):8.1f}")
     for key, label in (("grad", "grad (reverse loop)"), ("_nodes_between", "_nodes_between (sort)")):
@@ -147,10 +163,14 @@ def report(name: str, plain_ms: float, wrapped_ms: float, profile: Profile, repe
               f"{100 * per_step.get(key, 0.0) / wrapped_ms:5.1f}%")
     print(f"{'outside the tape':24s} {'':8s} {outside:9.2f} {100 * outside / wrapped_ms:5.1f}%")
     bookkeeping = min(primitives_ms, n_calls * cost_us / 1e3) + tape
-    array = primitives_ms + tape - bookkeeping
-    print(f"estimate: tape bookkeeping {bookkeeping:.2f} ms ({100 * bookkeeping / wrapped_ms:.0f}%: "
-          f"{n_calls:.0f} calls x {cost_us:.2f} us + reverse loop and sort), array work in primitives "
-          f"{array:.2f} ms ({100 * array / wrapped_ms:.0f}%), outside the tape {100 * outside / wrapped_ms:.0f}%")
+    inline = primitives_ms + tape - bookkeeping
+    gemm = per_step.get("kernels.matmul", 0.0)
+    print(f"array work: kernels {kernels_ms:.2f} ms ({100 * kernels_ms / wrapped_ms:.0f}%; of it matmul "
+          f"{gemm:.2f} ms, {100 * gemm / wrapped_ms:.0f}%), inline in primitives ~{inline:.2f} ms "
+          f"({100 * inline / wrapped_ms:.0f}%, estimate)")
+    print(f"bookkeeping: ~{bookkeeping:.2f} ms ({100 * bookkeeping / wrapped_ms:.0f}%, estimate: {n_calls:.0f} "
+          f"calls x {cost_us:.2f} us + reverse loop and sort); outside the tape {outside:.2f} ms "
+          f"({100 * outside / wrapped_ms:.0f}%)")
 
 
 def w1_step():
@@ -189,7 +209,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=3, help="steps timed per workload (W1: x 100)")
     args = parser.parse_args()
     cost_us = record_cost_us()
-    print(f"# tape cost per recorded primitive ((1, 1) add less NumPy's): {cost_us:.2f} us")
+    print(f"# MINIMAML_THREADS={os.environ['MINIMAML_THREADS']} OPENBLAS_NUM_THREADS="
+          f"{os.environ['OPENBLAS_NUM_THREADS']}; tape cost per recorded primitive "
+          f"((1, 1) add less NumPy's): {cost_us:.2f} us")
     for key in args.only:
         make, title = STEPS[key]
         repeats = args.repeats * (100 if key == "W1" else 1)
