@@ -79,6 +79,8 @@ def test_batch_norm_and_its_vjp_match_the_formula(blocking, relu, with_scale, wi
 
 @pytest.mark.parametrize("a_shape, b_shape, transpose_b", [
     ((4, 10, 40), (40, 40), False),              # small: NumPy's stacked @
+    ((4, 10, 1), (4, 1, 40), False),             # inner dimension 1: an outer product
+    ((4, 10, 1), (1, 40), False),
     ((3, 600, 300), (300, 20), False),           # large, 2-D weight: one call
     ((3, 600, 300), (1, 300, 20), False),        # large, broadcast weight (stride 0): folded into rows
     ((3, 600, 300), (3, 300, 20), False),        # large, per-batch weights: a loop of 2-D products
@@ -92,6 +94,8 @@ def test_matmul_matches_the_stacked_product(a_shape, b_shape, transpose_b):
         b = np.ascontiguousarray(np.swapaxes(b, -1, -2)).swapaxes(-1, -2)
     fast = kernels.matmul(a, b)
     np.testing.assert_allclose(fast, kernels.reference_matmul(a, b), rtol=1e-12, atol=1e-12)
+    if a.shape[-1] == 1:  # one product per entry: exactly what the GEMM computes
+        np.testing.assert_array_equal(fast, kernels.reference_matmul(a, b))
     assert fast.shape == np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1])
 
 

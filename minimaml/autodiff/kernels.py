@@ -327,6 +327,8 @@ def matmul(a, b):
 
     CuPy's batched GEMM, and NumPy's own ``@`` on 2-D operands, are used as they are. On NumPy:
 
+    - an inner dimension of 1 (the sinusoid MLP's input layer, (10, 1) @ (1, 40)) is an outer product:
+      ``a * b`` broadcast, each entry the one product a GEMM would compute, at a third of the time;
     - small matrices (``m k n`` below ``LOOP_MIN_WORK``, e.g. the sinusoid MLP's 10x40 @ 40x40) go to
       NumPy's stacked ``@``: one call, where a Python loop would cost ~1 us per matrix;
     - otherwise a batch that ``b`` does not vary over (a broadcast weight, stride 0) is folded into the
@@ -338,6 +340,8 @@ def matmul(a, b):
     if backend.is_gpu_array(a) or b.ndim == 2 and a.ndim == 2:
         return a @ b
     m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+    if k == 1:
+        return a * b
     if m * k * n < LOOP_MIN_WORK and _blas_readable(a) and _blas_readable(b):
         return a @ b
     batch = numpy.broadcast_shapes(a.shape[:-2], b.shape[:-2])
