@@ -36,6 +36,7 @@ for _variable in ("MINIMAML_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
     os.environ.setdefault(_variable, "1")  # before NumPy loads: one thread, so each kernel's time is its own
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import functools  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
@@ -43,6 +44,7 @@ from collections import defaultdict  # noqa: E402
 
 import numpy  # noqa: E402
 
+from bench_tape import per_call_us  # noqa: E402
 from minimaml import autodiff as ad  # noqa: E402
 from minimaml.autodiff import kernels, nnops, ops, tensor  # noqa: E402
 
@@ -59,12 +61,11 @@ PRIMITIVES = {
 
 
 class Profile:
-    """``with Profile() as profile:`` times every function of ``PRIMITIVES`` (self time, calls)."""
+    """The self time and calls of every function of ``PRIMITIVES``, by timing wrappers (``profiled``)."""
 
     def __init__(self):
         self.seconds, self.calls = defaultdict(float), defaultdict(int)
         self._local = threading.local()  # .stack: per active wrapped call, seconds in wrapped calls below it
-        self._originals = []
 
     def _wrap(self, function, name):
         @functools.wraps(function)
@@ -83,48 +84,45 @@ class Profile:
                     stack[-1] += elapsed
         return timed
 
-    def _replace(self, owner, attribute, value):
-        self._originals.append((owner, attribute, getattr(owner, attribute)))
-        setattr(owner, attribute, value)
-
-    def __enter__(self):
-        wrapped = {}
+    def replacements(self) -> list:
+        """``(owner, attribute, timing wrapper)`` for every function of ``PRIMITIVES``, where the library
+        looks it up: its module, the ``autodiff`` package, the Tensor operators bound to it."""
+        wrapped, out = {}, []
         for module, names in PRIMITIVES.items():
             for name in names:
                 original = getattr(module, name)
                 label = f"kernels.{name}" if module is kernels else name
                 wrapped[original] = self._wrap(original, label)
-                self._replace(module, name, wrapped[original])
+                out.append((module, name, wrapped[original]))
                 if getattr(ad, name, None) is original:
-                    self._replace(ad, name, wrapped[original])
+                    out.append((ad, name, wrapped[original]))
         for attribute, value in list(vars(ad.Tensor).items()):
             if callable(value) and value in wrapped:  # Tensor.__add__ = add, ...
-                self._replace(ad.Tensor, attribute, wrapped[value])
-        return self
+                out.append((ad.Tensor, attribute, wrapped[value]))
+        return out
 
-    def __exit__(self, *exc):
-        for owner, attribute, original in reversed(self._originals):
+
+@contextlib.contextmanager
+def profiled():
+    """``with profiled() as profile:`` the functions of ``PRIMITIVES`` timed within the block."""
+    profile = Profile()
+    replacements = profile.replacements()
+    originals = [(owner, attribute, getattr(owner, attribute)) for owner, attribute, _ in replacements]
+    for owner, attribute, wrapper in replacements:
+        setattr(owner, attribute, wrapper)
+    try:
+        yield profile
+    finally:
+        for owner, attribute, original in originals:
             setattr(owner, attribute, original)
-        self._originals.clear()
-        return False
 
 
 def record_cost_us(repeats: int = 20000) -> float:
     """The tape's fixed cost of one recorded primitive: ``add`` of (1, 1) float32 Tensors (one needing a
-    gradient) less the bare NumPy add, best of 5 runs of ``repeats`` calls."""
+    gradient) less the bare NumPy add (``bench_tape.per_call_us``)."""
     a_np, b_np = numpy.ones((1, 1), numpy.float32), numpy.ones((1, 1), numpy.float32)
     a, b = ad.Tensor(a_np, requires_grad=True), ad.Tensor(b_np)
-
-    def best(fn):
-        runs = []
-        for _ in range(5):
-            start = time.perf_counter()
-            for _ in range(repeats):
-                fn()
-            runs.append((time.perf_counter() - start) / repeats * 1e6)
-        return min(runs)
-
-    return best(lambda: ops.add(a, b)) - best(lambda: a_np + b_np)
+    return per_call_us(lambda: ops.add(a, b), repeats) - per_call_us(lambda: a_np + b_np, repeats)
 
 
 def profile_step(step, repeats: int) -> tuple:
@@ -134,7 +132,7 @@ def profile_step(step, repeats: int) -> tuple:
     for _ in range(repeats):
         step()
     plain_ms = 1e3 * (time.perf_counter() - start) / repeats
-    with Profile() as profile:
+    with profiled() as profile:
         start = time.perf_counter()
         for _ in range(repeats):
             step()
