@@ -22,7 +22,10 @@ round; time it by itself (``time python run_all.py``).
 Every measurement runs in a subprocess of its own (``--measure``), minimaml's from this checkout or from
 ``--baseline DIR`` (a checkout of an earlier commit, e.g. ``git worktree add /tmp/base main``), the
 peers' from the peer benchmark folder (``benchmarks/common.py``: ``BENCH_PEERS``, ``BENCH_PYTHON``),
-one after the other within each round, so that a busy machine slows all of them alike. Each line
+one after the other within each round, so that a busy machine slows all of them alike. ``--threads N``
+sets ``OMP_NUM_THREADS``, ``OPENBLAS_NUM_THREADS``, ``MKL_NUM_THREADS`` and ``MINIMAML_THREADS`` for
+every process, peers included (on a machine shared with other jobs, ``--threads 1``: with their
+default threads the PyTorch peers thrash under load, see docs/results.md). Each line
 printed: ``who workload median_ms min_ms [peak_MiB] [hash]``. BLAS runs single-threaded in the RL
 measurement, as in training (``bench_rl.py``); W2 gets ``bench_w2.py``'s malloc settings. Numbers are
 printed, never asserted.
@@ -131,12 +134,15 @@ def main() -> None:
     parser.add_argument("--w1-repeats", type=int, default=50)
     parser.add_argument("--w2-repeats", type=int, default=5)
     parser.add_argument("--rl-iterations", type=int, default=2)
+    parser.add_argument("--threads", type=int, help="threads of BLAS, OpenMP and minimaml in every process")
     parser.add_argument("--measure", choices=WORKLOADS, help=argparse.SUPPRESS)
     parser.add_argument("--repeats", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
         return measure(args.measure, args.repeats)
 
+    if args.threads is not None:
+        os.environ.update({name: str(args.threads) for name in (*ONE_BLAS_THREAD, "MINIMAML_THREADS")})
     from common import run_peer
     this_tree = os.path.dirname(HERE)
     trees = {"minimaml": this_tree}
@@ -145,7 +151,8 @@ def main() -> None:
     repeats = {"W1": args.w1_repeats, "W1b": args.w1_repeats, "W2": args.w2_repeats, "W2fo": args.w2_repeats,
                "RL": args.rl_iterations}
     print(f"# this tree {this_tree}" + (f", baseline {trees['baseline']}" if args.baseline else "")
-          + f"; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}")
+          + f"; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}; threads "
+          + ("as the environment sets them" if args.threads is None else str(args.threads)))
     print("who workload median_ms min_ms peak_MiB hash")
     medians, extras = {}, {}
     for round_ in range(args.rounds):
