@@ -23,7 +23,7 @@ round; time it by itself (``time python run_all.py``).
 Every measurement runs in a subprocess of its own (``--measure``), minimaml's from this checkout or from
 ``--baseline DIR`` (a checkout of an earlier commit, e.g. ``git worktree add /tmp/base main``), the
 peers' from the peer benchmark folder (``benchmarks/common.py``: ``BENCH_PEERS``, ``BENCH_PYTHON``),
-one after the other within each round, so that a busy machine slows all of them alike. ``--threads N``
+one after the other within each round (this tree and the baseline in turn first), so that a busy machine slows all of them alike. ``--threads N``
 sets ``OMP_NUM_THREADS``, ``OPENBLAS_NUM_THREADS``, ``MKL_NUM_THREADS`` and ``MINIMAML_THREADS`` for
 every process, peers included (on a machine shared with other jobs, ``--threads 1``: with their
 default threads the PyTorch peers thrash under load, see docs/results.md). Each line
@@ -158,7 +158,8 @@ def main() -> None:
     medians, minima, extras = {}, {}, {}
     for round_ in range(args.rounds):
         for workload in args.only:
-            for who, tree in trees.items():
+            order = list(trees.items())
+            for who, tree in order[::-1] if round_ % 2 else order:  # every other round the baseline first
                 if workload != "RL" and who == "baseline" and workload not in ("W1", "W2"):
                     continue  # the baseline is timed on one workload of each kind, and on RL
                 median, best, peak, digest = run_minimaml(tree, workload, repeats[workload])
