@@ -23,7 +23,8 @@ round; time it by itself (``time python run_all.py``).
 Every measurement runs in a subprocess of its own (``--measure``), minimaml's from this checkout or from
 ``--baseline DIR`` (a checkout of an earlier commit, e.g. ``git worktree add /tmp/base main``), the
 peers' from the peer benchmark folder (``benchmarks/common.py``: ``BENCH_PEERS``, ``BENCH_PYTHON``),
-one after the other within each round (this tree and the baseline in turn first), so that a busy machine slows all of them alike. ``--threads N``
+one after the other within each round (this tree and the baseline take turns going first), so that a
+busy machine slows all of them alike. ``--threads N``
 sets ``OMP_NUM_THREADS``, ``OPENBLAS_NUM_THREADS``, ``MKL_NUM_THREADS`` and ``MINIMAML_THREADS`` for
 every process, peers included (on a machine shared with other jobs, ``--threads 1``: with their
 default threads the PyTorch peers thrash under load, see docs/results.md). Each line
@@ -191,7 +192,8 @@ def main() -> None:
             if (peer, workload) in medians:
                 row(f"{workload}: {peer} / minimaml", (peer, workload), target)
             else:
-                print(f"| {workload}: {peer} / minimaml | peer not set up (BENCH_PYTHON, BENCH_PEERS) | | {target} | - | |")
+                print(f"| {workload}: {peer} / minimaml | peer not set up (BENCH_PYTHON, BENCH_PEERS) | | "
+                      f"{target} | - | |")
         if ("baseline", workload) in medians:
             row(f"{workload}: baseline / minimaml", ("baseline", workload), BASELINE_GOALS.get(workload, 1.0))
     if args.baseline:
