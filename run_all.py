@@ -39,7 +39,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 from minimaml import allocator, verify
 from minimaml.experiments import common, locomotion, miniimagenet, navigation, omniglot, sinusoid
-from minimaml.followups import experiments as followups
+from minimaml.experiments import followups
 from minimaml.tasks.datadir import DataError
 
 EXPERIMENTS = {"sinusoid": sinusoid, "omniglot": omniglot, "navigation": navigation,

@@ -169,17 +169,18 @@ def meta_gradient(task_loss, params: dict, tasks: TaskBatch, inner_lr, inner_ste
     if mode == "hvp":
         return _meta_gradient_hvp(task_loss, query_loss, params, tasks, inner_lr, inner_steps, names)
 
-    theta = {n: ad.Tensor(p, requires_grad=True) for n, p in params.items()}
-    if mode == "second_order":
-        adapted = adapt(task_loss, theta, tasks.support, inner_lr, inner_steps, names, create_graph=True)
-    else:  # first order: theta_i^K = theta + delta_i, the inner displacement delta_i held constant
+    if mode == "first_order":  # theta_i^K = theta + delta_i, the inner displacement delta_i held constant
         final = adapt(task_loss, params, tasks.support, inner_lr, inner_steps, names)
-        adapted = per_task(theta, tasks.n_tasks, names)
-        adapted = {n: adapted[n] + ad.Tensor(final[n].data - params[n]) if n in names else adapted[n]
-                   for n in params}
-    meta_loss = _summed_loss(query_loss, adapted, tasks.query)
-    grads = ad.grad(meta_loss, list(theta.values()))
-    return float(meta_loss.data), {n: g.data for n, g in zip(theta, grads)}
+
+    def meta_objective(theta):
+        if mode == "second_order":
+            adapted = adapt(task_loss, theta, tasks.support, inner_lr, inner_steps, names, create_graph=True)
+        else:
+            adapted = per_task(theta, tasks.n_tasks, names)
+            adapted = {n: adapted[n] + ad.Tensor(final[n].data - params[n]) if n in names else adapted[n]
+                       for n in params}
+        return _summed_loss(query_loss, adapted, tasks.query)
+    return ad.value_and_grad(meta_objective, params)
 
 
 def _meta_gradient_hvp(task_loss, query_loss, params, tasks, inner_lr, inner_steps, names):

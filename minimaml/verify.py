@@ -5,7 +5,7 @@
    regression, a small conv + batch-norm + max-pool classifier, the RL REINFORCE step through a small
    Gaussian policy), and the MAML-TRPO Fisher-vector product, against central finite differences.
 
-3. the follow-ups (``minimaml.followups``): Meta-SGD, MAML++, Reptile and iMAML checks.
+3. the follow-ups (``minimaml.algorithms``): Meta-SGD, MAML++, Reptile and iMAML checks.
 
     python -m minimaml.verify          # prints the three tables; exit status 1 if any check fails
 """
@@ -199,10 +199,10 @@ def meta_gradient_report(seed: int = 0, rtol: float = 1e-6, file=sys.stdout) -> 
 
 
 def followups_report(seed: int = 0, rtol: float = 1e-6, file=sys.stdout) -> bool:
-    """The follow-ups' checks (``followups.checks``): Meta-SGD and MAML++ meta-gradients against central
+    """The follow-ups' checks (``algorithms.checks``): Meta-SGD and MAML++ meta-gradients against central
     differences, Reptile against a per-task loop, iMAML against the least-squares closed form and, on an
     MLP, its convergence to differences of L_Q(phi*(theta)) (the last row of the curve must pass)."""
-    from .followups import checks
+    from .algorithms import checks
 
     rows = [(f"Meta-SGD w.r.t. {part}", error) for part, error in checks.meta_sgd_error(seed).items()]
     rows += [(f"MAML++ MSL w.r.t. {part}", error) for part, error in checks.maml_pp_error(seed).items()]

@@ -5,8 +5,8 @@ import pytest
 
 from minimaml import autodiff as ad
 from minimaml import maml
-from minimaml.followups import ALGORITHMS, ANIL, IMAML, MAML, MAMLPlusPlus, MetaSGD, Reptile, checks, maml_pp
-from minimaml.followups import anil, imaml, meta_sgd, schedules
+from minimaml.algorithms import ALGORITHMS, ANIL, IMAML, MAML, MAMLPlusPlus, MetaSGD, Reptile, checks, maml_pp
+from minimaml.algorithms import anil, imaml, meta_sgd, schedules
 from minimaml.nn import mlp
 from minimaml.tasks import sinusoid
 
@@ -47,8 +47,8 @@ def test_a_wrong_step_size_gradient_is_caught(monkeypatch):
     real = meta_sgd.meta_gradient
 
     def wrong(*args, **kwargs):
-        loss, grads = real(*args, **kwargs)
-        return loss, {n: g * (1.01 if n.startswith(meta_sgd.ALPHA) else 1.0) for n, g in grads.items()}
+        loss, grads, metrics = real(*args, **kwargs)
+        return loss, {n: g * (1.01 if n.startswith(meta_sgd.ALPHA) else 1.0) for n, g in grads.items()}, metrics
     monkeypatch.setattr(meta_sgd, "meta_gradient", wrong)
     assert checks.meta_sgd_error()["alpha"] > 1e-3
 
@@ -56,8 +56,8 @@ def test_a_wrong_step_size_gradient_is_caught(monkeypatch):
 def test_meta_sgd_with_uniform_alpha_is_maml():
     rng = numpy.random.default_rng(0)
     loss, params, tasks = checks._regression(rng)
-    meta = MetaSGD(inner_steps=2, alpha_init=(0.05, 0.05)).init(params, rng)
-    _, grads = meta_sgd.meta_gradient(loss, meta, tasks, 2)
+    meta = MetaSGD(0.05, 2).init(params, rng)
+    _, grads, _ = meta_sgd.meta_gradient(loss, meta, tasks, 2)
     _, expected = maml.meta_gradient(loss, params, tasks, 0.05, 2)
     for n in params:
         numpy.testing.assert_allclose(grads[n], expected[n], rtol=1e-10, atol=1e-12)
@@ -126,8 +126,8 @@ def test_every_algorithm_takes_a_finite_meta_step_and_adapts(name):
 def test_bad_settings_are_named():
     with pytest.raises(ValueError, match="inner optimizer"):
         Reptile(optimizer="rmsprop")
-    with pytest.raises(ValueError, match="alpha_init"):
-        MetaSGD(alpha_init=(0.1, 0.01))
+    with pytest.raises(ValueError, match="inner_lr"):
+        MetaSGD((0.1, 0.01))
     with pytest.raises(ValueError, match="lambda"):
         IMAML(lam=0.0)
     with pytest.raises(ValueError, match="CG dampings"):
@@ -204,7 +204,7 @@ def test_imaml_with_backtracking_keeps_a_finite_gradient_where_plain_descent_div
 
 def test_the_followups_table_reports_a_diverged_run_and_goes_on(monkeypatch):
     from minimaml.experiments import sinusoid as experiment
-    from minimaml.followups import experiments
+    from minimaml.experiments import followups as experiments
     from minimaml.train import NonFiniteError
     ran = []
 

@@ -15,6 +15,16 @@ from .ops import (ShapeError, abs, add, as_tensor, broadcast_to, concatenate, di
 from .tensor import Tensor, grad, is_recording, no_grad
 
 
+def value_and_grad(f, params: dict) -> tuple:
+    """(f(params) as a float, its gradient as a dict of arrays named like ``params``) for a scalar-valued
+    ``f`` of a dict of named arrays (or Tensors, whose values are taken): one forward pass on fresh
+    leaves, one reverse pass."""
+    leaves = {n: Tensor(p.data if isinstance(p, Tensor) else p, requires_grad=True) for n, p in params.items()}
+    value = f(leaves)
+    grads = grad(value, list(leaves.values()))
+    return float(value.data), {n: g.data for n, g in zip(leaves, grads)}
+
+
 def hessian_product(f, params):
     """The Hessian of the scalar ``f(*params)`` at ``params`` as a function ``vector -> H v`` (reverse
     over reverse): grad f is recorded once, and each product H v = grad_x <grad_x f(x), v> (v constant)

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from .. import autodiff as ad
 from .. import backend, maml
-from .base import MAML
+from .maml import MAML, check_inner_steps
 
 
 def proximal_loss(task_loss, theta: dict, lam: float):
@@ -160,9 +160,9 @@ class IMAML(MAML):
 
     name = "imaml"
 
-    def __init__(self, inner_lr: float = 0.1, inner_steps: int = 16, lam: float = 2.0, cg_steps: int = 5,
+    def __init__(self, inner_lr: float = 0.1, inner_steps: int = 16, *, lam: float = 2.0, cg_steps: int = 5,
                  cg_damping: float = 0.0, lambda_damping: float = 0.0, backtracking: bool = False):
-        super().__init__(inner_lr, inner_steps)
+        super().__init__(inner_lr, check_inner_steps(self.name, inner_steps))
         check_system(lam, cg_damping, lambda_damping)
         if int(cg_steps) != cg_steps or cg_steps < 1:
             raise ValueError(f"imaml: need cg_steps >= 1, got {cg_steps}")

@@ -4,8 +4,8 @@ and 10 steps) for each follow-up at the profile's budget, one table. (Omniglot's
 
 from __future__ import annotations
 
-from ..experiments import sinusoid
-from ..experiments.common import cell, markdown_table
+from . import sinusoid
+from .common import cell, markdown_table
 from ..train import NonFiniteError
 
 FOLLOWUPS = ("reptile", "meta_sgd", "maml_pp", "anil", "imaml")

@@ -51,8 +51,8 @@ def meta_sgd_error(seed: int = 0, inner_steps: int = 2) -> dict:
     """{"theta": error, "alpha": error} along random directions of each."""
     rng = numpy.random.default_rng(seed)
     loss, params, tasks = _regression(rng)
-    meta_params = meta_sgd.MetaSGD(inner_steps, alpha_init=(0.02, 0.1)).init(params, rng)
-    _, grads = meta_sgd.meta_gradient(loss, meta_params, tasks, inner_steps)
+    meta_params = meta_sgd.MetaSGD((0.02, 0.1), inner_steps).init(params, rng)
+    _, grads, _ = meta_sgd.meta_gradient(loss, meta_params, tasks, inner_steps)
 
     def objective(p):
         return float(meta_sgd.meta_sgd_objective(loss, p, tasks, inner_steps, create_graph=False).data)
@@ -127,9 +127,8 @@ def reptile_error(seed: int = 0, optimizer: str = "adam", inner_steps: int = 4) 
         opt = reptile.inner_optimizer(optimizer, 0.01)
         state = opt.init(phi)
         for _ in range(inner_steps):
-            leaves = {n: ad.Tensor(p, requires_grad=True) for n, p in phi.items()}
-            grads = ad.grad(ad.sum(loss(leaves, one)), list(leaves.values()))
-            phi, state = opt.update(phi, {n: g.data for n, g in zip(leaves, grads)}, state)
+            _, grads = ad.value_and_grad(lambda p: ad.sum(loss(p, one)), phi)
+            phi, state = opt.update(phi, grads, state)
         for n in params:
             direct[n] += params[n] - phi[n]
     scale = max(numpy.abs(direct[n]).max() for n in direct)

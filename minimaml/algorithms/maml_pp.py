@@ -26,7 +26,7 @@ import numpy
 from .. import autodiff as ad
 from .. import backend, maml, optim
 from . import schedules
-from .base import MAML
+from .maml import MAML, check_inner_steps
 
 LSLR = "lslr/"  # the rates of parameter "conv0.w" are the meta-parameter "lslr/conv0.w", shape (K,)
 
@@ -102,11 +102,11 @@ class MAMLPlusPlus(MAML):
 
     name = "maml_pp"
 
-    def __init__(self, inner_lr: float = 0.1, inner_steps: int = 5, inner_param_names=None,
+    def __init__(self, inner_lr: float = 0.1, inner_steps: int = 5, *, inner_param_names=None,
                  multi_step_loss: bool = True, msl_epochs: float = 10, learned_rates: bool = True,
                  per_step_bn: bool = True, first_order_epochs: float = 0, cosine_annealing: bool = True,
                  min_meta_lr: float = 1e-5, iterations_per_epoch: int = 500):
-        super().__init__(inner_lr, inner_steps, "second_order", inner_param_names)
+        super().__init__(inner_lr, check_inner_steps(self.name, inner_steps), inner_param_names=inner_param_names)
         if not msl_epochs > 0 or iterations_per_epoch < 1 or first_order_epochs < 0 or not min_meta_lr > 0:
             raise ValueError(f"maml_pp: need msl_epochs > 0, iterations_per_epoch >= 1, first_order_epochs >= 0, "
                              f"min_meta_lr > 0; got {msl_epochs}, {iterations_per_epoch}, {first_order_epochs}, "
@@ -144,13 +144,12 @@ class MAMLPlusPlus(MAML):
 
     def meta_gradient(self, task_loss, meta_params, tasks, iteration):
         second_order = iteration / self.iterations_per_epoch >= self.first_order_epochs
-        leaves = {n: ad.Tensor(p, requires_grad=True) for n, p in meta_params.items()}
-        loss = multi_step_objective(task_loss, leaves, tasks, self.inner_steps, self.weights(iteration),
-                                    self.per_step_names(meta_params), second_order)
-        grads = {n: g.data for n, g in zip(leaves, ad.grad(loss, list(leaves.values())))}
+        weights, per_step = self.weights(iteration), self.per_step_names(meta_params)
+        loss, grads = ad.value_and_grad(lambda p: multi_step_objective(task_loss, p, tasks, self.inner_steps, weights,
+                                                                       per_step, second_order), meta_params)
         if not self.learned_rates:  # LSLR off: the rates stay at inner_lr
             grads = {n: g * 0 if n.startswith(LSLR) else g for n, g in grads.items()}
-        return float(loss.data), grads, {"second_order": float(second_order)}
+        return loss, grads, {"second_order": float(second_order)}
 
     def optimizer(self, meta_lr, n_iterations, clip_value=None):
         if not self.cosine_annealing:

@@ -9,7 +9,7 @@ adapted. It is ``maml.meta_gradient`` with ``inner_param_names`` = the head's na
 
 from __future__ import annotations
 
-from .base import MAML
+from .maml import MAML
 
 
 def head_names(params: dict) -> list:
@@ -29,8 +29,8 @@ class ANIL(MAML):
 
     name = "anil"
 
-    def __init__(self, inner_lr: float, inner_steps: int, mode: str = "second_order"):
-        super().__init__(inner_lr, inner_steps, mode)
+    def __init__(self, inner_lr: float, inner_steps: int, *, mode: str = "second_order"):
+        super().__init__(inner_lr, inner_steps, mode=mode)
 
     def init(self, params: dict, rng) -> dict:
         self.inner_param_names = head_names(params)
