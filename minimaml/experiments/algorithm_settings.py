@@ -25,13 +25,18 @@ def algorithm_setting(default, help: str, **checks):
 class Settings:
     algorithm: str = algorithm_setting("maml", "MAML (with the experiment's baselines) or one of its follow-ups",
                                       choices=ALGORITHMS)
+    allow_solver_failures: bool = algorithm_setting(False, "go on, with a warning, when an algorithm's solver "
+                                                   "fails 3 iterations in a row (iMAML's inner solve or CG, "
+                                                   "MAML++'s rates); the count goes into results.json",
+                                                   training=False)
     reptile_inner_lr: float = algorithm_setting(0.01, "Reptile: the inner optimizer's step size (training and test)",
                                                positive=True)
     reptile_inner_steps: int = algorithm_setting(5, "Reptile: inner steps in training (on support + query)", least=1)
     reptile_inner_optimizer: str = algorithm_setting("sgd", "Reptile: inner optimizer", choices=("sgd", "adam"))
     reptile_epsilon: float = algorithm_setting(1.0, "Reptile: outer step size epsilon, annealed linearly ...",
                                               positive=True)
-    reptile_epsilon_final: float = algorithm_setting(0.0, "... to this at the last iteration", least=0.0)
+    reptile_epsilon_final: float = algorithm_setting(0.0, "... to this at the last iteration", least=0.0,
+                                                    at_most="reptile_epsilon")
     meta_sgd_alpha_low: float = algorithm_setting(0.005, "Meta-SGD: alpha's entries drawn from U(low, high)",
                                                  positive=True)
     meta_sgd_alpha_high: float = algorithm_setting(0.1, "Meta-SGD: the high end of alpha's initial interval",
