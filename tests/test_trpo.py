@@ -183,9 +183,10 @@ def test_conjugate_gradient_solves_spd_system():
     m = rng.standard_normal((6, 6))
     a = m @ m.T + 6 * np.eye(6)
     b = rng.standard_normal(6)
-    x, ax = trpo.conjugate_gradient(lambda v: a @ v, b, iters=6)
+    x, ax, residual = trpo.conjugate_gradient(lambda v: a @ v, b, iters=6)
     np.testing.assert_allclose(x, np.linalg.solve(a, b), rtol=1e-8)
     np.testing.assert_allclose(ax, b, rtol=1e-8)
+    assert residual == np.linalg.norm(b - a @ x) / np.linalg.norm(b) and residual < 1e-8
 
 
 def test_conjugate_gradient_returns_the_product_of_its_truncated_solution():
@@ -194,8 +195,9 @@ def test_conjugate_gradient_returns_the_product_of_its_truncated_solution():
     m = rng.standard_normal((20, 20))
     a = m @ m.T + np.eye(20)
     b = rng.standard_normal(20)
-    x, ax = trpo.conjugate_gradient(lambda v: a @ v, b, iters=5)
+    x, ax, residual = trpo.conjugate_gradient(lambda v: a @ v, b, iters=5)
     assert np.linalg.norm(a @ x - b) > 1e-3 * np.linalg.norm(b)
+    assert residual == np.linalg.norm(b - a @ x) / np.linalg.norm(b)  # the true residual, not CG's estimate
     np.testing.assert_allclose(ax, a @ x, rtol=1e-9, atol=1e-9 * np.linalg.norm(b))
 
 
@@ -288,7 +290,7 @@ def test_meta_iteration_runs_and_reports_stats():
     new, stats = meta_iteration(_Corridor(), params, rng, settings, meta_batch_size=3, n_traj=4, inner_lr=0.5)
     assert set(new) == set(params) and all(new[k].dtype == np.float32 for k in new)
     assert set(stats) == {"pre_return", "post_return", "loss_before", "loss_after", "accepted", "backtracks",
-                          "kl", "grad_norm"}  # no timing: the library's bodies hold none
+                          "kl", "grad_norm", "cg_residual"}  # no timing: the library's bodies hold none
     for key in ("pre_return", "post_return", "loss_before", "loss_after", "kl", "grad_norm"):
         assert np.isfinite(stats[key])
     assert stats["kl"] <= settings.max_kl

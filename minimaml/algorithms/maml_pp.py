@@ -16,7 +16,14 @@ each a switch here as in the authors' code:
   ``first_order_epochs`` epochs, then second order.
 - CA: cosine annealing of the meta-learning rate of Adam down to ``min_meta_lr``.
 
-An epoch is ``iterations_per_epoch`` meta-iterations (the authors' 500).
+An epoch is ``iterations_per_epoch`` meta-iterations (the authors' 500). ``step_weights`` fixes the
+multi-step loss's weights instead of annealing them.
+
+The learned rates are not clamped, as in the authors' code (``inner_loop_optimizers.py``,
+``LSLRGradientDescentLearningRule``: the initial rate is asserted positive, the learned ones are used as
+they are). A rate that meta-training drives to zero or below turns its inner steps into ascent, so a step
+taken with one is reported as a failure (``metrics["failure"]``, with ``min_inner_lr`` among the
+metrics), which the training loop acts on.
 """
 
 from __future__ import annotations
@@ -105,7 +112,7 @@ class MAMLPlusPlus(MAML):
     def __init__(self, inner_lr: float = 0.1, inner_steps: int = 5, *, inner_param_names=None,
                  multi_step_loss: bool = True, msl_epochs: float = 10, learned_rates: bool = True,
                  per_step_bn: bool = True, first_order_epochs: float = 0, cosine_annealing: bool = True,
-                 min_meta_lr: float = 1e-5, iterations_per_epoch: int = 500):
+                 min_meta_lr: float = 1e-5, iterations_per_epoch: int = 500, step_weights=None):
         super().__init__(inner_lr, check_inner_steps(self.name, inner_steps), inner_param_names=inner_param_names)
         if not msl_epochs > 0 or iterations_per_epoch < 1 or first_order_epochs < 0 or not min_meta_lr > 0:
             raise ValueError(f"maml_pp: need msl_epochs > 0, iterations_per_epoch >= 1, first_order_epochs >= 0, "
@@ -115,6 +122,13 @@ class MAMLPlusPlus(MAML):
         self.learned_rates, self.per_step_bn = learned_rates, per_step_bn
         self.first_order_epochs, self.cosine_annealing = float(first_order_epochs), cosine_annealing
         self.min_meta_lr, self.iterations_per_epoch = float(min_meta_lr), int(iterations_per_epoch)
+        if step_weights is not None:
+            step_weights = numpy.asarray(step_weights, dtype=float)
+            if step_weights.shape != (self.inner_steps,) or not (numpy.isfinite(step_weights).all()
+                                                                 and (step_weights >= 0).all()):
+                raise ValueError(f"maml_pp: step_weights must be {self.inner_steps} finite weights >= 0 (one per "
+                                 f"inner step), got {step_weights.tolist()}")
+        self.step_weights = step_weights
 
     def per_step_names(self, params: dict) -> tuple:
         """The batch-norm parameters with a row per step (BNWB on), else none."""
@@ -138,6 +152,10 @@ class MAMLPlusPlus(MAML):
         return at_step(model, self.inner_steps, self.per_step_names(model))
 
     def weights(self, iteration: int) -> numpy.ndarray:
+        """w_1..w_K at ``iteration``: ``step_weights`` if set, else annealed (``step_weights``), or only the
+        last step without the multi-step loss."""
+        if self.step_weights is not None:
+            return self.step_weights
         if not self.multi_step_loss:
             return numpy.eye(self.inner_steps)[-1]
         return step_weights(self.inner_steps, iteration / self.iterations_per_epoch, self.msl_epochs)
@@ -149,7 +167,17 @@ class MAMLPlusPlus(MAML):
                                                                        per_step, second_order), meta_params)
         if not self.learned_rates:  # LSLR off: the rates stay at inner_lr
             grads = {n: g * 0 if n.startswith(LSLR) else g for n, g in grads.items()}
-        return loss, grads, {"second_order": float(second_order)}
+        metrics = {"second_order": float(second_order)}
+        _, rates = split(meta_params)
+        if rates:
+            lowest = {n: float(backend.to_numpy(r).min()) for n, r in rates.items()}
+            worst = min(lowest, key=lowest.get)
+            metrics["min_inner_lr"] = lowest[worst]
+            if not lowest[worst] > 0:
+                metrics["failure"] = (f"MAML++'s learned inner step size of {worst} went to {lowest[worst]:.3g} "
+                                      f"(not positive: its inner steps climb): lower --meta-lr, or set "
+                                      f"--maml-pp-learned-rates false")
+        return loss, grads, metrics
 
     def optimizer(self, meta_lr, n_iterations, clip_value=None):
         if not self.cosine_annealing:

@@ -67,6 +67,9 @@ class Settings:
                                                "the authors' code: 1 and 10", least=0.0)
     imaml_lambda_damping: float = algorithm_setting(0.0, "iMAML: added to lambda in CG's system (see "
                                                    "--imaml-cg-damping)", least=0.0)
+    imaml_tolerance: float = algorithm_setting(1e-3, "iMAML: the largest inner-solve stationarity (the proximal "
+                                               "gradient's norm relative to its start) and CG residual a step may "
+                                               "end with; above it the step failed", positive=True, training=False)
 
 
 def make_algorithm(config, inner_param_names=None):
@@ -91,5 +94,6 @@ def make_algorithm(config, inner_param_names=None):
     if name == "imaml":
         return make(name, config.imaml_inner_lr, config.imaml_inner_steps, lam=config.imaml_lambda,
                     cg_steps=config.imaml_cg_steps, cg_damping=config.imaml_cg_damping,
-                    lambda_damping=config.imaml_lambda_damping, backtracking=config.imaml_backtracking)
+                    lambda_damping=config.imaml_lambda_damping, backtracking=config.imaml_backtracking,
+                    tolerance=config.imaml_tolerance)
     return make(name, config.inner_lr, config.inner_steps, mode=config.mode, inner_param_names=inner_param_names)
