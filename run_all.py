@@ -117,7 +117,7 @@ def write_report(path: str, profile: str, key: str, body: str | None, note: str 
     """Set one experiment's section of the report at ``path`` (``body``, or the skip ``note``)."""
     text = open(path, encoding="utf-8").read() if os.path.exists(path) else report_header(profile)
     text = update_section(text, key, body) if body is not None else mark_skipped(text, key, note)
-    common.write_atomic(path, text)
+    common.write_text(path, text)
 
 
 def run_experiment(name: str, profile: str, resume: bool, progress: bool, options: dict) -> tuple:

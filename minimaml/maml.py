@@ -216,12 +216,11 @@ def _meta_gradient_hvp(task_loss, query_loss, params, tasks, inner_lr, inner_ste
         support_loss = _summed_loss(task_loss, {**theta, **phi}, tasks.support)
         inner_grads = ad.grad(support_loss, list(theta.values()), create_graph=True)
         alpha = {n: inner_lr[n] if isinstance(inner_lr, dict) else inner_lr for n in names}
-        # <grad L_S, alpha v>: its gradient is H (alpha v) for theta and the mixed term for phi.
-        directional = ad.sum(ad.stack([ad.sum(g * ad.Tensor(v[n] * alpha[n]))
-                                       for n, g in zip(names, inner_grads)]))
-        second = ad.grad(directional, list(theta.values()) + list(phi.values()))
-        v = {n: v[n] - h.data for n, h in zip(names, second)}
-        phi_grad = {n: phi_grad[n] - h.data for n, h in zip(others, second[len(names):])}
+        # d/d(theta, phi) <grad_theta L_S, alpha v>: H (alpha v) for theta and the mixed term for phi.
+        product = ad.gradient_product(inner_grads, list(theta.values()) + list(phi.values()))
+        second = product([v[n] * alpha[n] for n in names])
+        v = {n: v[n] - h for n, h in zip(names, second)}
+        phi_grad = {n: phi_grad[n] - h for n, h in zip(others, second[len(names):])}
 
     grads = {n: v[n].sum(axis=0) for n in names}
     grads.update(phi_grad)

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from minimaml import autodiff as ad
-from minimaml import maml
+from minimaml import algorithms, maml
+from minimaml.algorithms import anil
 from minimaml.nn import policy as pol
 from minimaml.rl import maml_rl, trpo
 from minimaml.rl.maml_rl import meta_iteration, meta_objective
@@ -287,7 +288,8 @@ def test_meta_iteration_runs_and_reports_stats():
     rng = np.random.default_rng(0)
     params = pol.init(rng, 2, 2, hidden=(8, 8))
     settings = trpo.TRPO(max_kl=0.01)
-    new, stats = meta_iteration(_Corridor(), params, rng, settings, meta_batch_size=3, n_traj=4, inner_lr=0.5)
+    new, stats = meta_iteration(_Corridor(), params, rng, settings, meta_batch_size=3, n_traj=4,
+                                algorithm=algorithms.make("maml", 0.5, 1))
     assert set(new) == set(params) and all(new[k].dtype == np.float32 for k in new)
     assert set(stats) == {"pre_return", "post_return", "loss_before", "loss_after", "accepted", "backtracks",
                           "kl", "grad_norm", "cg_residual"}  # no timing: the library's bodies hold none
@@ -326,6 +328,29 @@ def test_meta_fisher_product_equals_the_third_order_one(problem):
         assert all(fast[k].shape == params[k].shape and fast[k].dtype == np.float64 for k in names)
         np.testing.assert_allclose(trpo.flatten(fast[k] for k in names), reference(trpo.flatten(v[k] for k in names)),
                                    rtol=1e-9, atol=1e-12)
+
+
+def test_anil_meta_fisher_product_equals_the_third_order_one(problem):
+    """With only the head adapted (ANIL), J_i = I - P alpha H_i is not symmetric: the product uses J and J^T
+    and still equals the tape's reverse over reverse through the head-only inner step."""
+    params, pre, post, _, _ = problem
+    names, head = list(params), anil.head_names(params)
+    old = maml.adapt(reinforce_loss, params, pre, ALPHA, 1, head)
+    objective = meta_objective(pre, post, old, ALPHA, inner_param_names=head)
+    product = maml_rl.meta_fisher_product(pre, post, old, ALPHA, inner_param_names=head)(params)
+    reference = _fvp_at(objective, params)
+    v = {k: np.random.default_rng(4).standard_normal(params[k].shape) for k in names}
+    np.testing.assert_allclose(trpo.flatten(product(v)[k] for k in names), reference(trpo.flatten(v[k] for k in names)),
+                               rtol=1e-9, atol=1e-12)
+
+
+def test_meta_iteration_takes_maml_or_anil_from_the_one_door():
+    rng = np.random.default_rng(0)
+    params = pol.init(rng, 2, 2, hidden=(8, 8))
+    new, stats = meta_iteration(_Corridor(), params, rng, trpo.TRPO(), 3, 4, algorithms.make("anil", 0.5, 1))
+    assert np.isfinite(stats["cg_residual"]) and set(new) == set(params)
+    with pytest.raises(ValueError, match="maml or anil"):
+        meta_iteration(_Corridor(), params, rng, trpo.TRPO(), 3, 4, algorithms.make("reptile", 0.5, 1))
 
 
 def test_trpo_step_with_the_meta_fisher_product_takes_the_same_step(problem):

@@ -50,13 +50,18 @@ class MAML:
     def model_params(self, meta_params: dict) -> dict:
         return meta_params
 
+    def adapted_names(self, params: dict) -> list:
+        """The parameters the inner loop adapts: ``inner_param_names``, or all of ``params``."""
+        return list(params) if self.inner_param_names is None else list(self.inner_param_names)
+
     def meta_gradient(self, task_loss, meta_params: dict, tasks, iteration: int) -> tuple:
         loss, grads = maml.meta_gradient(task_loss, meta_params, tasks, self.inner_lr, self.inner_steps,
-                                         mode=self.mode, inner_param_names=self.inner_param_names)
+                                         mode=self.mode, inner_param_names=self.adapted_names(meta_params))
         return loss, grads, {}
 
     def optimizer(self, meta_lr: float, n_iterations: int, clip_value=None):
         return optim.Adam(meta_lr, clip_value=clip_value)
 
     def adaptation_steps(self, task_loss, meta_params: dict, support, steps: int):
-        return maml.adaptation_steps(task_loss, meta_params, support, self.inner_lr, steps, self.inner_param_names)
+        return maml.adaptation_steps(task_loss, meta_params, support, self.inner_lr, steps,
+                                     self.adapted_names(meta_params))

@@ -135,7 +135,7 @@ class MAMLPlusPlus(MAML):
         return tuple(n for n in params if is_per_step_bn(n)) if self.per_step_bn else ()
 
     def _names(self, model: dict) -> list:
-        names = list(model) if self.inner_param_names is None else self.inner_param_names
+        names = self.adapted_names(model)
         return [n for n in names if n not in self.per_step_names(model)]
 
     def init(self, params: dict, rng) -> dict:

@@ -63,7 +63,7 @@ class MetaSGD(MAML):
         self.inner_lr = (float(low), float(high))
 
     def init(self, params: dict, rng) -> dict:
-        names = list(params) if self.inner_param_names is None else self.inner_param_names
+        names = self.adapted_names(params)
         alpha = {ALPHA + n: backend.asarray(rng.uniform(*self.inner_lr, tuple(params[n].shape))
                                             .astype(backend.to_numpy(params[n]).dtype)) for n in names}
         return {**params, **alpha}

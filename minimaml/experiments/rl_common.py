@@ -38,13 +38,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import distributed, train
+from .. import algorithms, distributed, train
 from ..nn import policy as pol
 from ..rl import maml_rl
 from ..rl.reinforce import trajectories
 from ..rl.sampler import advantages, average_returns, rank_share, sample_trajectories
 from ..rl.trpo import TRPO
-from .common import (cell, log, markdown_table, run_folder, setting, summary, training_settings, write_atomic,
+from .common import (cell, log, markdown_table, run_folder, setting, summary, training_settings, write_text,
                      write_json)
 
 METHODS = ("maml", "pretrained", "random")
@@ -174,14 +174,20 @@ class TRPOStep(train.Step):
 
 
 class MamlStep(TRPOStep):
-    """One MAML-TRPO meta-iteration (``maml_rl.meta_iteration``)."""
+    """One MAML-TRPO meta-iteration (``maml_rl.meta_iteration``) of MAML from ``algorithms.make``: one
+    inner step of ``inner_lr``."""
+
+    def __init__(self, env, cfg: RLConfig):
+        super().__init__(env, cfg)
+        self.algorithm = algorithms.make("maml", cfg.inner_lr, 1)
 
     def __call__(self, params, state, rng, iteration):
         cfg = self.cfg
         params, stats = maml_rl.meta_iteration(self.env, params, rng, cfg.trpo(), cfg.meta_batch_size, cfg.n_traj,
-                                               cfg.inner_lr, cfg.discount, cfg.gae_lambda)
+                                               self.algorithm, cfg.discount, cfg.gae_lambda)
         return params, state, {"return": stats["pre_return"], "adapted_return": stats["post_return"],
-                               "kl": stats["kl"], "accepted": float(stats["accepted"])}
+                               "kl": stats["kl"], "accepted": float(stats["accepted"]),
+                               "cg_residual": stats["cg_residual"]}
 
 
 class PretrainStep(TRPOStep):
@@ -200,7 +206,7 @@ class PretrainStep(TRPOStep):
         data = trajectories(pooled, advantages(pooled, cfg.discount, cfg.gae_lambda), params["log_std"].dtype)
         params, stats = cfg.trpo().step(maml_rl.surrogate_objective(data, params), params)
         return params, state, {"return": float(batch["episode_returns"].mean()), "kl": stats["kl"],
-                               "accepted": float(stats["accepted"])}
+                               "accepted": float(stats["accepted"]), "cg_residual": stats["cg_residual"]}
 
 
 def train_policy(name: str, step: train.Step, params: dict, n_iterations: int, cfg: RLConfig, resume: bool = False,
@@ -297,7 +303,7 @@ def _run(cfg: RLConfig, env, methods, resume, progress, n_show, allow_changes) -
         results["per_task"][name] = np.where(np.isfinite(per_task), per_task, None).tolist()
         results["returns"][name] = [summary(row) for row in per_task]
         write_json(os.path.join(cfg.out_dir, "results.json"), results)  # partial results survive a crash
-    write_atomic(os.path.join(cfg.out_dir, "results.md"), results_markdown(results))
+    write_text(os.path.join(cfg.out_dir, "results.md"), results_markdown(results))
     if distributed.is_root():
         plot_steps(results, os.path.join(cfg.out_dir, f"{cfg.env}_steps.png"))
         plot_training(results, os.path.join(cfg.out_dir, f"{cfg.env}_training.png"))

@@ -32,7 +32,7 @@ from ..tasks import sinusoid
 from .algorithm_settings import Settings, make_algorithm
 from .common import (COMMAND_ERRORS, allowed_changes, cell, check_config, config_parser, error_line,
                      failures_note, log, markdown_table, overrides_from_args, run_folder, setting, summary,
-                     training_settings, write_atomic, write_json)
+                     training_settings, write_text, write_json)
 
 PAPER_MSE_5SHOT = {"maml": {1: 0.67, 5: 0.38, 10: 0.35}, "pretrained": {1: 2.41, 5: 2.23, 10: 2.19}}
 PROFILES = ("quick", "smoke", "full")
@@ -170,7 +170,7 @@ def _run(config: Config, resume: bool, progress: bool, allow_changes) -> dict:
                                  for name, hist in histories.items()},
                "changes": changes, "solver_failures": failures, "paper_mse_5shot": PAPER_MSE_5SHOT}
     write_json(os.path.join(config.out_dir, "results.json"), results)
-    write_atomic(os.path.join(config.out_dir, "results.md"), results_markdown(results))
+    write_text(os.path.join(config.out_dir, "results.md"), results_markdown(results))
     if distributed.is_root() and "pretrained" in trained:  # the paper's Fig. 2: MAML beside pretraining
         plot_fits(trained, adaptation, config, os.path.join(config.out_dir, "sinusoid_fits.png"))
     if distributed.is_root():

@@ -74,14 +74,10 @@ def kl_hessian_product(kl, leaves: list):
     ``kl`` must be recorded from ``leaves`` with every inner gradient built with ``create_graph=True``.
     grad D is recorded once; each product is one more reverse pass through it.
     """
-    kl_grads = ad.grad(kl, leaves, create_graph=True)
+    hessian = ad.gradient_product(ad.grad(kl, leaves, create_graph=True), leaves)
 
     def product(v: np.ndarray) -> np.ndarray:
-        directions = unflatten(v, leaves)
-        inner = ad.sum(ad.multiply(kl_grads[0], directions[0]))
-        for g, d in zip(kl_grads[1:], directions[1:]):
-            inner = ad.add(inner, ad.sum(ad.multiply(g, d)))
-        return flatten(ad.grad(inner, leaves))
+        return flatten(hessian(unflatten(v, leaves)))
 
     return product
 
