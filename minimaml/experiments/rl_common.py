@@ -14,7 +14,7 @@ each step: mean and 95% CI over the test tasks. As in the authors' test scripts,
 trajectories until they add up to ``test_batch_steps`` = 4000 time steps per task (rllab's VPG
 ``batch_size``): 40 trajectories on 2D navigation, more once episodes end at the goal; 20 on locomotion.
 
-Training is the one loop, ``train.run``, with a TRPO step (``MamlStep``, ``PretrainStep``) in place of
+Training is the one loop, ``train.run``, with a TRPO step (``MetaStep``, ``PretrainStep``) in place of
 Adam: iteration ``i`` gets the generator ``train.iteration_rng(seed, i)``, checkpoints are atomic every
 ``checkpoint_every`` iterations, ``resume=True`` continues (checking the settings), and a non-finite
 parameter or return raises ``train.NonFiniteError``. The envs draw their initial-state noise from the
@@ -173,7 +173,7 @@ class TRPOStep(train.Step):
         self.env, self.cfg = env, cfg
 
 
-class MamlStep(TRPOStep):
+class MetaStep(TRPOStep):
     """One MAML-TRPO meta-iteration (``maml_rl.meta_iteration``) of MAML from ``algorithms.make``: one
     inner step of ``inner_lr``."""
 
@@ -280,7 +280,7 @@ def run(cfg: RLConfig, resume: bool = False, progress: bool = True, n_show: int 
 
 def _run(cfg: RLConfig, env, methods, resume, progress, n_show, allow_changes) -> tuple:
     initial = init_policy(env, cfg.seed, cfg.init_output_scale)
-    steps = {"maml": (MamlStep(env, cfg), cfg.maml_iterations),
+    steps = {"maml": (MetaStep(env, cfg), cfg.maml_iterations),
              "pretrained": (PretrainStep(env, cfg), cfg.pretrain_iterations)}
     results = {"config": dataclasses.asdict(cfg), "returns": {}, "per_task": {}, "history": {},
                "train_seconds": {}, "seconds_per_iteration": {}, "eval_seconds": {}, "changes": {},
