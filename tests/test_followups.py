@@ -209,13 +209,16 @@ def test_imaml_with_backtracking_keeps_a_finite_gradient_where_plain_descent_div
 def test_the_followups_table_reports_a_diverged_run_and_goes_on(monkeypatch):
     from minimaml.experiments import sinusoid as experiment
     from minimaml.experiments import followups as experiments
-    from minimaml.train import NonFiniteError
+    from minimaml.train import NonFiniteError, SolverError
     ran = []
 
     def fake_run(config, resume=False, progress=True, overwrite=False):
         ran.append((config.algorithm, config.imaml_backtracking))
         if config.algorithm == "maml_pp":
             raise NonFiniteError("iteration 7: gradient 'layer0.w' has 40 non-finite value(s). The checkpoint ...")
+        if config.algorithm == "reptile":
+            raise SolverError("iteration 3: its solve did not converge: raise --x (3 iterations in a row); no "
+                              "checkpoint was written before it")
         row = {"mean": 0.5, "ci95": 0.1, "n_diverged": 0}
         return {"mse": {f"{config.algorithm}/k5": [row] * 11}, "train_seconds": 1.0}
 
@@ -224,6 +227,7 @@ def test_the_followups_table_reports_a_diverged_run_and_goes_on(monkeypatch):
     assert [name for name, _ in ran] == ["maml", *experiments.FOLLOWUPS] and len(folders) == len(ran)
     assert ("imaml", True) in ran  # backtracking (and the damped CG) for iMAML
     assert "| maml_pp | training diverged (iteration 7: gradient 'layer0.w' has 40 non-finite value(s)) |" in table
+    assert "| reptile | solver failed (iteration 3: its solve did not converge: raise --x (3 iterations in a row)) |" in table
 
 
 # --- one convention -------------------------------------------------------------------------------------
