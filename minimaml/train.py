@@ -318,7 +318,7 @@ def _non_finite(err, saved_at: int, iteration: int, checkpoint_path, resumed_bad
     if resumed_bad and saved_at == iteration:
         held = f"iteration {saved_at}, the parameters this run resumed from, which gave it"
     elif kind is SolverError:
-        held = f"iteration {saved_at}, the parameters before that step"
+        held = f"iteration {saved_at}, from before the last failing steps"
     else:
         held = f"iteration {saved_at}, whose parameters gave a finite loss"
     what = ("change what failed (the setting named above), or pass --allow-solver-failures to go on with a "
@@ -441,8 +441,9 @@ def load_checkpoint(path) -> Checkpoint:
     try:
         with numpy.load(path, allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError) as err:
-        raise ValueError(f"cannot read checkpoint {path}: {err}") from err
+    except Exception as err:  # noqa: BLE001 - truncated or flipped bytes fail anywhere in zipfile / numpy
+        raise ValueError(f"cannot read checkpoint {path}: it is damaged ({type(err).__name__}: {err}); move it "
+                         f"away to start over, or resume from a copy") from None
     for key in ("iteration", "seed"):
         if key not in arrays:
             raise ValueError(f"checkpoint {path} has no {key!r} entry: not written by save_checkpoint")
