@@ -25,6 +25,7 @@ from .. import autodiff as ad
 from .. import backend, distributed, maml, train
 from ..nn import conv4
 from ..tasks import episodes
+from . import classification_figures as figures
 from .algorithm_settings import Settings, algorithm_setting, make_algorithm
 from .common import (check_config, failures_note, log, markdown_table, run_folder, setting, summary,
                      training_settings, write_json)
@@ -252,8 +253,8 @@ def _run(config: ClassificationConfig, resume: bool, progress: bool, allow_chang
                "test_accuracy": [summary(row) for row in test]}
     write_json(os.path.join(config.out_dir, "results.json"), results)
     if distributed.is_root():
-        plot_training(results, os.path.join(config.out_dir, "training.png"))
-        plot_steps(results, os.path.join(config.out_dir, "accuracy_vs_steps.png"))
+        figures.plot_training(results, os.path.join(config.out_dir, "training.png"))
+        figures.plot_steps(results, os.path.join(config.out_dir, "accuracy_vs_steps.png"))
     return results
 
 
@@ -273,55 +274,6 @@ def results_table(all_results: list, paper: dict, title: str) -> str:
               "best (val) at", "train minutes", "mode"]
     return (f"### {title}\n\n" + markdown_table(header, [results_row(r, paper) for r in all_results])
             + failures_note({r["key"]: r.get("solver_failures") for r in all_results}))
-
-
-def plot_training(results: dict, path: str) -> None:
-    """Validation accuracy against meta-iterations (whole-number ticks), the tested (best-validation)
-    iteration marked."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    curve = results["validation"]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    accuracy = [numpy.nan if r["val_accuracy"] is None else 100 * r["val_accuracy"] for r in curve]
-    ax.plot([r["iteration"] for r in curve], accuracy, "o-")
-    if curve and results.get("best_iteration"):
-        ax.axvline(results["best_iteration"], color="grey", linestyle=":", label="best, tested")
-        ax.legend(fontsize=7)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("meta-iteration")
-    ax.set_ylabel("validation accuracy %")
-    ax.set_title(results["key"])
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
-def plot_steps(results: dict, path: str) -> None:
-    """Test accuracy against the number of fine-tuning steps (one tick per step): the mean over the
-    test tasks with its 95% CI as a shaded band; a step where fine-tuning diverged (mean None) is a
-    gap."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = results["test_accuracy"]
-    steps = numpy.arange(len(rows))
-    means = 100 * numpy.array([numpy.nan if r["mean"] is None else r["mean"] for r in rows], dtype=float)
-    cis = 100 * numpy.array([numpy.nan if r["ci95"] is None else r["ci95"] for r in rows], dtype=float)
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(steps, means, "o-", label=f"mean over {rows[0]['n']} test tasks")
-    ax.fill_between(steps, means - cis, means + cis, alpha=0.25, label="95% CI")
-    ax.set_xticks(steps)
-    ax.legend(fontsize=7)
-    ax.set_xlabel("gradient steps at test time")
-    ax.set_ylabel("test accuracy %")
-    ax.set_title(results["key"])
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 if __name__ == "__main__":
