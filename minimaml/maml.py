@@ -91,6 +91,14 @@ def per_task(params: dict, n_tasks: int, inner_param_names=None) -> dict:
             else ad.as_tensor(p) for name, p in params.items()}
 
 
+def as_leaves(params: dict, names) -> dict:
+    """``params`` as Tensors whose gradient can be taken for ``names``: a constant there (an array, or a
+    Tensor that needs no gradient) becomes a leaf; a recorded Tensor stays (the chain goes on through it)."""
+    return {n: p if isinstance(p, ad.Tensor) and (p.requires_grad or n not in names) else
+            ad.Tensor(p.data if isinstance(p, ad.Tensor) else p, requires_grad=n in names)
+            for n, p in params.items()}
+
+
 def inner_step(task_loss, params: dict, support, inner_lr, inner_param_names=None,
                create_graph: bool = False) -> dict:
     """One step of every task's gradient descent on its own support loss, for the parameters in
@@ -104,10 +112,7 @@ def inner_step(task_loss, params: dict, support, inner_lr, inner_param_names=Non
     constants, ready to be the next step's starting point.
     """
     names = _inner_names(params, inner_param_names)
-    # A constant (an array, or a Tensor that needs no gradient) becomes a leaf, so its gradient can be taken.
-    params = {n: p if isinstance(p, ad.Tensor) and (p.requires_grad or n not in names) else
-              ad.Tensor(p.data if isinstance(p, ad.Tensor) else p, requires_grad=n in names)
-              for n, p in params.items()}
+    params = as_leaves(params, names)
     loss = _summed_loss(task_loss, params, support)
     grads = ad.grad(loss, [params[n] for n in names], create_graph=create_graph)
     adapted = dict(params)

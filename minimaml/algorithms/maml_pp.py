@@ -78,8 +78,7 @@ def inner_trajectory(task_loss, model: dict, rates: dict, support, inner_steps: 
     theta = maml.per_task(model, support.n_tasks, names)
     trajectory = []
     for k in range(inner_steps):
-        theta = {n: p if isinstance(p, ad.Tensor) and p.requires_grad or n not in names
-                 else ad.Tensor(p.data, requires_grad=True) for n, p in theta.items()}
+        theta = maml.as_leaves(theta, names)
         loss = ad.sum(task_loss(at_step(theta, k, per_step_names), support))
         grads = ad.grad(loss, [theta[n] for n in names], create_graph=second_order)
         theta = {**theta, **{n: theta[n] - rates[n][k] * (g if second_order else ad.Tensor(g.data))
