@@ -3,7 +3,7 @@
 =============  =======================================================================  ==================
 module         what changes                                                             paper
 =============  =======================================================================  ==================
-``maml``       nothing: K inner steps, the query loss after them (``minimaml.maml``)     Finn et al. 2017
+``maml``       MAML itself: K inner steps, then the query loss (``minimaml.maml``)      Finn et al. 2017
 ``reptile``    no query loss, no derivative of the inner loop: theta += eps mean(phi-theta)  Nichol et al. 2018
 ``meta_sgd``   a learned step size per parameter entry, meta-learned with theta         Li et al. 2017
 ``maml_pp``    multi-step loss, per-layer per-step rates, per-step BN, DA, cosine lr    Antoniou et al. 2019
