@@ -190,3 +190,11 @@ def test_printed_numbers_may_differ_only_in_their_last_digits():
     assert not same_output(page.replace("float32", "float64"), page)
     assert not same_output(page + "\nextra line", page)
     assert not same_output("loss nan", "loss 1.0") and same_output("loss nan", "loss nan")
+
+
+def test_every_step_of_the_tour_shows_what_it_prints():
+    """The tour (docs/tour.md, linked first from the README) is read as code and its output: every block
+    is followed by the output it prints, so the test above checks each one."""
+    found = examples((ROOT / "docs" / "tour.md").read_text(encoding="utf-8"))
+    assert len(found) >= 8 and all(expected for _, _, expected in found)
+    assert "docs/tour.md" in (ROOT / "README.md").read_text(encoding="utf-8").split("## ")[0]
