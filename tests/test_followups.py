@@ -227,7 +227,8 @@ def test_the_followups_table_reports_a_diverged_run_and_goes_on(monkeypatch):
     assert [name for name, _ in ran] == ["maml", *experiments.FOLLOWUPS] and len(folders) == len(ran)
     assert ("imaml", True) in ran  # backtracking (and the damped CG) for iMAML
     assert "| maml_pp | training diverged (iteration 7: gradient 'layer0.w' has 40 non-finite value(s)) |" in table
-    assert "| reptile | solver failed (iteration 3: its solve did not converge: raise --x (3 iterations in a row)) |" in table
+    assert ("| reptile | its solver failed (iteration 3: its solve did not converge: raise --x (3 iterations in a row); "
+            "no checkpoint was written before it) |") in table
 
 
 # --- one convention -------------------------------------------------------------------------------------

@@ -22,12 +22,7 @@ def plot_training(results: dict, path: str) -> None:
         ax.axvline(results["best_iteration"], color="grey", linestyle=":", label="best, tested")
         ax.legend(fontsize=7)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("meta-iteration")
-    ax.set_ylabel("validation accuracy %")
-    ax.set_title(results["key"])
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _finish(fig, ax, "meta-iteration", "validation accuracy %", results["key"], path)
 
 
 def plot_steps(results: dict, path: str) -> None:
@@ -47,9 +42,16 @@ def plot_steps(results: dict, path: str) -> None:
     ax.fill_between(steps, means - cis, means + cis, alpha=0.25, label="95% CI")
     ax.set_xticks(steps)
     ax.legend(fontsize=7)
-    ax.set_xlabel("gradient steps at test time")
-    ax.set_ylabel("test accuracy %")
-    ax.set_title(results["key"])
+    _finish(fig, ax, "gradient steps at test time", "test accuracy %", results["key"], path)
+
+
+def _finish(fig, ax, xlabel: str, ylabel: str, title: str, path: str) -> None:
+    """Label the axes, title the figure, save it to ``path`` and close it."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -30,10 +30,6 @@ def run_profile(profile: str, resume: bool = False, progress: bool = True, overw
         except NonFiniteError as err:
             rows.append([name, f"training diverged ({str(err).split('. ')[0]})", "-", "-", "-"])
             continue
-        except SolverError as err:
-            reason = str(err).split("; ")[0].split(". The checkpoint")[0]
-            rows.append([name, f"solver failed ({reason})", "-", "-", "-"])
-            continue
         curve = results["mse"][f"{name}/k5"]
         rows.append([name, *[cell(curve[s]) for s in (1, 5, 10)], f"{results['train_seconds']:.0f}"])
     header = ["algorithm", "1 step", "5 steps", "10 steps", "train seconds (with evaluation)"]
