@@ -53,7 +53,7 @@ def train_steps(step, params):
 def w1(mode: str):
     config = sinusoid.Config.for_profile("quick", mode=mode)
     params = sinusoid.mlp.init(numpy.random.default_rng(0), scheme=config.init)
-    return train_steps(sinusoid.maml_step(config), params)
+    return train_steps(sinusoid.meta_step(config, sinusoid.make_algorithm(config)), params)
 
 
 def w2():
@@ -62,14 +62,15 @@ def w2():
     model = classification.make_model(config)
     params = model.init(numpy.random.default_rng(0), config.n_way)
     names = conv4.inner_param_names(params, adapt_bn_shift=config.adapt_bn_shift)
-    return train_steps(classification.meta_step(config, model, images, names), params)
+    algorithm = classification.make_algorithm(config, names)
+    return train_steps(classification.meta_step(config, model, images, algorithm), params)
 
 
 def rl():
     cfg = navigation.config("quick")
     env = rl_common.build_env(cfg)
     params = rl_common.init_policy(env, cfg.seed, cfg.init_output_scale)
-    return train_steps(rl_common.MamlStep(env, cfg), params)
+    return train_steps(rl_common.MetaStep(env, cfg), params)
 
 
 def main(argv=None) -> None:

@@ -18,9 +18,9 @@ import pytest
 
 import strict_xp
 from minimaml import autodiff as ad
-from minimaml import backend, distributed, maml, optim, train, verify
+from minimaml import algorithms, backend, distributed, maml, optim, train, verify
 from minimaml.experiments import classification, navigation, omniglot, sinusoid
-from minimaml.followups import ALGORITHMS, ANIL, IMAML, MAML, MAMLPlusPlus, MetaSGD, Reptile
+from minimaml.algorithms import ALGORITHMS, ANIL, IMAML, MAML, MAMLPlusPlus, MetaSGD, Reptile
 from minimaml.nn import conv4, mlp
 from minimaml.nn import policy as pol
 from minimaml.rl import maml_rl, sampler, trpo
@@ -69,6 +69,11 @@ def assert_same_on_device(device_arrays: dict, cpu_arrays: dict, rtol: float = 1
         assert backend.is_gpu_array(got), f"{name}: a host array came back from the GPU path"
         assert got.dtype == cpu.dtype, f"{name}: dtype {got.dtype}, on the CPU {cpu.dtype}"
         np.testing.assert_allclose(backend.to_numpy(got), cpu, rtol=rtol, atol=1e-12, err_msg=name)
+
+
+def maml_step(config):
+    """The sinusoid experiment's MAML training step."""
+    return sinusoid.meta_step(config, sinusoid.make_algorithm(config))
 
 
 # --- the stand-in itself ---------------------------------------------------------------------------------
@@ -151,7 +156,8 @@ def test_a_trpo_meta_iteration(strict, env_name):
 
     def iteration():
         params = pol.init(np.random.default_rng(0), env.obs_dim, env.act_dim, hidden=(16, 16), dtype=np.float64)
-        return maml_rl.meta_iteration(env, params, np.random.default_rng(1), trpo.TRPO(damping=0.1), 3, 2, 0.1)
+        return maml_rl.meta_iteration(env, params, np.random.default_rng(1), trpo.TRPO(damping=0.1), 3, 2,
+                                      algorithms.make("maml", 0.1, 1))
     cpu_params, cpu_stats = on_cpu(iteration)
     params, stats = iteration()
     assert_same_on_device(params, cpu_params, rtol=1e-8)
@@ -189,7 +195,7 @@ def test_the_all_reduce_on_one_rank(strict, monkeypatch):
     assert_same_on_device(grads, host)
     config = sinusoid.Config.for_profile("quick", meta_batch_size=4)
     params = mlp.init(np.random.default_rng(0))
-    result = train.run(params, sinusoid.maml_step(config), 1, seed=0, progress=False)
+    result = train.run(params, maml_step(config), 1, seed=0, progress=False)
     assert all(backend.is_gpu_array(p) for p in result.params.values()) and np.isfinite(result.history[0]["loss"])
 
 
@@ -279,9 +285,9 @@ def test_a_maml_training_step_syncs_three_times(strict):
     parameters after it): nothing else in a step of ``train.run`` waits for the GPU."""
     config = sinusoid.Config.for_profile("quick", meta_batch_size=4)
     params = mlp.init(np.random.default_rng(0))
-    train.run(params, sinusoid.maml_step(config), 1, seed=0, progress=False)
+    train.run(params, maml_step(config), 1, seed=0, progress=False)
     strict.reset()
-    train.run(params, sinusoid.maml_step(config), 2, seed=0, progress=False)
+    train.run(params, maml_step(config), 2, seed=0, progress=False)
     assert sorted(kind for (kind, _), n in strict.transfers.items() for _ in range(n)) == ["bool"] * 4 + ["float"] * 2
 
 
