@@ -5,11 +5,11 @@
 
 The same from Python: ``export``, ``load_case``, ``check`` (a ``Report``; ``print`` it). The modules:
 ``cases`` (the format), ``models`` (the architectures the doctor knows), ``standard`` (its own cases),
-``gradients`` (the exact meta-gradients, correct and of each classic mistake), ``check`` (the verdict
+``gradients`` (the exact meta-gradients, correct and of each classic mistake), ``diagnosis`` (the verdict
 and the diagnosis). docs/doctor.md walks through it with PyTorch and JAX.
 """
 
 from .cases import Case, check_case, load_case, save_case
-from .check import Report, check, mistake_table, precision_floor, relative_error
+from .diagnosis import Report, check, mistake_table, precision_floor, relative_error
 from .gradients import mistakes, reference
 from .standard import STANDARD, export, standard_case

@@ -13,7 +13,7 @@ import sys
 
 import numpy
 
-from . import cases, check, standard
+from . import cases, diagnosis, standard
 
 DESCRIPTION = """Check a MAML meta-gradient computed anywhere (PyTorch, JAX, your own code) against the exact
 one, and when it is wrong, name the classic mistake it matches.
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
             for folder in standard.export(args.directory, args.case):
                 print(f"wrote {folder}/case.json and case.npz")
             return 0
-        report = check.check(cases.load_case(args.case), load_grads(args.grads))
+        report = diagnosis.check(cases.load_case(args.case), load_grads(args.grads))
     except (ValueError, OSError) as error:
         print(error, file=sys.stderr)
         return 2

@@ -101,6 +101,7 @@ class Report:
     overall: float
     per_parameter: dict
     candidates: list = field(default_factory=list)
+    not_finite: list = field(default_factory=list)
 
     @property
     def exact(self) -> bool:
@@ -120,6 +121,10 @@ class Report:
         lines.append(f"{'overall':<24} {self.overall:.3e}")
         if self.exact:
             lines.append(f"verdict: EXACT to {self.dtype} precision.")
+            return "\n".join(lines)
+        if self.not_finite:
+            lines.append(f"verdict: WRONG: your gradient has NaN or infinite entries in {self.not_finite}; an inner "
+                         f"loop that diverges in your code would do that. No diagnosis without finite numbers.")
             return "\n".join(lines)
         lines.append(f"verdict: WRONG: {self.overall:.1e} is above the {self.dtype} floor {self.floor:.1e}.")
         lines.append("diagnosis: the exact meta-gradient of each classic mistake, best first:")
@@ -162,7 +167,8 @@ def check(case, grads: dict, exact: dict = None, floor: float = None, variants: 
     floor = precision_floor(case64, dtype, exact) if floor is None else floor
     report = Report(case.name, dtype, case.n_tasks, floor, relative_error(grads, exact),
                     {n: relative_error(grads, exact, [n]) for n in case.meta_names})
-    if report.exact:
+    report.not_finite = [n for n in case.meta_names if not numpy.isfinite(grads[n]).all()]
+    if report.exact or report.not_finite:
         return report
     variants = mistake_table(case64) if variants is None else variants
     report.candidates = [_candidate("exact", "no mistake: the exact meta-gradient", grads, exact, floor)]
