@@ -64,9 +64,10 @@ class Candidate:
     scale: float = 1.0
 
     def label(self, n_tasks: int) -> str:
+        name = "no mistake (the exact meta-gradient)" if self.key == "exact" else self.key
         if self.scale == 1.0:
-            return self.key
-        return f"{self.key}, times {self.scale:.6g}{scale_hint(self.scale, n_tasks)}"
+            return name
+        return f"{name}, times {self.scale:.6g}{scale_hint(self.scale, n_tasks)}"
 
 
 def scale_hint(scale: float, n_tasks: int) -> str:
@@ -113,12 +114,16 @@ class Report:
         best = self.candidates[0] if self.candidates else None
         return best if best is not None and best.error <= self.floor else None
 
+    def shown(self, error: float) -> str:
+        """An error as printed: below the floor, only that (the digits there are rounding)."""
+        return f"{error:.3e}" if error > self.floor else f"< {self.floor:.0e}"
+
     def __str__(self) -> str:
         lines = [f"case {self.case}: your meta-gradient is {self.dtype}; an exact {self.dtype} gradient reaches a "
-                 f"relative error of about {self.floor:.1e} here",
+                 f"relative error of about {self.floor:.0e} here",
                  f"{'parameter':<24} relative error"]
-        lines += [f"{name:<24} {error:.3e}" for name, error in self.per_parameter.items()]
-        lines.append(f"{'overall':<24} {self.overall:.3e}")
+        lines += [f"{name:<24} {self.shown(error)}" for name, error in self.per_parameter.items()]
+        lines.append(f"{'overall':<24} {self.shown(self.overall)}")
         if self.exact:
             lines.append(f"verdict: EXACT to {self.dtype} precision.")
             return "\n".join(lines)
@@ -126,16 +131,16 @@ class Report:
             lines.append(f"verdict: WRONG: your gradient has NaN or infinite entries in {self.not_finite}; an inner "
                          f"loop that diverges in your code would do that. No diagnosis without finite numbers.")
             return "\n".join(lines)
-        lines.append(f"verdict: WRONG: {self.overall:.1e} is above the {self.dtype} floor {self.floor:.1e}.")
-        lines.append("diagnosis: the exact meta-gradient of each classic mistake, best first:")
-        lines += [f"  {c.error:.3e}  {c.label(self.n_tasks)}" for c in self.candidates]
+        lines.append(f"verdict: WRONG: {self.overall:.1e} is above the {self.dtype} floor {self.floor:.0e}.")
+        lines.append("diagnosis: the exact meta-gradient of each classic mistake against yours, best first:")
+        lines += [f"  {self.shown(c.error):>9}  {c.label(self.n_tasks)}" for c in self.candidates]
         match = self.match
         if match is None:
             lines.append("none matches: your gradient is none of these mistakes (nor a constant multiple of one); "
                          "check the case's description (case.json) against your code.")
         elif match.key == "exact":
             lines.append(f"it matches the exact meta-gradient times {match.scale:.6g}"
-                         f"{scale_hint(match.scale, self.n_tasks)}: check how you reduce over tasks.")
+                         f"{scale_hint(match.scale, self.n_tasks)}: check how you reduce over the tasks.")
         else:
             lines.append(f"it matches: {match.label(self.n_tasks)}. Likely cause: {match.cause}.")
         return "\n".join(lines)
