@@ -138,6 +138,9 @@ def main(argv=None) -> int:
                         help=f"comma-separated experiments out of {', '.join(EXPERIMENTS)} (default: quick and "
                              f"smoke {', '.join(DEFAULT['quick'])}; full: all)")
     parser.add_argument("--resume", action="store_true", help="continue each experiment from its checkpoints")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start each experiment over: the earlier run's files are moved into "
+                             "<its folder>/replaced-<date>/, never deleted")
     parser.add_argument("--publish", action="store_true",
                         help="also write docs/generated/<profile>.md and docs/figures/ (tracked files)")
     parser.add_argument("--download", action="store_true",
@@ -148,6 +151,8 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in EXPERIMENTS]
     if unknown:
         parser.error(f"unknown experiments {unknown}: choose from {list(EXPERIMENTS)}")
+    if args.resume and args.overwrite:
+        parser.error("--resume continues the earlier runs and --overwrite moves them aside: give one")
     started = time.time()
 
     print("== verification report ==")
@@ -164,13 +169,26 @@ def main(argv=None) -> int:
         print(f"\n== {name} ({args.profile} profile) ==", flush=True)
         start = time.time()
         key = f"{name}/{args.profile}"
-        options = {"download": args.download} if name == "omniglot" else {}  # the one data set with a download
+        options = {"overwrite": args.overwrite}
+        if name == "omniglot":  # the one data set with a download
+            options["download"] = args.download
         try:
             table, folders = run_experiment(name, args.profile, args.resume, not args.no_progress, options)
-        except (ImportError, DataError) as err:  # an optional extra (MuJoCo) or a data set not supplied
-            note = (f"Skipped in the run of {datetime.date.today().isoformat()} (commit {commit()}): {err}")
-            print(f"{name}: skipped: {err}", flush=True)
-            outcomes.append((name, "skipped", str(err)))
+        except KeyboardInterrupt:
+            interrupted = f"Interrupted (Ctrl-C) in the run of {datetime.date.today().isoformat()}; --resume continues it"
+            print(f"\n{name}: interrupted", flush=True)
+            outcomes.append((name, "interrupted", "Ctrl-C; python run_all.py --resume continues it"))
+            for path in (report,) + ((published,) if args.publish else ()):
+                write_report(path, args.profile, key, None, interrupted)
+            break
+        except (ImportError, DataError, *common.COMMAND_ERRORS, MemoryError, OSError) as err:
+            # an optional extra (MuJoCo) or a data set not supplied: skipped; anything else: failed
+            skipped = isinstance(err, (ImportError, DataError))
+            outcome = "skipped" if skipped else "failed"
+            note = (f"{outcome.capitalize()} in the run of {datetime.date.today().isoformat()} (commit {commit()}): "
+                    f"{common.error_line(err)}")
+            print(f"{name}: {outcome}: {common.error_line(err)}", flush=True)
+            outcomes.append((name, outcome, common.error_line(err)))
             for path in (report,) + ((published,) if args.publish else ()):
                 write_report(path, args.profile, key, None, note)
             continue
@@ -187,11 +205,16 @@ def main(argv=None) -> int:
 
     print(f"\n== summary ({args.profile} profile) ==")
     for name, outcome, detail in outcomes:
-        print(f"{name:14s} {outcome:8s} {detail}")
+        print(f"{name:14s} {outcome:11s} {detail}")
+    not_run = names[len(outcomes):]
+    if not_run:
+        print(f"{'not run':14s} {', '.join(not_run)}")
     print(f"total {(time.time() - started) / 60:.1f} minutes (verification report included)")
     print(f"wrote {os.path.relpath(report, ROOT)}" + (f" and {os.path.relpath(published, ROOT)}" if args.publish else
                                                        " (add --publish to refresh docs/generated/)"))
-    return 0
+    if any(outcome == "interrupted" for _, outcome, _ in outcomes):
+        return 130
+    return 1 if any(outcome == "failed" for _, outcome, _ in outcomes) else 0
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 guard, progress, validation and early stopping.
 
 What an iteration does is a ``Step``: ``step(params, state, rng, iteration) -> (params, state, record)``.
-Two kinds plug in:
+A record may carry ``record["failure"]``, a line saying that this step's numerics failed (a solver that did
+not converge); the loop acts on a persistent failure as on NaN. Two kinds plug in:
 
 - ``GradientStep``: Adam or SGD on a meta-gradient (sinusoid, Omniglot, MiniImagenet, and every
   supervised baseline);
@@ -24,7 +25,9 @@ then renamed over the old one, so the file on disk is always complete:
   parameters ``best/<name>`` with ``best_iteration``
 
 Guarantees, each tested: a NaN or infinite loss, gradient or parameter stops the run with
-``NonFiniteError`` and leaves on disk the last checkpoint whose parameters gave a finite loss; a
+``NonFiniteError`` and leaves on disk the last checkpoint whose parameters gave a finite loss; a step
+that reports a failure ``failure_patience`` iterations in a row stops it the same way with
+``SolverError`` (or, with ``allow_failures``, goes on and counts them in ``TrainResult.failures``); a
 resume with other settings is a ``ResumeError`` naming them. (The experiments hold their folder with
 ``files.folder_lock``: one run per folder.)
 
@@ -52,6 +55,12 @@ from minimaml.files import write_atomic
 class NonFiniteError(FloatingPointError):
     """A loss, gradient or parameter was NaN or infinite; the message names the iteration and says
     what the checkpoint on disk holds."""
+
+
+class SolverError(FloatingPointError):
+    """A step's numerics failed (an inner solve or conjugate gradient that did not converge, a learned
+    step size that went non-positive) ``failure_patience`` iterations in a row: the message is the step's
+    own, naming the setting to change, and says what the checkpoint on disk holds."""
 
 
 class ResumeError(ValueError):
@@ -84,6 +93,7 @@ class TrainResult:
     best_params: dict | None = None  # the best-scoring parameters (with validation), else None
     best_iteration: int | None = None
     changes: list = field(default_factory=list)
+    failures: dict = field(default_factory=lambda: {"iterations": 0, "first": None, "last": None})
 
 
 def iteration_rng(seed: int, iteration: int) -> numpy.random.Generator:
@@ -108,7 +118,8 @@ class GradientStep(Step):
     """An optimizer (``optim.Adam``, ``optim.SGD``) on a gradient:
     ``loss_and_grads(params, rng, iteration) -> (loss, grads, metrics)``, then
     ``params, state <- optimizer.update(params, grads, state)``. The record is ``{"loss", **metrics}``,
-    at ``params`` before the update. A non-finite loss or gradient raises before the update."""
+    at ``params`` before the update (``metrics["failure"]``, a str, passes through as the record's). A
+    non-finite loss or gradient raises before the update."""
 
     def __init__(self, loss_and_grads: Callable, optimizer):
         self.loss_and_grads, self.optimizer = loss_and_grads, optimizer
@@ -123,7 +134,10 @@ class GradientStep(Step):
             raise NonFiniteError(f"iteration {iteration}: loss is {loss}")
         _check_finite_arrays("gradient", grads, iteration)
         params, state = self.optimizer.update(params, grads, state)
-        return params, state, {"loss": loss, **{k: float(v) for k, v in metrics.items()}}
+        record = {"loss": loss, **{k: float(v) for k, v in metrics.items() if k != "failure"}}
+        if metrics.get("failure"):
+            record["failure"] = str(metrics["failure"])
+        return params, state, record
 
 
 @dataclass
@@ -152,6 +166,8 @@ def run(
     progress: bool = True,
     desc: str = "train",
     logger: Callable[[str], None] | None = None,
+    failure_patience: int = 3,
+    allow_failures: bool = False,
 ) -> TrainResult:
     """Run iterations ``0 .. n_iterations - 1`` of ``step`` from ``params``.
 
@@ -168,10 +184,13 @@ def run(
     validation, and per checkpoint when there is no progress bar.
 
     A non-finite loss, record value or parameter raises ``NonFiniteError``; the checkpoint on disk is
-    then the last one whose parameters gave a finite loss.
+    then the last one whose parameters gave a finite loss. A record's ``failure`` in ``failure_patience``
+    iterations in a row raises ``SolverError`` the same way (the checkpoint: the parameters before the
+    last failing step); ``allow_failures``: a warning line instead, once per run of failing iterations.
+    Either way the failures are counted in ``TrainResult.failures`` (iterations, first and last message).
     """
     _check_counts(n_iterations=(n_iterations, 0), checkpoint_every=(checkpoint_every, 1),
-                  log_every=(log_every, 1), **({"validation.every": (validation.every, 1)} if validation else {}))
+                  log_every=(log_every, 1), failure_patience=(failure_patience, 1), **({"validation.every": (validation.every, 1)} if validation else {}))
     if max_train_seconds is not None and not max_train_seconds > 0:
         raise ValueError(f"train.run: max_train_seconds must be positive or None, got {max_train_seconds}")
     config = None if config is None else json.loads(json.dumps(config))  # what the checkpoint will hold
@@ -200,6 +219,7 @@ def run(
     # The state before the last step whose loss was finite: what the checkpoint falls back to.
     good = None
     saved_at = start
+    failures, failing_in_a_row = {"iterations": 0, "first": None, "last": None}, 0
     iteration = start
     progress = progress and distributed.is_root()  # under MPI, rank 0 shows the bar and writes the checkpoints
     with tqdm(total=n_iterations, initial=min(start, n_iterations), disable=not progress, desc=desc) as bar:
@@ -207,8 +227,18 @@ def run(
             clock = time.perf_counter()
             try:
                 new_params, new_state, record = step(params, state, iteration_rng(seed, iteration), iteration)
+                failure = record.pop("failure", None)
                 _check_finite_record(record, iteration)
-            except NonFiniteError as err:
+                failing_in_a_row = failing_in_a_row + 1 if failure else 0
+                if failure:
+                    failures = {"iterations": failures["iterations"] + 1, "first": failures["first"] or
+                                f"iteration {iteration}: {failure}", "last": f"iteration {iteration}: {failure}"}
+                if failing_in_a_row >= failure_patience and not allow_failures:
+                    raise SolverError(f"iteration {iteration}: {failure} ({failing_in_a_row} iterations in a row)")
+                if failing_in_a_row == failure_patience:
+                    say(f"{desc} warning: iteration {iteration}: {failure} ({failing_in_a_row} iterations in a "
+                        f"row; going on, as failures are allowed)")
+            except (NonFiniteError, SolverError) as err:
                 if good is not None and saved_at == iteration:  # the checkpoint holds the failing parameters
                     at, good_params, good_state, n_history, n_curve, good_best, good_best_at, at_seconds = good
                     save(checkpoint_path, at, good_params, good_state, history[:n_history], curve[:n_curve],
@@ -253,28 +283,33 @@ def run(
     if budget_spent and iteration < n_iterations:
         say(f"{desc}: stopped at iteration {iteration} of {n_iterations}: the training budget of "
             f"{max_train_seconds / 60:g} minutes is spent ({seconds() / 60:.1f})")
-    return TrainResult(params, state, history, seconds(), iteration, curve, best_params, best_iteration, changes)
+    return TrainResult(params, state, history, seconds(), iteration, curve, best_params, best_iteration, changes,
+                       failures)
 
 
 def _best_score(curve: list, best_iteration: int) -> float:
     return next(r["score"] for r in reversed(curve) if r["iteration"] == best_iteration)
 
 
-def _non_finite(err, saved_at: int, iteration: int, checkpoint_path, resumed_bad: bool) -> NonFiniteError:
-    """The error to raise: what failed, what the checkpoint on disk holds and how to go on.
-    ``resumed_bad``: the failing parameters are the ones this session resumed from."""
+def _non_finite(err, saved_at: int, iteration: int, checkpoint_path, resumed_bad: bool):
+    """The error to raise (``NonFiniteError`` or ``SolverError``, as ``err``): what failed, what the
+    checkpoint on disk holds and how to go on. ``resumed_bad``: the failing parameters are the ones this
+    session resumed from."""
+    kind = type(err)
     if checkpoint_path is None:
-        return NonFiniteError(f"{err}; no checkpoint is kept")
+        return kind(f"{err}; no checkpoint is kept")
     if not os.path.exists(checkpoint_path):
-        return NonFiniteError(f"{err}; no checkpoint was written before it")
+        return kind(f"{err}; no checkpoint was written before it")
     if resumed_bad and saved_at == iteration:
         held = f"iteration {saved_at}, the parameters this run resumed from, which gave it"
+    elif kind is SolverError:
+        held = f"iteration {saved_at}, the parameters before that step"
     else:
         held = f"iteration {saved_at}, whose parameters gave a finite loss"
-    return NonFiniteError(
-        f"{err}. The checkpoint {checkpoint_path} holds {held}. To go on, change what diverged (e.g. a "
-        f"smaller --meta-lr or --inner-lr) and resume with --resume --allow-change SETTING (the change is "
-        f"recorded in the run's history)")
+    what = ("change what failed (the setting named above), or pass --allow-solver-failures to go on with a "
+            "warning" if kind is SolverError else "change what diverged (e.g. a smaller --meta-lr or --inner-lr)")
+    return kind(f"{err}. The checkpoint {checkpoint_path} holds {held}. To go on, {what}, and resume with "
+                f"--resume --allow-change SETTING (the change is recorded in the run's history)")
 
 
 def _check_counts(**counts) -> None:

@@ -29,7 +29,9 @@ def run_all(tmp_path, monkeypatch):
 
     class Ran:
         @staticmethod
-        def run_profile(profile, resume=False, progress=True):
+        def run_profile(profile, resume=False, progress=True, overwrite=False):
+            if outcome.get("raise"):
+                raise outcome["raise"]
             folder = tmp_path / "out"
             folder.mkdir(exist_ok=True)
             (folder / "curve.png").write_bytes(b"png")
@@ -37,7 +39,7 @@ def run_all(tmp_path, monkeypatch):
 
     class NeedsData:
         @staticmethod
-        def run_profile(profile, resume=False, progress=True, download=False):
+        def run_profile(profile, resume=False, progress=True, download=False, overwrite=False):
             outcome["download"] = download
             if not outcome["data"]:
                 raise DataError("no Omniglot in /nowhere (set MINIMAML_DATA)")
@@ -70,7 +72,7 @@ def test_a_skip_says_why_where_the_numbers_would_be_and_keeps_the_earlier_ones_m
     assert "**Skipped in the run of" in published and "no Omniglot in /nowhere" in published
     assert "The numbers below are from an earlier run." in published and "| 0.9 |" in published
     assert published.count("**Skipped") == 1
-    assert "omniglot       skipped  no Omniglot in /nowhere" in capsys.readouterr().out
+    assert "omniglot       skipped     no Omniglot in /nowhere" in capsys.readouterr().out
     assert run_all.main(["--only", "omniglot", "--publish", "--no-progress"]) == 0  # skipped again
     assert (tmp_path / "docs" / "generated" / "quick.md").read_text().count("The numbers below are from an") == 1
 
@@ -99,3 +101,30 @@ def test_the_followups_rows_run_only_when_named():
     assert "followups" in module.EXPERIMENTS
     assert all("followups" not in names for names in module.DEFAULT.values())
     assert callable(module.EXPERIMENTS["followups"].run_profile)
+
+
+def test_a_failed_experiment_is_one_line_and_the_others_still_run(run_all, tmp_path, capsys):
+    """A folder in use, a run already there, a diverged run: one line, the next experiment runs, the
+    report says why where the numbers would be, and the exit status is 1."""
+    from minimaml.experiments.common import RunFolderError
+    run_all.outcome["raise"] = RunFolderError("--out-dir runs/quick/sinusoid already holds a run")
+    assert run_all.main(["--only", "sinusoid,omniglot", "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    assert "sinusoid: failed: --out-dir runs/quick/sinusoid already holds a run" in out
+    assert "sinusoid       failed" in out and "omniglot       ran" in out and "Traceback" not in out
+    report = (tmp_path / "runs" / "quick" / "report.md").read_text()
+    assert "**Failed in the run of" in report and "already holds a run" in report
+
+
+def test_ctrl_c_ends_with_a_summary_and_a_report_that_says_interrupted(run_all, tmp_path, capsys):
+    run_all.outcome["raise"] = KeyboardInterrupt()
+    assert run_all.main(["--only", "sinusoid,omniglot", "--no-progress"]) == 130
+    out = capsys.readouterr().out
+    assert "sinusoid       interrupted" in out and "not run        omniglot" in out and "total" in out
+    assert "**Interrupted (Ctrl-C)" in (tmp_path / "runs" / "quick" / "report.md").read_text()
+
+
+def test_resume_and_overwrite_together_are_refused(run_all, capsys):
+    with pytest.raises(SystemExit) as exit:
+        run_all.main(["--only", "sinusoid", "--resume", "--overwrite"])
+    assert exit.value.code == 2 and "give one" in capsys.readouterr().err

@@ -25,7 +25,8 @@ from .. import autodiff as ad
 from .. import backend, distributed, followups, maml, optim, train
 from ..nn import conv4
 from ..tasks import episodes
-from .common import check_config, log, markdown_table, setting, summary, training_settings, write_json
+from .common import (check_config, failures_note, log, markdown_table, run_folder, setting, summary,
+                     training_settings, write_json)
 
 
 @dataclass
@@ -43,7 +44,7 @@ class ClassificationConfig(followups.Settings):
     meta_batch_size: int = setting(32, "tasks per meta-batch", least=1)
     inner_lr: float = setting(0.4, "inner step size alpha (training and fine-tuning)", positive=True)
     inner_steps: int = setting(1, "inner steps in training", least=0)
-    eval_steps: int = setting(3, "fine-tuning steps at validation and test", least=0)
+    eval_steps: int = setting(3, "fine-tuning steps at validation and test", least=0, most=1000)
     meta_lr: float = setting(1e-3, "Adam's step size", positive=True)
     grad_clip: float = setting(0.0, "clip meta-gradients to [-c, c] (MiniImagenet: 10); 0 = off", least=0.0)
     mode: str = setting("second_order", "meta-gradient", choices=maml.MODES)
@@ -54,7 +55,8 @@ class ClassificationConfig(followups.Settings):
     n_test_tasks: int = setting(600, "test tasks", least=1, training=False)
     eval_batch: int = setting(25, "test tasks adapted at once", least=1, training=False)
     sample_data: bool = setting(False, "MiniImagenet: the 12-image-per-class sample set")
-    seed: int = setting(0, "initialisation and training; validation tasks use seed + 1, test tasks seed + 2")
+    seed: int = setting(0, "initialisation and training; validation tasks use seed + 1, test tasks seed + 2",
+                        least=0, most=2**32 - 1)
     out_dir: str = setting("runs/omniglot", "output folder (checkpoints, results, figures)", training=False)
     checkpoint_every: int = setting(500, "iterations between checkpoints", least=1, training=False)
     transductive: bool = setting(True, "at validation and test, classify a task's query images in one batch (batch "
@@ -212,10 +214,11 @@ def evaluate(model, params, images, task_index, config: ClassificationConfig, na
 
 
 def run(config: ClassificationConfig, resume: bool = False, progress: bool = True, allow_changes=(),
-        download: bool = False) -> dict:
+        download: bool = False, overwrite: bool = False) -> dict:
     """Meta-train with validation-based early stopping, then score the test tasks with the
-    best-validation parameters. ``download``: first fetch the data set's missing files (``download_data``)."""
-    with distributed.root_lock(config.out_dir):
+    best-validation parameters. ``download``: first fetch the data set's missing files (``download_data``);
+    ``overwrite``: start over in a folder that holds a run, its files moved aside (``common.run_folder``)."""
+    with run_folder(config.out_dir, config.dataset, training_settings(config), resume, overwrite):
         if download and distributed.is_root():
             download_data(config)
         return _run(config, resume, progress, allow_changes)
@@ -244,7 +247,7 @@ def _run(config: ClassificationConfig, resume: bool, progress: bool, allow_chang
                        log_every=max(config.val_every // 10, 1),
                        validation=train.Validation(validation_accuracy, config.val_every),
                        max_train_seconds=60 * config.max_train_minutes or None, progress=progress,
-                       desc=config.key, logger=log)
+                       desc=config.key, logger=log, allow_failures=config.allow_solver_failures)
     losses = {r["iteration"]: r["loss"] for r in result.history}
     curve = [{"iteration": r["iteration"], "val_accuracy": r["score"], "seconds": r["seconds"],
               "train_loss": losses.get(max((i for i in losses if i < r["iteration"]), default=-1))}
@@ -254,7 +257,7 @@ def _run(config: ClassificationConfig, resume: bool, progress: bool, allow_chang
     test = evaluate(model, best_params, splits["test"], test_tasks, config, names, algorithm)
     results = {"config": dataclasses.asdict(config), "key": config.key, "train_seconds": result.seconds,
                "iterations": result.iterations, "best_iteration": result.best_iteration or 0,
-               "validation": curve, "changes": result.changes,
+               "validation": curve, "changes": result.changes, "solver_failures": result.failures,
                "test_accuracy": [summary(row) for row in test]}
     write_json(os.path.join(config.out_dir, "results.json"), results)
     if distributed.is_root():
@@ -277,7 +280,8 @@ def results_row(results: dict, paper: dict) -> list:
 def results_table(all_results: list, paper: dict, title: str) -> str:
     header = ["setting", "test accuracy % (95% CI)", "eval steps", "paper", "meta-iterations",
               "best (val) at", "train minutes", "mode"]
-    return f"### {title}\n\n" + markdown_table(header, [results_row(r, paper) for r in all_results])
+    return (f"### {title}\n\n" + markdown_table(header, [results_row(r, paper) for r in all_results])
+            + failures_note({r["key"]: r.get("solver_failures") for r in all_results}))
 
 
 def plot_training(results: dict, path: str) -> None:

@@ -12,33 +12,44 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
+import glob
 import json
 import math
 import os
+import shutil
 import sys
+from contextlib import contextmanager
 
 import numpy
 
 from .. import distributed, files
 from ..tasks.datadir import DataError
-from ..train import NonFiniteError
+from ..train import NonFiniteError, SolverError
 
 # What a command reports as one line and exit status 1 (no traceback): a bad setting or resume
-# (ValueError, ResumeError), a data set missing or malformed, a diverged run, a folder in use.
-COMMAND_ERRORS = (ValueError, DataError, NonFiniteError, files.FolderLockedError)
+# (ValueError, ResumeError, RunFolderError), a data set missing or malformed, a diverged run or a solver
+# that failed, a folder in use.
+# Out of memory and file errors (a full disk, a folder that cannot be written) are one line too.
+COMMAND_ERRORS = (ValueError, DataError, NonFiniteError, SolverError, files.FolderLockedError, MemoryError,
+                  OSError)
 
 PROFILES = ("quick", "full")
 _FIELD_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 
 def setting(default, help: str, least=None, choices=None, training: bool = True, positive: bool = False,
-            group: str | None = None):
-    """A config field: ``least``: smallest allowed value; ``positive``: must be > 0; ``choices``: the
-    allowed values; ``training=False``: does not shape training (e.g. the test set's size), so it may
-    change at a resume; ``group``: a heading of its own in ``--help`` (listed after the others)."""
+            group: str | None = None, most=None, at_most: str | None = None):
+    """A config field: ``least`` / ``most``: smallest / largest allowed value; ``positive``: must be > 0;
+    ``at_most``: the name of another field this one may not exceed; ``choices``: the allowed values;
+    ``training=False``: does not shape training (e.g. the test set's size), so it may change at a resume;
+    ``group``: a heading of its own in ``--help`` (listed after the others)."""
     return dataclasses.field(default=default, metadata={"help": help, "least": least, "choices": choices,
                                                          "training": training, "positive": positive,
-                                                         "group": group})
+                                                         "group": group, "most": most, "at_most": at_most})
+
+
+INT64_MAX = 2**63 - 1  # what a checkpoint stores a count or a seed in
 
 
 def flag(name: str) -> str:
@@ -49,11 +60,18 @@ def check_config(config) -> None:
     """Raise ``ValueError`` naming the flag of the first field out of its range or choices."""
     for f in dataclasses.fields(config):
         value, meta = getattr(config, f.name), f.metadata
-        least, choices = meta.get("least"), meta.get("choices")
+        least, most, choices = meta.get("least"), meta.get("most"), meta.get("choices")
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"{flag(f.name)} must be a finite number, got {value}")
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT64_MAX:
+            raise ValueError(f"{flag(f.name)} must fit a 64-bit integer (at most {INT64_MAX}), got {value}")
         if least is not None and value < least:
             raise ValueError(f"{flag(f.name)} must be >= {least}, got {value}")
+        if most is not None and value > most:
+            raise ValueError(f"{flag(f.name)} must be <= {most}, got {value}")
+        if meta.get("at_most") and value > getattr(config, meta["at_most"]):
+            raise ValueError(f"{flag(f.name)} ({value}) must not exceed {flag(meta['at_most'])} "
+                             f"({getattr(config, meta['at_most'])})")
         if meta.get("positive") and not value > 0:
             raise ValueError(f"{flag(f.name)} must be positive, got {value}")
         if choices is not None and value not in choices:
@@ -87,6 +105,88 @@ def cell(entry: dict, scale: float = 1.0, digits: int = 3) -> str:
     return f"{scale * entry['mean']:.{digits}f} ± {scale * entry['ci95']:.{digits}f}"
 
 
+# --- the output folder of a run --------------------------------------------------------------------
+RUN_RECORD = "run.json"  # what a run's folder holds: the experiment and the settings that shape training
+RUN_FILES = (RUN_RECORD, "results.json", "results.md", "validation.json", "*.ckpt.npz", "*.png")  # what runs write
+
+
+class RunFolderError(ValueError):
+    """The output folder cannot take this run: it holds another run (or files a run would overwrite), it is
+    not a folder, or it cannot be written. The message names the folder and the way forward."""
+
+
+@contextmanager
+def run_folder(out_dir: str, experiment: str, settings: dict, resume: bool = False, overwrite: bool = False):
+    """Hold ``out_dir`` for one run (``distributed.root_lock``: one run per folder), after checking that
+    the run may write there, so that nothing it did not create is overwritten:
+
+    - a fresh run refuses a folder that holds a run (or any file a run writes: ``RUN_FILES``), naming
+      ``--resume`` and ``--overwrite``;
+    - ``overwrite``: those files are moved, not deleted, into ``<out_dir>/replaced-<date>T<time>/``;
+    - ``resume``: the folder's run must be the same experiment and algorithm (``run.json``; ``train.run``
+      checks the other settings against the checkpoint); a folder without a run starts one.
+    ``settings``: what shapes training (``training_settings``); written to ``<out_dir>/run.json``."""
+    if resume and overwrite:
+        raise RunFolderError("--resume continues the run in --out-dir and --overwrite moves it aside: give one")
+    _check_folder(out_dir)
+    with distributed.root_lock(out_dir):
+        if distributed.is_root():
+            _claim(out_dir, experiment, json.loads(json.dumps(settings)), resume, overwrite)
+        yield
+
+
+def _check_folder(out_dir: str) -> None:
+    if not out_dir or not str(out_dir).strip():
+        raise RunFolderError("--out-dir is empty; name a folder for the run's checkpoints and results")
+    existing = os.path.abspath(out_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise RunFolderError(f"--out-dir {out_dir}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RunFolderError(f"--out-dir {out_dir}: {existing} is not writable; give another --out-dir")
+
+
+def _claim(out_dir: str, experiment: str, settings: dict, resume: bool, overwrite: bool) -> None:
+    found = sorted({os.path.basename(p) for pattern in RUN_FILES
+                    for p in glob.glob(os.path.join(glob.escape(out_dir), pattern))})
+    record_path = os.path.join(out_dir, RUN_RECORD)
+    if found and overwrite:
+        aside = os.path.join(out_dir, "replaced-" + datetime.datetime.now().strftime("%Y-%m-%dT%H%M%S"))
+        os.makedirs(aside)
+        for name in found:
+            shutil.move(os.path.join(out_dir, name), os.path.join(aside, name))
+        log(f"moved the earlier run's {len(found)} files in {out_dir} to {aside}/")
+    elif found and not resume:
+        shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+        raise RunFolderError(
+            f"--out-dir {out_dir} already holds a run ({shown}); --resume continues it, --overwrite moves its "
+            f"files aside (into {out_dir}/replaced-<date>/) and starts over, or give another --out-dir")
+    elif found and os.path.exists(record_path):
+        _check_same_run(record_path, experiment, settings)
+    write_json(record_path, {"experiment": experiment, "settings": settings})
+
+
+def _check_same_run(record_path: str, experiment: str, settings: dict) -> None:
+    """Resume only the run the folder holds: the same experiment and algorithm (another algorithm's
+    checkpoints have other names, so ``train.run`` would not see the difference and would start over
+    beside the earlier run's results). The other settings ``train.run`` checks against the checkpoint."""
+    try:
+        with open(record_path, encoding="utf-8") as f:
+            record = json.load(f)
+        held, held_algorithm = record["experiment"], record["settings"].get("algorithm", "maml")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise RunFolderError(f"{record_path}: unreadable ({err}); move it away to resume the run without this "
+                             f"check") from None
+    folder = os.path.dirname(record_path)
+    if held != experiment:
+        raise RunFolderError(f"--resume: {folder} holds a {held} run, not {experiment}; give another --out-dir")
+    if held_algorithm != settings.get("algorithm", "maml"):
+        raise RunFolderError(f"--resume: {folder} holds a run of --algorithm {held_algorithm}, this run has "
+                             f"--algorithm {settings.get('algorithm', 'maml')}; another algorithm is another run: "
+                             f"give another --out-dir")
+
+
 def write_atomic(path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename: never half-written. Under MPI
     rank 0 alone writes (every rank holds the same results)."""
@@ -98,6 +198,17 @@ def write_atomic(path, text: str) -> None:
 
 def write_json(path, data) -> None:
     write_atomic(path, json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+def failures_note(by_run: dict) -> str:
+    """What a results table says under it when solver failures were allowed (``train.TrainResult.failures``
+    by method or setting): how many iterations failed, and the first failure. Empty when none did."""
+    lines = [f"- {name}: {f['iterations']} iteration(s); the first: {f['first']}"
+             for name, f in by_run.items() if f and f.get("iterations")]
+    if not lines:
+        return ""
+    return ("\n**Solver failures, allowed by --allow-solver-failures: the numbers above may be wrong.**\n\n"
+            + "\n".join(lines) + "\n")
 
 
 def markdown_table(header: list, rows: list) -> str:
@@ -122,16 +233,53 @@ def profile_values(name: str, examples: dict, profiles) -> str:
     return "; ".join(f"{' / '.join(labels)}: {values}" for values, labels in groups.items())
 
 
+class CommandParser(argparse.ArgumentParser):
+    """argparse, except that a negative number in exponent form after a flag (``--meta-lr -1e-3``) is
+    that flag's value, as ``--meta-lr -0.001`` is: argparse would take the word for an unknown option and
+    say "expected one argument" instead of the range check naming the flag."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        words = list(sys.argv[1:] if args is None else args)
+        joined = []
+        for word in words:
+            action = self._option_string_actions.get(joined[-1]) if joined else None
+            if action is not None and action.nargs is None and word.startswith("-") and _is_number(word):
+                joined[-1] = f"{joined[-1]}={word}"
+            else:
+                joined.append(word)
+        return super().parse_known_args(joined, namespace)
+
+
+def _is_number(word: str) -> bool:
+    try:
+        float(word)
+    except ValueError:
+        return False
+    return True
+
+
+def error_line(err: BaseException) -> str:
+    """The one line a command prints for an error a user caused (``COMMAND_ERRORS``, memory, files)."""
+    if isinstance(err, MemoryError):
+        return (f"out of memory ({err or 'an array could not be allocated'}); lower the sizes, e.g. "
+                f"--meta-batch-size, --n-test-tasks, --eval-batch")
+    if isinstance(err, OSError) and err.filename is not None:
+        return f"{err.filename}: {err.strerror or err}"
+    return str(err)
+
+
 def config_parser(config_class, description: str, examples: dict, profiles=PROFILES,
                   skip=()) -> argparse.ArgumentParser:
-    """A command line with ``--profile``, ``--resume``, ``--allow-change``, ``--no-progress`` and one
+    """A command line with ``--profile``, ``--resume``, ``--overwrite``, ``--allow-change``, ``--no-progress`` and one
     ``--flag`` per field of ``config_class`` (those in ``skip`` excepted), overriding the profile's
     value. ``examples``: label -> ``profile -> config``, whose values the help shows."""
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=profiles, default=profiles[0],
                         help=f"how much to run (default {profiles[0]}; see above)")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in an --out-dir that holds a run: its files are moved into "
+                             "<out-dir>/replaced-<date>/, never deleted")
     parser.add_argument("--allow-change", default="", metavar="SETTINGS",
                         help="with --resume: comma-separated settings (e.g. meta_lr) that may differ from the "
                              "checkpoint's; the change is recorded in the run's history")

@@ -34,7 +34,8 @@ import functools
 
 from .. import allocator
 from . import rl_common
-from .common import COMMAND_ERRORS, allowed_changes, check_config, config_parser, log, overrides_from_args
+from .common import (COMMAND_ERRORS, allowed_changes, check_config, config_parser, error_line, log,
+                     overrides_from_args)
 from .rl_common import RLConfig
 
 TASKS = ("cheetah_velocity", "cheetah_direction", "ant_velocity", "ant_direction")
@@ -74,20 +75,21 @@ def config(profile: str = "quick", env: str = "cheetah_direction", **overrides) 
     return cfg
 
 
-def run(cfg: RLConfig, resume: bool = False, progress: bool = True, allow_changes=()) -> dict:
+def run(cfg: RLConfig, resume: bool = False, progress: bool = True, allow_changes=(), overwrite: bool = False) -> dict:
     """Train, evaluate, write results.json / results.md and the figures into ``cfg.out_dir``. Raises an
     ImportError that says how to install MuJoCo when the optional extra is missing."""
-    results, _ = rl_common.run(cfg, resume=resume, progress=progress, allow_changes=allow_changes)
+    results, _ = rl_common.run(cfg, resume=resume, progress=progress, allow_changes=allow_changes,
+                              overwrite=overwrite)
     return results
 
 
-def run_profile(profile: str, resume: bool = False, progress: bool = True) -> tuple:
+def run_profile(profile: str, resume: bool = False, progress: bool = True, overwrite: bool = False) -> tuple:
     """run_all's entry: quick = cheetah direction; reduced = both cheetah tasks; full = all four.
     Returns (markdown, [output folders])."""
     tables, folders = [], []
     for env in PROFILE_TASKS[profile]:
         cfg = config(profile, env=env)
-        tables.append(rl_common.results_markdown(run(cfg, resume=resume, progress=progress)))
+        tables.append(rl_common.results_markdown(run(cfg, resume=resume, progress=progress, overwrite=overwrite)))
         folders.append(cfg.out_dir)
     return "\n".join(tables), folders
 
@@ -101,11 +103,12 @@ def main(argv=None):
     overrides = {k: v for k, v in overrides_from_args(RLConfig, args).items() if k != "env"}
     try:
         cfg = config(args.profile, env=args.env, **overrides)
-        results = run(cfg, resume=args.resume, progress=not args.no_progress, allow_changes=allowed_changes(args))
+        results = run(cfg, resume=args.resume, progress=not args.no_progress, allow_changes=allowed_changes(args),
+                      overwrite=args.overwrite)
     except ImportError as err:
         parser.exit(2, f"{parser.prog}: {err}\n")
     except COMMAND_ERRORS as err:
-        parser.exit(1, f"{parser.prog}: error: {err}\n")
+        parser.exit(1, f"{parser.prog}: error: {error_line(err)}\n")
     log(rl_common.results_markdown(results))  # under MPI: rank 0 alone
 
 

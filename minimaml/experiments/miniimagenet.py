@@ -18,7 +18,7 @@ from __future__ import annotations
 from .. import allocator
 from . import classification
 from .classification import ClassificationConfig
-from .common import COMMAND_ERRORS, allowed_changes, config_parser, log, overrides_from_args
+from .common import COMMAND_ERRORS, allowed_changes, config_parser, error_line, log, overrides_from_args
 
 PAPER = {"miniimagenet-5way-1shot": "48.70 ± 1.84", "miniimagenet-5way-5shot": "63.11 ± 0.92",
          "miniimagenet-5way-1shot-fo": "48.07 ± 1.75", "miniimagenet-5way-5shot-fo": "63.15 ± 0.91"}
@@ -42,13 +42,13 @@ def config(k_shot: int = 1, mode: str = "second_order", profile: str = "quick",
     return classification.make_config(settings, overrides)
 
 
-def run_profile(profile: str, resume: bool = False, progress: bool = True) -> tuple:
+def run_profile(profile: str, resume: bool = False, progress: bool = True, overwrite: bool = False) -> tuple:
     """run_all's entry: 1- and 5-shot, second- and first-order. Returns (markdown, [folders])."""
     results, folders = [], []
     for k_shot in (1, 5):
         for mode in ("second_order", "first_order"):
             cfg = config(k_shot, mode, profile)
-            results.append(classification.run(cfg, resume=resume, progress=progress))
+            results.append(classification.run(cfg, resume=resume, progress=progress, overwrite=overwrite))
             folders.append(cfg.out_dir)
     return classification.results_table(results, PAPER, f"MiniImagenet ({profile} profile)"), folders
 
@@ -66,9 +66,9 @@ def main(argv=None):
     try:
         cfg = config(args.k_shot, args.mode, args.profile, **overrides)
         results = classification.run(cfg, resume=args.resume, progress=not args.no_progress,
-                                     allow_changes=allowed_changes(args))
+                                     allow_changes=allowed_changes(args), overwrite=args.overwrite)
     except COMMAND_ERRORS as err:
-        parser.exit(1, f"{parser.prog}: error: {err}\n")
+        parser.exit(1, f"{parser.prog}: error: {error_line(err)}\n")
     log(classification.results_table([results], PAPER, f"MiniImagenet ({args.profile} profile)"))
 
 

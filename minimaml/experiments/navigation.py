@@ -25,7 +25,8 @@ import os
 
 from .. import allocator, distributed
 from . import rl_common
-from .common import COMMAND_ERRORS, allowed_changes, check_config, config_parser, log, overrides_from_args
+from .common import (COMMAND_ERRORS, allowed_changes, check_config, config_parser, error_line, log,
+                     overrides_from_args)
 from .rl_common import RLConfig
 
 PROFILES = ("quick", "smoke", "full")
@@ -85,20 +86,21 @@ def _env():
     return make_env("navigation")
 
 
-def run(cfg: RLConfig, resume: bool = False, progress: bool = True, allow_changes=()) -> dict:
+def run(cfg: RLConfig, resume: bool = False, progress: bool = True, allow_changes=(), overwrite: bool = False) -> dict:
     """Train, evaluate, write results.json / results.md and the figures into ``cfg.out_dir`` (under
     MPI: rank 0)."""
     results, shown = rl_common.run(cfg, resume=resume, progress=progress, n_show=TRAJECTORY_TASKS,
-                                   allow_changes=allow_changes)
+                                   allow_changes=allow_changes, overwrite=overwrite)
     if distributed.is_root():
         plot_trajectories(shown, cfg, os.path.join(cfg.out_dir, "navigation_trajectories.png"))
     return results
 
 
-def run_profile(profile: str, resume: bool = False, progress: bool = True) -> tuple:
+def run_profile(profile: str, resume: bool = False, progress: bool = True, overwrite: bool = False) -> tuple:
     """run_all's entry: (markdown table, [output folder])."""
     cfg = config(profile)
-    return rl_common.results_markdown(run(cfg, resume=resume, progress=progress)), [cfg.out_dir]
+    return rl_common.results_markdown(run(cfg, resume=resume, progress=progress,
+                                                          overwrite=overwrite)), [cfg.out_dir]
 
 
 def main(argv=None):
@@ -106,9 +108,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         cfg = config(args.profile, **overrides_from_args(RLConfig, args))
-        results = run(cfg, resume=args.resume, progress=not args.no_progress, allow_changes=allowed_changes(args))
+        results = run(cfg, resume=args.resume, progress=not args.no_progress, allow_changes=allowed_changes(args),
+                      overwrite=args.overwrite)
     except COMMAND_ERRORS as err:
-        parser.exit(1, f"{parser.prog}: error: {err}\n")
+        parser.exit(1, f"{parser.prog}: error: {error_line(err)}\n")
     log(rl_common.results_markdown(results))  # under MPI: rank 0 alone
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from .. import allocator
 from . import classification
 from .classification import ClassificationConfig
-from .common import COMMAND_ERRORS, allowed_changes, config_parser, log, overrides_from_args
+from .common import COMMAND_ERRORS, allowed_changes, config_parser, error_line, log, overrides_from_args
 
 PAPER = {"omniglot-5way-1shot": "98.7 ± 0.4", "omniglot-5way-5shot": "99.9 ± 0.1",
          "omniglot-20way-1shot": "95.8 ± 0.3", "omniglot-20way-5shot": "98.9 ± 0.2",
@@ -49,14 +49,16 @@ def config(n_way: int = 5, k_shot: int = 1, model: str = "conv", profile: str = 
     return classification.make_config(settings, overrides)
 
 
-def run_profile(profile: str, resume: bool = False, progress: bool = True, download: bool = False) -> tuple:
+def run_profile(profile: str, resume: bool = False, progress: bool = True, download: bool = False,
+                overwrite: bool = False) -> tuple:
     """run_all's entry: quick (and smoke) = 5-way 1-shot; full = every Table 1 Omniglot setting.
     ``download``: first fetch the official zips missing from <data>/omniglot. Returns (markdown, [output folders])."""
     settings = FULL_SETTINGS if profile == "full" else [(5, 1, "conv")]
     results, folders = [], []
     for n_way, k_shot, model in settings:
         cfg = config(n_way, k_shot, model, profile)
-        results.append(classification.run(cfg, resume=resume, progress=progress, download=download))
+        results.append(classification.run(cfg, resume=resume, progress=progress, download=download,
+                                          overwrite=overwrite))
         folders.append(cfg.out_dir)
     title = f"Omniglot ({profile} profile)"
     return classification.results_table(results, PAPER, title), folders
@@ -78,9 +80,10 @@ def main(argv=None):
     try:
         cfg = config(args.n_way, args.k_shot, args.model, args.profile, **overrides)
         results = classification.run(cfg, resume=args.resume, progress=not args.no_progress,
-                                     allow_changes=allowed_changes(args), download=args.download)
+                                     allow_changes=allowed_changes(args), overwrite=args.overwrite,
+                                     download=args.download)
     except COMMAND_ERRORS as err:
-        parser.exit(1, f"{parser.prog}: error: {err}\n")
+        parser.exit(1, f"{parser.prog}: error: {error_line(err)}\n")
     log(classification.results_table([results], PAPER, f"Omniglot ({args.profile} profile)"))
 
 

@@ -44,7 +44,8 @@ from ..rl import maml_rl
 from ..rl.reinforce import trajectories
 from ..rl.sampler import advantages, average_returns, rank_share, sample_trajectories
 from ..rl.trpo import TRPO
-from .common import cell, log, markdown_table, setting, summary, training_settings, write_atomic, write_json
+from .common import (cell, log, markdown_table, run_folder, setting, summary, training_settings, write_atomic,
+                     write_json)
 
 METHODS = ("maml", "pretrained", "random")
 LABELS = {"maml": "MAML", "pretrained": "pretrained", "random": "random init", "oracle": "oracle"}
@@ -92,13 +93,14 @@ class RLConfig:
     meta_batch_size: int = setting(20, "tasks per meta-iteration (pretrained: tasks per TRPO batch)", least=1)
     n_traj: int = setting(20, "trajectories per task and inner step in training", least=1)
     inner_lr: float = setting(0.5, "inner REINFORCE step size alpha", positive=True)
-    discount: float = setting(0.99, "discount gamma of the returns and GAE", positive=True)
-    gae_lambda: float = setting(1.0, "GAE's lambda", least=0.0)
+    discount: float = setting(0.99, "discount gamma of the returns and GAE", positive=True, most=1.0)
+    gae_lambda: float = setting(1.0, "GAE's lambda", least=0.0, most=1.0)
     max_kl: float = setting(0.01, "TRPO's trust region: the mean KL of a step", positive=True)
     cg_iters: int = setting(10, "conjugate-gradient iterations per TRPO step", least=1)
     cg_damping: float = setting(1e-5, "damping added to the Fisher-vector products", least=0.0)
     n_test_tasks: int = setting(40, "fixed test tasks", least=1, training=False)
-    eval_steps: int = setting(3, "fine-tuning steps at test time (alpha, then alpha / 2)", least=0, training=False)
+    eval_steps: int = setting(3, "fine-tuning steps at test time (alpha, then alpha / 2)", least=0, most=100,
+                             training=False)
     pretrained_lr: float = setting(0.5, "the pretrained baseline's first fine-tuning step size at test (then "
                                    "half of it); the paper: alpha; the authors' locomotion tests: 0.2",
                                    positive=True, training=False)
@@ -110,7 +112,7 @@ class RLConfig:
                                   "navigation)", positive=True)
     test_seed: int = setting(2017, "the fixed test tasks and evaluation noise, the same for every method",
                              training=False)
-    seed: int = setting(0, "policy initialisation and training")
+    seed: int = setting(0, "policy initialisation and training", least=0, most=2**32 - 1)
     init_output_scale: float = setting(0.01, "the initial policy's output-layer weights x this (0.01: a quiet "
                                        "policy whatever the seed; 1: rllab's Glorot init)", positive=True)
     checkpoint_every: int = setting(10, "iterations between checkpoints", least=1, training=False)
@@ -257,7 +259,8 @@ def check_ranks(cfg: RLConfig, ranks: int) -> None:
                          f"{cfg.meta_batch_size})")
 
 
-def run(cfg: RLConfig, resume: bool = False, progress: bool = True, n_show: int = 0, allow_changes=()) -> tuple:
+def run(cfg: RLConfig, resume: bool = False, progress: bool = True, n_show: int = 0, allow_changes=(),
+        overwrite: bool = False) -> tuple:
     """Train the methods of ``cfg.methods``, evaluate them on the test tasks, write ``results.json``,
     ``results.md`` and the figures into ``cfg.out_dir``. Returns ``(results, shown)`` with ``shown`` the
     trajectories of the first ``n_show`` test tasks (``evaluate_policy``) per method. Under MPI every
@@ -265,7 +268,7 @@ def run(cfg: RLConfig, resume: bool = False, progress: bool = True, n_show: int 
     methods = cfg.method_list()
     check_ranks(cfg, distributed.size())
     env = build_env(cfg)
-    with distributed.root_lock(cfg.out_dir):
+    with run_folder(cfg.out_dir, cfg.env, training_settings(cfg), resume, overwrite):
         return _run(cfg, env, methods, resume, progress, n_show, allow_changes)
 
 

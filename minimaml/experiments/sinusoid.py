@@ -29,8 +29,9 @@ from .. import autodiff as ad
 from .. import allocator, backend, distributed, followups, maml, optim, train
 from ..nn import mlp
 from ..tasks import sinusoid
-from .common import (COMMAND_ERRORS, allowed_changes, cell, check_config, config_parser, log, markdown_table,
-                     overrides_from_args, setting, summary, training_settings, write_atomic, write_json)
+from .common import (COMMAND_ERRORS, allowed_changes, cell, check_config, config_parser, error_line,
+                     failures_note, log, markdown_table, overrides_from_args, run_folder, setting, summary,
+                     training_settings, write_atomic, write_json)
 
 PAPER_MSE_5SHOT = {"maml": {1: 0.67, 5: 0.38, 10: 0.35}, "pretrained": {1: 2.41, 5: 2.23, 10: 2.19}}
 PROFILES = ("quick", "smoke", "full")
@@ -54,8 +55,9 @@ class Config(followups.Settings):
     pretrained_lr: float = setting(0.01, "the pretrained baseline's fine-tuning step size at test", positive=True,
                                    training=False)
     n_test_tasks: int = setting(600, "test tasks", least=1, training=False)
-    eval_steps: int = setting(10, "fine-tuning steps at test time (scored after each)", least=10, training=False)
-    seed: int = setting(0, "initialisation and training; the test tasks use seed + 1")
+    eval_steps: int = setting(10, "fine-tuning steps at test time (scored after each)", least=10, most=1000,
+                             training=False)
+    seed: int = setting(0, "initialisation and training; the test tasks use seed + 1", least=0, most=2**32 - 1)
     out_dir: str = setting("runs/quick/sinusoid", "output folder (checkpoints, results, figures)", training=False)
     checkpoint_every: int = setting(2_000, "iterations between checkpoints", least=1, training=False)
 
@@ -139,17 +141,18 @@ def fine_tune_curve(params: dict, test_set, inner_lr: float, steps: int, algorit
     return numpy.stack(curve)
 
 
-def run(config: Config, resume: bool = False, progress: bool = True, allow_changes=()) -> dict:
-    """Train MAML and the pretrained baseline, evaluate both, write results and figures."""
+def run(config: Config, resume: bool = False, progress: bool = True, allow_changes=(), overwrite: bool = False) -> dict:
+    """Train MAML and the pretrained baseline, evaluate both, write results and figures. ``overwrite``:
+    start over in a folder that holds a run, its files moved aside (``common.run_folder``)."""
     check_config(config)
-    with distributed.root_lock(config.out_dir):
+    with run_folder(config.out_dir, "sinusoid", training_settings(config), resume, overwrite):
         return _run(config, resume, progress, allow_changes)
 
 
 def _run(config: Config, resume: bool, progress: bool, allow_changes) -> dict:
     start = time.time()
     init_params = mlp.init(numpy.random.default_rng(config.seed), scheme=config.init)
-    trained, histories, changes = {}, {}, {}
+    trained, histories, changes, failures = {}, {}, {}, {}
     algorithm = None if config.algorithm == "maml" else followups.make(config)
     if algorithm is None:
         steps = (("maml", maml_step(config)), ("pretrained", pretrain_step(config)))
@@ -162,8 +165,9 @@ def _run(config: Config, resume: bool, progress: bool, allow_changes) -> dict:
                            checkpoint_every=config.checkpoint_every, resume=resume,
                            config=training_settings(config), allow_changes=allow_changes,
                            log_every=max(config.n_iterations // 100, 1), progress=progress, desc=name,
-                           logger=log)
+                           logger=log, allow_failures=config.allow_solver_failures)
         trained[name], histories[name], changes[name] = result.params, result.history, result.changes
+        failures[name] = result.failures
     train_seconds = time.time() - start
 
     evaluation = {}
@@ -175,7 +179,7 @@ def _run(config: Config, resume: bool, progress: bool, allow_changes) -> dict:
     results = {"config": dataclasses.asdict(config), "train_seconds": train_seconds, "mse": evaluation,
                "training_loss": {name: [(h["iteration"], h["loss"]) for h in hist]
                                  for name, hist in histories.items()},
-               "changes": changes, "paper_mse_5shot": PAPER_MSE_5SHOT}
+               "changes": changes, "solver_failures": failures, "paper_mse_5shot": PAPER_MSE_5SHOT}
     write_json(os.path.join(config.out_dir, "results.json"), results)
     write_atomic(os.path.join(config.out_dir, "results.md"), results_markdown(results))
     if distributed.is_root() and algorithm is None:
@@ -207,7 +211,8 @@ def results_markdown(results: dict) -> str:
     return (f"### Sinusoid regression ({config['profile']} profile: {config['n_iterations']} "
             f"meta-iterations, {_method(config)}, trained in {results['train_seconds']:.0f} s)\n\n"
             f"MSE on {config['n_test_tasks']} test tasks (mean ± 95% CI) after fine-tuning on K points "
-            f"with {_step_sizes(config, names)}:\n\n" + markdown_table(header, rows))
+            f"with {_step_sizes(config, names)}:\n\n" + markdown_table(header, rows)
+            + failures_note(results.get("solver_failures", {})))
 
 
 def _step_sizes(config: dict, names: list) -> str:
@@ -289,10 +294,10 @@ def plot_curves(results: dict, path: str) -> None:
     plt.close(fig)
 
 
-def run_profile(profile: str, resume: bool = False, progress: bool = True) -> tuple:
+def run_profile(profile: str, resume: bool = False, progress: bool = True, overwrite: bool = False) -> tuple:
     """run_all's entry: (markdown table, [output folder])."""
     config = Config.for_profile(profile)
-    return results_markdown(run(config, resume=resume, progress=progress)), [config.out_dir]
+    return results_markdown(run(config, resume=resume, progress=progress, overwrite=overwrite)), [config.out_dir]
 
 
 def main(argv=None):
@@ -301,9 +306,9 @@ def main(argv=None):
     try:
         config = Config.for_profile(args.profile, **overrides_from_args(Config, args))
         results = run(config, resume=args.resume, progress=not args.no_progress,
-                      allow_changes=allowed_changes(args))
+                      allow_changes=allowed_changes(args), overwrite=args.overwrite)
     except COMMAND_ERRORS as err:
-        parser.exit(1, f"{parser.prog}: error: {err}\n")
+        parser.exit(1, f"{parser.prog}: error: {error_line(err)}\n")
     log(results_markdown(results))
     diverged = {key: max(row["n_diverged"] for row in rows) for key, rows in results["mse"].items()}
     diverged = {key: n for key, n in diverged.items() if n}

@@ -15,7 +15,7 @@ FOLLOWUPS = ("reptile", "meta_sgd", "maml_pp", "anil", "imaml")
 SETTINGS = {"imaml": {"imaml_backtracking": True, "imaml_cg_damping": 1.0, "imaml_lambda_damping": 10.0}}
 
 
-def run_profile(profile: str, resume: bool = False, progress: bool = True) -> tuple:
+def run_profile(profile: str, resume: bool = False, progress: bool = True, overwrite: bool = False) -> tuple:
     """(markdown table, [output folders]): MAML and each follow-up on the sinusoid, the profile's budget;
     a run that diverges gets a row that says so, and the others still run."""
     rows, folders = [], []
@@ -25,7 +25,7 @@ def run_profile(profile: str, resume: bool = False, progress: bool = True) -> tu
         config = sinusoid.Config.for_profile(profile, algorithm=name, **folder, **SETTINGS.get(name, {}))
         folders.append(config.out_dir)
         try:
-            results = sinusoid.run(config, resume=resume, progress=progress)
+            results = sinusoid.run(config, resume=resume, progress=progress, overwrite=overwrite)
         except NonFiniteError as err:
             rows.append([name, f"training diverged ({str(err).split('. ')[0]})", "-", "-", "-"])
             continue

@@ -155,6 +155,9 @@ class MAMLPlusPlus(MAML):
     def optimizer(self, meta_lr, n_iterations, clip_value=None):
         if not self.cosine_annealing:
             return optim.Adam(meta_lr, clip_value=clip_value)
+        if self.min_meta_lr > meta_lr:
+            raise ValueError(f"--maml-pp-min-meta-lr ({self.min_meta_lr:g}) must not exceed --meta-lr ({meta_lr:g}): "
+                             f"the cosine annealing goes down from the meta-lr to it")
         return schedules.Scheduled(lambda lr: optim.Adam(lr, clip_value=clip_value),
                                    schedules.cosine(meta_lr, self.min_meta_lr, max(n_iterations, 1)))
 

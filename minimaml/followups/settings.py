@@ -24,13 +24,18 @@ def followup_setting(default, help: str, **checks):
 class Settings:
     algorithm: str = followup_setting("maml", "MAML (with the experiment's baselines) or one of its follow-ups",
                                       choices=ALGORITHMS)
+    allow_solver_failures: bool = followup_setting(False, "go on, with a warning, when an algorithm's solver "
+                                                   "fails 3 iterations in a row (iMAML's inner solve or CG, "
+                                                   "MAML++'s rates); the count goes into results.json",
+                                                   training=False)
     reptile_inner_lr: float = followup_setting(0.01, "Reptile: the inner optimizer's step size (training and test)",
                                                positive=True)
     reptile_inner_steps: int = followup_setting(5, "Reptile: inner steps in training (on support + query)", least=1)
     reptile_inner_optimizer: str = followup_setting("sgd", "Reptile: inner optimizer", choices=("sgd", "adam"))
     reptile_epsilon: float = followup_setting(1.0, "Reptile: outer step size epsilon, annealed linearly ...",
                                               positive=True)
-    reptile_epsilon_final: float = followup_setting(0.0, "... to this at the last iteration", least=0.0)
+    reptile_epsilon_final: float = followup_setting(0.0, "... to this at the last iteration", least=0.0,
+                                                    at_most="reptile_epsilon")
     meta_sgd_alpha_low: float = followup_setting(0.005, "Meta-SGD: alpha's entries drawn from U(low, high)",
                                                  positive=True)
     meta_sgd_alpha_high: float = followup_setting(0.1, "Meta-SGD: the high end of alpha's initial interval",
