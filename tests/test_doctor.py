@@ -63,6 +63,35 @@ def test_the_exact_gradient_passes_in_float64_and_float32(name):
     assert floor(name, "float64") < 1e-12 < 1e-6 < floor(name, "float32") < 1e-3
 
 
+def test_the_imaml_reference_is_the_implicit_gradient_by_a_dense_solve():
+    """phi_i by plain gradient descent on the proximal loss, then (I + H_i / lambda) x = grad L_Q(phi_i) solved
+    densely (H_i column by column from Hessian-vector products): the doctor's CG reference to 1e-10."""
+    case = standard("imaml")
+    inner, names, loss = case.spec["inner"], case.param_names, case.task_loss()
+    theta = case.meta_params
+    phi = {n: numpy.broadcast_to(p, (case.n_tasks,) + p.shape).copy() for n, p in theta.items()}
+    for _ in range(inner["steps"]):
+        leaves = [ad.Tensor(phi[n], requires_grad=True) for n in names]
+        grads = ad.grad(ad.sum(loss(dict(zip(names, leaves)), case.tasks.support)), leaves)
+        phi = {n: phi[n] - inner["lr"] * (g.data + inner["lambda"] * (phi[n] - theta[n])) for n, g in zip(names, grads)}
+    leaves = [ad.Tensor(phi[n], requires_grad=True) for n in names]
+    query = [g.data for g in ad.grad(ad.sum(loss(dict(zip(names, leaves)), case.tasks.query)), leaves)]
+    hessian = ad.hessian_product(lambda *p: ad.sum(loss(dict(zip(names, p)), case.tasks.support)), [phi[n] for n in names])
+    sizes = [theta[n].size for n in names]
+    columns = []
+    for j in range(sum(sizes)):
+        unit = numpy.zeros(sum(sizes))
+        unit[j] = 1
+        parts = numpy.split(unit, numpy.cumsum(sizes)[:-1])
+        vector = [numpy.broadcast_to(v.reshape(theta[n].shape), phi[n].shape).copy() for v, n in zip(parts, names)]
+        columns.append(numpy.concatenate([h.reshape(case.n_tasks, -1) for h in hessian(vector)], axis=1))
+    h = numpy.stack(columns, axis=2)  # (T, P, P)
+    g = numpy.concatenate([q.reshape(case.n_tasks, -1) for q in query], axis=1)
+    x = numpy.linalg.solve(numpy.eye(sum(sizes)) + h / inner["lambda"], g[..., None])[..., 0].sum(axis=0)
+    dense = dict(zip(names, (part.reshape(theta[n].shape) for part, n in zip(numpy.split(x, numpy.cumsum(sizes)[:-1]), names))))
+    assert doctor.relative_error(dense, exact("imaml")) < 1e-10
+
+
 def test_the_doctors_conv_family_is_minimamls_conv4():
     net = conv4.Conv4(image_size=8, in_channels=2, filters=3, stride=1, padding=1, max_pool=False,
                       features="mean", bn_eps=1e-3)

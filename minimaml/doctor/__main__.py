@@ -26,7 +26,7 @@ one, and when it is wrong, name the classic mistake it matches.
      numpy.savez("grads.npz", **{name: gradient}) (names and shapes as in case.json).
   3. check: the relative error per parameter and overall, a verdict for the precision of your arrays
      (float32 or float64), and when it is wrong, the exact meta-gradient of each classic mistake
-     (first order, batch-norm statistics constant, mean instead of sum, one step too many or too few,
+     (first order, batch-norm statistics constant or in eval mode, mean instead of sum, one step too many or too few,
      the inner rate twice or not at all, support and query swapped, no adaptation, parameters left out,
      learned rates without their term) against yours, best first.
 

@@ -99,8 +99,8 @@ class Case:
     def dtype(self):
         return self.arrays[self.param_names[0]].dtype
 
-    def task_loss(self, constant_bn_statistics: bool = False):
-        return models.task_loss(self.spec["model"], self.spec["loss"], constant_bn_statistics)
+    def task_loss(self, batch_norm: str = "batch"):
+        return models.task_loss(self.spec["model"], self.spec["loss"], batch_norm)
 
     def has_batch_norm(self) -> bool:
         return any(".bn." in n for n in self.param_names)

@@ -7,8 +7,8 @@ exactly by ``unrolled``: the inner loop written out once,
 
     theta_i^{k+1} = theta_i^k - rate_k (.) grad L_{S_i}(theta_i^k),    L = c sum_k w_k sum_i L_{Q_i}(theta_i^k),
 
-with each mistake a switch of it (the inner gradient a constant, batch-norm statistics constants, K +- 1
-steps, the rate squared or 1, support and query swapped, fewer parameters adapted, the rates constants).
+with each mistake a switch of it (the inner gradient a constant, batch-norm statistics constants or
+running ones, K +- 1 steps, the rate squared or 1, support and query swapped, fewer parameters adapted, the rates constants).
 ``unrolled`` with no switch is the reference itself (tests/test_doctor.py checks it to ~1e-12): the
 mistakes differ from the exact gradient by their switch alone. iMAML's mistakes that keep its implicit
 gradient (K +- 1, the rate, swapped sets) go through ``reference`` on the changed case; its first-order
@@ -75,7 +75,7 @@ class Mistake:
     key: str
     cause: str
     first_order: bool = False
-    constant_bn_statistics: bool = False
+    batch_norm: str = "batch"  # "constant": the inner step's statistics constants; "running": eval mode
     extra_steps: int = 0
     rate: str = "alpha"  # "alpha", "alpha^2" (applied twice), "1" (not applied), "constant" (not learned)
     swapped: bool = False
@@ -114,7 +114,11 @@ def mistakes(case) -> list:
         found.append(Mistake("batch-norm statistics constant", "batch-norm statistics treated as constants in "
                              "the inner step: the batch mean and variance detached, so no derivative flows "
                              "through them (e.g. computed outside the graph or under torch.no_grad)",
-                             constant_bn_statistics=True))
+                             batch_norm="constant"))
+        found.append(Mistake("batch norm in eval mode", "batch norm in evaluation mode throughout: fresh running "
+                             "statistics (mean 0, variance 1) instead of each batch's (PyTorch: model.eval(), or "
+                             "F.batch_norm(..., training=False) with the module's running_mean/running_var)",
+                             batch_norm="running"))
     head = head_names(case)
     if set(head) < set(case.adapted):
         found.append(Mistake("head only", f"only the head ({', '.join(head)}) adapted in the inner step, the "
@@ -156,8 +160,8 @@ def unrolled(case, mistake: Mistake) -> dict:
     """The exact meta-gradient of ``case`` with ``mistake`` put in (module docstring)."""
     leaves = {n: ad.Tensor(p, requires_grad=True) for n, p in case.meta_params.items()}
     tasks = swapped(case.tasks) if mistake.swapped else case.tasks
-    support_loss = case.task_loss(mistake.constant_bn_statistics)
-    query_loss = case.task_loss()
+    support_loss = case.task_loss(mistake.batch_norm)
+    query_loss = case.task_loss("running" if mistake.batch_norm == "running" else "batch")
     steps = case.inner_steps + mistake.extra_steps
     weights = case.spec["step_weights"] if case.algorithm == "maml_pp" else [0.0] * (steps - 1) + [1.0]
     names = [n for n in case.adapted if n not in mistake.left_out]

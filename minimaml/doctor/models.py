@@ -13,8 +13,9 @@ experiments use), with any leading task axis on the parameters (``nn.layers``' c
 The task losses (``loss``): ``"mse"`` (mean over examples and outputs), ``"cross_entropy"`` (mean over
 examples) and ``"reinforce"`` (``rl.reinforce``: -sum m log pi(a|s) A / sum m).
 
-``constant_bn_statistics=True`` builds the forward pass of one classic mistake: batch norm whose mean and
-variance are constants (no derivative flows through them).
+``batch_norm`` other than ``"batch"`` builds the forward pass of a classic mistake: ``"constant"``, batch
+norm whose batch mean and variance are constants (no derivative flows through them); ``"running"``,
+batch norm in evaluation mode with fresh running statistics (mean 0, variance 1, PyTorch's initial ones).
 """
 
 from __future__ import annotations
@@ -47,27 +48,31 @@ def _per_channel(param, like):
     return ad.reshape(param, param.shape[:-1] + (1,) * (like.ndim - param.ndim) + param.shape[-1:])
 
 
-def batch_norm_constant_statistics(h, scale, shift, eps: float):
-    """The mistake: scale (h - mean) / sqrt(var + eps) + shift, then ReLU, with the batch's mean and
-    variance (per task, over N, H, W) taken as constants: no derivative flows through them."""
+def batch_norm_fixed_statistics(h, scale, shift, eps: float, statistics: str):
+    """The mistakes: scale (h - mean) / sqrt(var + eps) + shift, then ReLU, with the mean and variance
+    constants: the batch's (per task, over N, H, W; ``"constant"``) or fresh running ones, 0 and 1
+    (``"running"``). No derivative flows through them."""
     axes = tuple(range(h.ndim - 4, h.ndim - 1))
-    mean = h.data.mean(axis=axes, keepdims=True)
-    inverse_std = 1 / (h.data.var(axis=axes, keepdims=True) + eps) ** 0.5
-    y = (h - ad.Tensor(mean)) * ad.Tensor(inverse_std)
+    if statistics == "running":
+        y = h * (1 / (1 + eps) ** 0.5)
+    else:
+        mean = h.data.mean(axis=axes, keepdims=True)
+        inverse_std = 1 / (h.data.var(axis=axes, keepdims=True) + eps) ** 0.5
+        y = (h - ad.Tensor(mean)) * ad.Tensor(inverse_std)
     if scale is not None:
         y = y * _per_channel(scale, h)
     return ad.relu(y + _per_channel(shift, h))
 
 
-def conv_bn_forward(params: dict, x, model: dict, constant_bn_statistics: bool = False):
+def conv_bn_forward(params: dict, x, model: dict, batch_norm: str = "batch"):
     """Logits ``(*task, N, n_way)`` of images ``x: (*task, N, H, W, C)`` (``model``: the case's settings)."""
     n_blocks = sum(1 for n in params if n.startswith("conv") and n.endswith(".w"))
     h = ad.as_tensor(x)
     for i in range(n_blocks):
         h = layers.conv2d(h, params[f"conv{i}.w"], params.get(f"conv{i}.b"), model["stride"], model["padding"])
         scale, shift = params.get(f"conv{i}.bn.scale"), params[f"conv{i}.bn.shift"]
-        if constant_bn_statistics:
-            h = batch_norm_constant_statistics(h, scale, shift, model["bn_eps"])
+        if batch_norm != "batch":
+            h = batch_norm_fixed_statistics(h, scale, shift, model["bn_eps"], batch_norm)
         else:
             h = layers.batch_norm(h, scale, shift, model["bn_eps"], relu=True)
         if model["max_pool"]:
@@ -87,8 +92,9 @@ def policy_loss(activation: str):
     return task_loss
 
 
-def task_loss(model: dict, loss: str, constant_bn_statistics: bool = False):
-    """``task_loss(params, data) -> (T,)`` of a case's ``model`` settings and ``loss`` name."""
+def task_loss(model: dict, loss: str, batch_norm: str = "batch"):
+    """``task_loss(params, data) -> (T,)`` of a case's ``model`` settings and ``loss`` name (``batch_norm``:
+    the module docstring)."""
     family = model["family"]
     if family == "gaussian_policy":
         return policy_loss(model["activation"])
@@ -97,5 +103,5 @@ def task_loss(model: dict, loss: str, constant_bn_statistics: bool = False):
             return mlp_forward(params, x, model["activation"])
     else:
         def forward(params, x):
-            return conv_bn_forward(params, x, model, constant_bn_statistics)
+            return conv_bn_forward(params, x, model, batch_norm)
     return maml.supervised_loss(forward, ad.mse if loss == "mse" else ad.softmax_cross_entropy)

@@ -106,7 +106,7 @@ def _mlp_case(name: str, description: str, steps: int, algorithm: str = "maml", 
     params = _uniform_mlp(rng, sizes)
     data = _sinusoid(rng, n_tasks=4, n_examples=5, amplitude=amplitude)
     inner = {"steps": steps, "update": "theta_i <- theta_i - lr * grad L_i(support_i, theta_i), each task i "
-             "from theta, only the adapted parameters", **inner}
+             "from theta, only the adapted parameters", "adapted": list(params), **inner}
     model = {"family": "mlp", "sizes": list(sizes), "activation": activation, "formula": MLP_FORMULA}
     spec = _spec(name, description, model, params, data, REGRESSION_DATA, MSE, inner, algorithm)
     return cases.Case(spec, {**params, **data})
@@ -190,7 +190,7 @@ def conv_bn(seed: int = 0):
     meaning = {"x": "(task, example, H, W, C) channel-last images; PyTorch's NCHW: x[i].transpose(0, 3, 1, 2)",
                "y": "(task, example) integer class labels"}
     inner = {"steps": 1, "lr": 0.1, "update": "theta_i <- theta - lr * grad L_i(support_i, theta), every "
-             "parameter adapted"}
+             "parameter adapted", "adapted": list(params)}
     spec = _spec("conv_bn", "MAML (second order), few-shot classification with conv + batch norm + pooling", model,
                  params, data, meaning,
                  "cross_entropy: L_i = mean over the set's examples of -log softmax(f(x))[y] "
@@ -219,7 +219,7 @@ def policy_reinforce(seed: int = 0):
     loss = ("reinforce: L_i = - sum_{b,t} mask log pi(a | s) advantages / sum_{b,t} mask, log pi the full "
             "Gaussian log-density (with its -log(2 pi)/2 terms)")
     inner = {"steps": 1, "lr": 0.1, "update": "theta_i <- theta - lr * grad L_i(support_i, theta), every "
-             "parameter adapted (log_std too)"}
+             "parameter adapted (log_std too)", "adapted": list(params)}
     spec = _spec("policy_reinforce", "MAML-RL's inner step (REINFORCE) on a Gaussian MLP policy, the meta-objective "
                  "the REINFORCE loss of the query trajectories, averaged over the tasks", model, params, data,
                  meaning, loss, inner, meta_objective="mean")
