@@ -242,6 +242,11 @@ def test_bad_cases_and_gradients_get_one_line_errors(tmp_path):
         arrays = {n: npz[n] for n in npz.files if n != "layer1.b"}
     with pytest.raises(ValueError, match=r"mine: case.npz lacks the arrays \['layer1.b'\]"):
         doctor.check_case(spec, arrays, "mine")
+    with pytest.raises(ValueError, match=r"all be float32 or all float64 \(labels integers\), got \['float32', 'float64'\]"):
+        doctor.check_case(spec, {**arrays, "layer1.b": numpy.zeros(3), "query.x": arrays["query.x"].astype(numpy.float32)})
+    meta_sgd = standard("meta_sgd")
+    with pytest.raises(ValueError, match=r"alpha/layer0.b has shape \(\), expected \(12,\)"):
+        doctor.check_case(meta_sgd.spec, {**meta_sgd.arrays, "alpha/layer0.b": numpy.float64(0.1)})
     case = doctor.load_case(folder)
     grads = dict(gradients.reference(case)[1])
     with pytest.raises(ValueError, match=r"missing \['layer0.b'\]"):

@@ -159,16 +159,21 @@ def check_case(spec: dict, arrays: dict, where: str = "case") -> Case:
     if missing:
         raise ValueError(f"{where}: case.npz lacks the arrays {missing}")
     unknown = [n for n in case.adapted if n not in case.param_names]
-    if unknown:
-        raise ValueError(f"{where}: inner.adapted names {unknown}, which are not parameters")
+    if unknown or inner.get("adapted") == []:
+        raise ValueError(f"{where}: inner.adapted must name parameters, at least one; got {inner.get('adapted')}")
     prefix = OWN_PREFIX.get(spec["algorithm"])
     own = case.meta_names[len(case.param_names):]
     if prefix and sorted(own) != sorted(prefix + n for n in case.adapted):
         raise ValueError(f"{where}: {spec['algorithm']} needs meta_parameters {[prefix + n for n in case.adapted]}, "
                          f"got {own}")
-    floats = {str(arrays[n].dtype) for n in case.meta_names}
+    for name in own:
+        expected = (steps,) if prefix == "lslr/" else arrays[name[len(prefix):]].shape
+        if arrays[name].shape != expected:
+            raise ValueError(f"{where}: {name} has shape {arrays[name].shape}, expected {expected}")
+    floats = {str(a.dtype) for n, a in arrays.items() if n in case.meta_names or a.dtype.kind == "f"}
     if floats - {"float32", "float64"} or len(floats) > 1:
-        raise ValueError(f"{where}: the parameters must all be float32 or all float64, got {sorted(floats)}")
+        raise ValueError(f"{where}: the parameters and the data must all be float32 or all float64 (labels "
+                         f"integers), got {sorted(floats)}")
     return case
 
 
