@@ -40,14 +40,15 @@ def reference(case, tasks=None, inner_lr=None, inner_steps=None, first_order: bo
     steps = case.inner_steps if inner_steps is None else inner_steps
     task_loss, inner = case.task_loss(), case.spec["inner"]
     if case.algorithm in ("maml", "anil"):
-        algorithm = followups.MAML(lr, steps, "first_order" if first_order else "second_order", case.adapted)
+        algorithm = followups.MAML(lr, steps, mode="first_order" if first_order else "second_order",
+                                   inner_param_names=case.adapted)
     elif case.algorithm == "meta_sgd":
         algorithm = followups.MetaSGD(steps, inner_param_names=case.adapted)
     elif case.algorithm == "imaml":
         if case.adapted != case.param_names:
             raise ValueError(f"doctor: {case.name}: iMAML adapts every parameter; inner.adapted lists only "
                              f"{case.adapted}")
-        algorithm = followups.IMAML(lr, steps, inner["lambda"], inner["cg_steps"],
+        algorithm = followups.IMAML(lr, steps, lam=inner["lambda"], cg_steps=inner["cg_steps"],
                                     lambda_damping=NO_HESSIAN if first_order else 0.0)
     else:  # maml_pp, with the case's step weights (the class anneals its own)
         leaves = {n: ad.Tensor(p, requires_grad=True) for n, p in case.meta_params.items()}
