@@ -76,7 +76,8 @@ def test_the_imaml_reference_is_the_implicit_gradient_by_a_dense_solve():
         phi = {n: phi[n] - inner["lr"] * (g.data + inner["lambda"] * (phi[n] - theta[n])) for n, g in zip(names, grads)}
     leaves = [ad.Tensor(phi[n], requires_grad=True) for n in names]
     query = [g.data for g in ad.grad(ad.sum(loss(dict(zip(names, leaves)), case.tasks.query)), leaves)]
-    hessian = ad.hessian_product(lambda *p: ad.sum(loss(dict(zip(names, p)), case.tasks.support)), [phi[n] for n in names])
+    hessian = ad.hessian_product(lambda *p: ad.sum(loss(dict(zip(names, p)), case.tasks.support)),
+                                 [phi[n] for n in names])
     sizes = [theta[n].size for n in names]
     columns = []
     for j in range(sum(sizes)):
@@ -88,7 +89,8 @@ def test_the_imaml_reference_is_the_implicit_gradient_by_a_dense_solve():
     h = numpy.stack(columns, axis=2)  # (T, P, P)
     g = numpy.concatenate([q.reshape(case.n_tasks, -1) for q in query], axis=1)
     x = numpy.linalg.solve(numpy.eye(sum(sizes)) + h / inner["lambda"], g[..., None])[..., 0].sum(axis=0)
-    dense = dict(zip(names, (part.reshape(theta[n].shape) for part, n in zip(numpy.split(x, numpy.cumsum(sizes)[:-1]), names))))
+    parts = numpy.split(x, numpy.cumsum(sizes)[:-1])
+    dense = {n: part.reshape(theta[n].shape) for part, n in zip(parts, names)}
     assert doctor.relative_error(dense, exact("imaml")) < 1e-10
 
 
@@ -242,8 +244,9 @@ def test_bad_cases_and_gradients_get_one_line_errors(tmp_path):
         arrays = {n: npz[n] for n in npz.files if n != "layer1.b"}
     with pytest.raises(ValueError, match=r"mine: case.npz lacks the arrays \['layer1.b'\]"):
         doctor.check_case(spec, arrays, "mine")
-    with pytest.raises(ValueError, match=r"all be float32 or all float64 \(labels integers\), got \['float32', 'float64'\]"):
-        doctor.check_case(spec, {**arrays, "layer1.b": numpy.zeros(3), "query.x": arrays["query.x"].astype(numpy.float32)})
+    mixed = {**arrays, "layer1.b": numpy.zeros(3), "query.x": arrays["query.x"].astype(numpy.float32)}
+    with pytest.raises(ValueError, match=r"all float64 \(labels integers\), got \[.float32., .float64.\]"):
+        doctor.check_case(spec, mixed)
     meta_sgd = standard("meta_sgd")
     with pytest.raises(ValueError, match=r"alpha/layer0.b has shape \(\), expected \(12,\)"):
         doctor.check_case(meta_sgd.spec, {**meta_sgd.arrays, "alpha/layer0.b": numpy.float64(0.1)})

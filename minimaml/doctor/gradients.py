@@ -8,7 +8,8 @@ exactly by ``unrolled``: the inner loop written out once,
     theta_i^{k+1} = theta_i^k - rate_k (.) grad L_{S_i}(theta_i^k),    L = c sum_k w_k sum_i L_{Q_i}(theta_i^k),
 
 with each mistake a switch of it (the inner gradient a constant, batch-norm statistics constants or
-running ones, K +- 1 steps, the rate squared or 1, support and query swapped, fewer parameters adapted, the rates constants).
+running ones, K +- 1 steps, the rate squared or 1, support and query swapped, fewer parameters adapted,
+the rates constants).
 ``unrolled`` with no switch is the reference itself (tests/test_doctor.py checks it to ~1e-12): the
 mistakes differ from the exact gradient by their switch alone. iMAML's mistakes that keep its implicit
 gradient (K +- 1, the rate, swapped sets) go through ``reference`` on the changed case; its first-order

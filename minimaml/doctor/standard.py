@@ -215,7 +215,8 @@ def policy_reinforce(seed: int = 0):
                "mask": "(task, trajectory, time): 1 on valid steps, 0 after the episode ended",
                "advantages": "(task, trajectory, time): fixed numbers (not differentiated)"}
     model = {"family": "gaussian_policy", "sizes": [obs_dim, 8, 8, act_dim], "activation": "relu",
-             "formula": "mean(s) = " + MLP_FORMULA.split(" = ")[1] + "; pi(a | s) = N(a; mean(s), diag(exp(log_std))^2)"}
+             "formula": "mean(s) = " + MLP_FORMULA.split(" = ")[1]
+                        + "; pi(a | s) = N(a; mean(s), diag(exp(log_std))^2)"}
     loss = ("reinforce: L_i = - sum_{b,t} mask log pi(a | s) advantages / sum_{b,t} mask, log pi the full "
             "Gaussian log-density (with its -log(2 pi)/2 terms)")
     inner = {"steps": 1, "lr": 0.1, "update": "theta_i <- theta - lr * grad L_i(support_i, theta), every "
