@@ -171,13 +171,19 @@ def test_a_mean_instead_of_the_sum_is_named_with_its_scale(name, dtype):
     assert "the mean over the" in str(report) or "the sum over the" in str(report)
 
 
+def test_a_square_weights_gradient_in_pytorchs_layout_is_named():
+    grads = {n: g.T if n == "layer1.w" else g for n, g in exact("mlp_1step").items()}  # layer1.w is 12 x 12
+    report = checked("mlp_1step", grads)
+    assert report.match.key == "square weights transposed" and "save weight.grad.T" in str(report)
+
+
 def test_a_gradient_that_is_no_mistake_is_said_to_match_none():
     rng = numpy.random.default_rng(5)
     grads = {n: g + 0.3 * numpy.linalg.norm(g) * rng.standard_normal(g.shape) / numpy.sqrt(g.size)
              for n, g in exact("mlp_1step").items()}
     report = checked("mlp_1step", grads)
     assert report.match is None and "none matches" in str(report)
-    assert len(report.candidates) == len(table("mlp_1step")) + 1
+    assert len(report.candidates) == len(table("mlp_1step")) + 2  # the exact one and the transposed one
     assert [c.error for c in report.candidates] == sorted(c.error for c in report.candidates)
 
 

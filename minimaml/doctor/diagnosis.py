@@ -10,7 +10,8 @@ gradient's own change when every parameter and input is perturbed by that precis
 that precision against the float64 one; times 10, and at least 100 unit roundoffs. ReLU kinks are what
 make (a) large on a conv net: a rounding that moves a pre-activation across zero switches a path.
 
-The diagnosis compares the user's gradient with the exact gradient of each mistake (``gradients``), each
+The diagnosis compares the user's gradient with the exact gradient of each mistake (``gradients``) and
+with the exact gradient whose square weights are transposed (a layout slip the shapes cannot catch), each
 also at its best constant scale c = <g, m> / <m, m> (a mean instead of a sum over T tasks is c = 1/T), and
 names the best; one matches when its error is within the floor.
 """
@@ -178,6 +179,12 @@ def check(case, grads: dict, exact: dict = None, floor: float = None, variants: 
     variants = mistake_table(case64) if variants is None else variants
     report.candidates = [_candidate("exact", "no mistake: the exact meta-gradient", grads, exact, floor)]
     report.candidates += [_candidate(m.key, m.cause, grads, g, floor) for m, g in variants.values()]
+    square = [n for n in case.meta_names if exact[n].ndim == 2 and exact[n].shape[0] == exact[n].shape[1]]
+    if square:  # a transposed gradient of a square weight has the right shape: its layout is the only sign
+        transposed = {n: g.T if n in square else g for n, g in exact.items()}
+        report.candidates.append(_candidate(
+            "square weights transposed", f"the gradients of {', '.join(square)} in PyTorch's (out, in) layout: "
+            f"case.json stores linear weights (in, out), so save weight.grad.T", grads, transposed, floor))
     report.candidates.sort(key=lambda c: c.error)
     return report
 
