@@ -426,8 +426,9 @@ def load_checkpoint(path) -> Checkpoint:
     try:
         with numpy.load(path, allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError) as err:
-        raise ValueError(f"cannot read checkpoint {path}: {err}") from err
+    except Exception as err:  # noqa: BLE001 - truncated or flipped bytes fail anywhere in zipfile / numpy
+        raise ValueError(f"cannot read checkpoint {path}: it is damaged ({type(err).__name__}: {err}); move it "
+                         f"away to start over, or resume from a copy") from None
     for key in ("iteration", "seed"):
         if key not in arrays:
             raise ValueError(f"checkpoint {path} has no {key!r} entry: not written by save_checkpoint")

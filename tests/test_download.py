@@ -11,6 +11,7 @@ import os
 import re
 import socket
 import threading
+import time
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -34,6 +35,14 @@ class Handler(BaseHTTPRequestHandler):
         if site.fail:
             self.send_error(site.fail)
             return
+        if self.path in site.endless:  # no length announced, bytes for ever (until the client hangs up)
+            self.send_response(200)
+            self.end_headers()
+            try:
+                while True:
+                    self.wfile.write(b"x" * 65536)
+            except OSError:
+                return
         data = site.files.get(self.path)
         if data is None:
             self.send_error(404)
@@ -55,7 +64,16 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         cut = site.cut.pop(self.path, None)  # cut this response short once: announce all, send some
-        self.wfile.write(body if cut is None else body[:cut])
+        if self.path in site.trickle:  # one byte every 20 ms
+            try:
+                for i in range(len(body)):
+                    self.wfile.write(body[i:i + 1])
+                    self.wfile.flush()
+                    time.sleep(0.02)
+            except OSError:
+                return
+        else:
+            self.wfile.write(body if cut is None else body[:cut])
         self.close_connection = True
 
     def log_message(self, *args):
@@ -67,7 +85,7 @@ class Site:
 
     def __init__(self, port: int):
         self.port, self.files, self.requests, self.cut = port, {}, [], {}
-        self.honour_range, self.fail = True, None
+        self.honour_range, self.fail, self.trickle, self.endless = True, None, set(), set()
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -181,6 +199,33 @@ def test_a_server_error_names_the_status_url_and_folder(site, tmp_path):
     assert f"into {tmp_path}/ by hand" in str(caught.value)
 
 
+def test_a_server_that_trickles_bytes_cannot_hang_the_download(site, tmp_path):
+    """The audit's 1-byte-per-second server: each attempt stops at its deadline (the bytes so far kept
+    and continued by the next attempt), and after the last one the error says what happened."""
+    data = payload(3_200)
+    site.files["/f.bin"], site.trickle = data, {"/f.bin"}
+    start = time.monotonic()
+    with pytest.raises(DownloadError, match="stopped early on each of 2 tries .*deadline"):
+        download.fetch(site.url("/f.bin"), tmp_path, "f.bin", md5(data), size=len(data), attempts=2, seconds=0.5)
+    assert time.monotonic() - start < 10
+    assert 0 < (tmp_path / "f.bin.part").stat().st_size < len(data)  # kept for a later resume
+    assert [r for _, r in site.requests][1].startswith("bytes=")  # the second attempt continued the first
+
+
+def test_an_endless_stream_writes_no_more_than_the_files_size(site, tmp_path):
+    site.endless = {"/f.bin"}
+    with pytest.raises(DownloadError, match="sent more than the file's 100000 bytes; removed the download"):
+        download.fetch(site.url("/f.bin"), tmp_path, "f.bin", "0" * 32, size=100_000)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_server_announcing_another_size_is_refused_before_any_byte(site, tmp_path):
+    site.files["/f.bin"] = payload(64_000)
+    with pytest.raises(DownloadError, match="announces 64000 bytes, the file has 1000"):
+        download.fetch(site.url("/f.bin"), tmp_path, "f.bin", "0" * 32, size=1000)
+    assert list(tmp_path.iterdir()) == []
+
+
 # --- the Omniglot loader and the command line ------------------------------------------------------------
 
 
@@ -200,6 +245,7 @@ def serve_omniglot(site, monkeypatch, zips: dict[str, bytes]) -> None:
     """Point the loader's URL table and md5 sums at ``zips`` on the local server."""
     monkeypatch.setattr(omniglot, "URLS", {part: site.url(f"/{part}.zip") for part in omniglot.PARTS})
     monkeypatch.setattr(omniglot, "MD5", {part: md5(data) for part, data in zips.items()})
+    monkeypatch.setattr(omniglot, "BYTES", {part: len(data) for part, data in zips.items()})
     site.files.update({f"/{part}.zip": data for part, data in zips.items()})
 
 

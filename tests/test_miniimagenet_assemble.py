@@ -119,3 +119,30 @@ def test_command_line_error_names_the_source(tmp_path, capsys):
         miniimagenet_assemble.main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"),
                                     "--csv-dir", str(tmp_path / "csv")])
     assert f"{tmp_path / 'nowhere'}: source folder not found" in capsys.readouterr().err
+
+
+def test_a_class_in_two_splits_is_refused_before_anything_is_written(tmp_path):
+    rows = tiny_csvs(tmp_path / "csv")
+    label = rows["train"][0][1]
+    name = rows["train"][0][0]
+    with open(tmp_path / "csv" / "val.csv", "a", newline="") as f:
+        csv.writer(f).writerow([name, label])
+    (tmp_path / "source").mkdir()
+    with pytest.raises(DataError, match=rf"class {label} is in both the (train|val) and the (val|train) split"):
+        miniimagenet_assemble.assemble(tmp_path / "source", tmp_path / "out", tmp_path / "csv")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("resize", [False, True])
+def test_a_file_that_is_not_an_image_is_refused_and_no_partial_folder_is_left(tmp_path, resize):
+    """The audit's cases: a non-image was copied as it was, and with --resize it stopped midway, leaving
+    a partial folder. Every source is checked first."""
+    rows = tiny_csvs(tmp_path / "csv")
+    (tmp_path / "source").mkdir()
+    for name, _ in all_rows(rows):
+        shutil.copyfile(SAMPLE / "images" / name, tmp_path / "source" / name)
+    bad = rows["test"][-1][0]
+    (tmp_path / "source" / bad).write_text("not a picture")
+    with pytest.raises(DataError, match=rf"{bad} \(test.csv row 4\): not an image Pillow can read"):
+        miniimagenet_assemble.assemble(tmp_path / "source", tmp_path / "out", tmp_path / "csv", resize=resize)
+    assert not (tmp_path / "out").exists()

@@ -362,7 +362,7 @@ def fake_server(tmp_path):
 def test_download_fetches_checks_md5_and_loads(tmp_path, monkeypatch):
     served = fake_server(tmp_path)
     fetched = []
-    monkeypatch.setattr(omniglot, "fetch_url", lambda url, dest: (fetched.append(url), dest.write_bytes(served[url])))
+    monkeypatch.setattr(omniglot, "fetch_url", lambda url, dest, **limits: (fetched.append(url), dest.write_bytes(served[url])))
     md5 = {part: hashlib.md5(served[omniglot.URLS[part]]).hexdigest() for part in omniglot.PARTS}
     monkeypatch.setattr(omniglot, "MD5", md5)
     characters = load(tmp_path, download=True)
@@ -377,14 +377,14 @@ def test_download_fetches_checks_md5_and_loads(tmp_path, monkeypatch):
 
 def test_download_with_wrong_md5_leaves_nothing(tmp_path, monkeypatch):
     served = fake_server(tmp_path)
-    monkeypatch.setattr(omniglot, "fetch_url", lambda url, dest: dest.write_bytes(served[url]))
+    monkeypatch.setattr(omniglot, "fetch_url", lambda url, dest, **limits: dest.write_bytes(served[url]))
     with pytest.raises(DataError, match="downloaded md5 .* expected 68d2efa1b9178cc56df9314c21c6e718"):
         load(tmp_path, download=True)
     assert list((tmp_path / "data" / "omniglot").iterdir()) == []
 
 
 def test_no_download_unless_asked(tmp_path, monkeypatch):
-    monkeypatch.setattr(omniglot, "fetch_url", lambda url, dest: pytest.fail("fetched without download=True"))
+    monkeypatch.setattr(omniglot, "fetch_url", lambda url, dest, **limits: pytest.fail("fetched without download=True"))
     (tmp_path / "data" / "omniglot").mkdir(parents=True)
     with pytest.raises(DataError, match="download=True"):
         load(tmp_path)

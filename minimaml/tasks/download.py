@@ -10,7 +10,10 @@
 - the complete file's md5 must equal ``md5``: otherwise the bad file is removed and ``DownloadError``
   names the URL, the expected and the actual md5;
 - offline, or when the server fails, ``DownloadError`` names the URL and the folder where the file can
-  be put by hand.
+  be put by hand;
+- bounded: with the expected ``size``, a server that sends more bytes (or announces another size) is
+  cut off with ``DownloadError``; each attempt has a deadline (``seconds``), so a server that trickles
+  bytes cannot hang it: the attempt counts as interrupted and the next one continues the ``.part``.
 
 Two processes fetching the same file into the same folder at once are not supported (one ``.part``).
 """
@@ -21,6 +24,7 @@ import hashlib
 import http.client
 import os
 import re
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -29,6 +33,7 @@ from minimaml.tasks.datadir import DataError
 
 CHUNK = 1 << 20
 TIMEOUT = 60.0  # seconds without a byte before a connection counts as failed
+ATTEMPT_SECONDS = 600.0  # one attempt's deadline, however the bytes come
 
 
 class DownloadError(DataError):
@@ -39,11 +44,13 @@ class Interrupted(OSError):
     """The transfer stopped before the end; the ``.part`` file holds what arrived, for a resume."""
 
 
-def fetch(url: str, folder, filename: str, md5: str, attempts: int = 3, transfer=None) -> Path:
-    """``<folder>/<filename>``, downloaded from ``url`` unless it exists, checked against ``md5``.
+def fetch(url: str, folder, filename: str, md5: str, size: int | None = None, attempts: int = 3, transfer=None,
+          seconds: float = ATTEMPT_SECONDS) -> Path:
+    """``<folder>/<filename>``, downloaded from ``url`` unless it exists, checked against ``md5`` (and its
+    ``size`` in bytes, when known: no more is ever written).
 
-    ``transfer(url, part)`` moves the bytes into the ``.part`` file (default ``http_transfer``; tests
-    may pass another). Raises ``DownloadError``.
+    ``transfer(url, part, size=size, seconds=seconds)`` moves the bytes into the ``.part`` file (default
+    ``http_transfer``; tests may pass another). Raises ``DownloadError``.
     """
     folder = Path(folder)
     target = folder / filename
@@ -61,12 +68,15 @@ def fetch(url: str, folder, filename: str, md5: str, attempts: int = 3, transfer
     transfer = transfer or http_transfer
     for attempt in range(1, attempts + 1):
         try:
-            transfer(url, part)
+            transfer(url, part, size=size, seconds=seconds)
             break
         except Interrupted as err:
             if attempt == attempts:
                 raise DownloadError(f"{url}: the download stopped early on each of {attempts} tries (last: {err}); "
                                     f"run again to resume {part}, or {by_hand}") from err
+        except TooLarge as err:
+            part.unlink(missing_ok=True)
+            raise DownloadError(f"{url}: {err}; removed the download. Check the URL, or {by_hand}") from err
         except (OSError, http.client.HTTPException) as err:  # URLError, HTTPError, timeouts are OSErrors
             if part.exists() and part.stat().st_size == 0:
                 part.unlink()
@@ -81,12 +91,19 @@ def fetch(url: str, folder, filename: str, md5: str, attempts: int = 3, transfer
     return target
 
 
-def http_transfer(url: str, part: Path, timeout: float = TIMEOUT) -> None:
+class TooLarge(OSError):
+    """The server sends (or announces) more bytes than the file has."""
+
+
+def http_transfer(url: str, part: Path, timeout: float = TIMEOUT, size: int | None = None,
+                  seconds: float = ATTEMPT_SECONDS) -> None:
     """Write ``url``'s bytes into ``part``, continuing an existing ``part`` with a ``Range`` request.
 
-    Raises ``Interrupted`` when fewer bytes arrive than the server announced (``part`` keeps them),
-    ``urllib.error.URLError`` / ``OSError`` when there is no answer or the server fails.
+    Raises ``Interrupted`` when fewer bytes arrive than the server announced (``part`` keeps them) or
+    ``seconds`` pass first, ``TooLarge`` when the file would exceed ``size`` bytes (nothing past ``size``
+    is written), ``urllib.error.URLError`` / ``OSError`` when there is no answer or the server fails.
     """
+    deadline = time.monotonic() + seconds
     offset = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
     try:
@@ -112,11 +129,20 @@ def http_transfer(url: str, part: Path, timeout: float = TIMEOUT) -> None:
             mode, offset = "wb", 0
         length = response.headers.get("Content-Length")
         expected = offset + int(length) if length and length.isdigit() else None
+        if size is not None and expected is not None and expected != size:
+            raise TooLarge(f"the server announces {expected} bytes, the file has {size}")
         with open(part, mode) as out:
             try:
-                while chunk := response.read(CHUNK):
+                while chunk := response.read1(CHUNK):  # whatever has arrived: the deadline is checked often
+                    if size is not None and out.tell() + len(chunk) > size:
+                        out.write(chunk[:size - out.tell()])
+                        raise TooLarge(f"the server sent more than the file's {size} bytes")
                     out.write(chunk)
+                    if time.monotonic() > deadline:
+                        raise Interrupted(f"only {out.tell()} bytes after {seconds:g} s (this attempt's deadline)")
             except (OSError, http.client.HTTPException) as err:
+                if isinstance(err, (Interrupted, TooLarge)):
+                    raise
                 raise Interrupted(f"connection lost after {out.tell()} bytes: {_reason(err)}") from err
     size = part.stat().st_size
     if expected is not None and size < expected:

@@ -10,8 +10,9 @@ Lanczos (with a warning); a grey or CMYK image is converted to RGB. Only images 
 Checks (each a ``DataError`` naming the file): every row's label is its file's WordNet id (the name's
 first 9 characters, ``n`` and 8 digits); no class is in two splits (against the other CSVs present);
 where ``<root>/SHA256SUMS.images`` exists (``sha256  filename`` lines), every image of the split must be
-listed there and match. Images already verified are not hashed again: their size and mtime are
-recorded in ``<cache>/<dataset>-sha256-<key>.json``, and a file whose size or mtime changed is re-hashed.
+listed there and match. Every image is hashed whenever the cache is built (a first use, or files that
+changed): no record of earlier checks by size and mtime, which a bit flip that keeps both would pass, so
+the cache only ever holds pixels of verified files.
 """
 
 from __future__ import annotations
@@ -68,8 +69,7 @@ def load_miniimagenet(split: str, data_dir=None, cache_dir=None, sample: bool = 
 
     writable = datadir.cache_writable(cache)  # before the work: a folder we cannot write costs a warning only
     if checksums_digest is not None:
-        record = cache_folder / f"{dataset}-sha256-{datadir.fingerprint(str(folder.resolve()), checksums_digest)}.json"
-        _verify_checksums(checksums, table, paths, record, writable)
+        _verify_checksums(checksums, table, paths)
     images = np.empty(shape, dtype=np.uint8)
     resized = 0
     for c, files in enumerate(classes.values()):
@@ -158,33 +158,16 @@ def _read_checksums(checksums: Path) -> dict[str, str]:
     return expected
 
 
-def _verify_checksums(checksums: Path, table: Path, paths: dict, record: Path, writable: bool) -> None:
-    """Check every image of the split against ``checksums``. Files whose ``[size, mtime_ns]`` match the
-    ``record`` (a JSON file in the cache folder) were verified before and are not hashed again; the
-    record is updated when ``writable``."""
+def _verify_checksums(checksums: Path, table: Path, paths: dict) -> None:
+    """Check every image of the split against ``checksums``: hash each file, whatever its size and mtime."""
     expected = _read_checksums(checksums)
-    try:
-        verified = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else {}
-    except (OSError, ValueError):
-        verified = {}  # unreadable: verify everything again
-    if not isinstance(verified, dict):
-        verified = {}
-    hashed = 0
     for row, path in paths.items():
         if path.name not in expected:
             raise DataError(f"{table}: row {row} names {path.name}, which {checksums} does not list")
-        stat = datadir.file_stat(path)[1:]
-        if verified.get(path.name) == stat:
-            continue
         digest = _sha256(path)
         if digest != expected[path.name]:
             raise DataError(f"{path} ({table}, row {row}): sha256 {digest} does not match {expected[path.name]} "
                             f"in {checksums}; the image is corrupt or was changed")
-        verified[path.name] = stat
-        hashed += 1
-    if hashed and writable:
-        text = json.dumps(verified, sort_keys=True)
-        datadir.atomic_write(record, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _decode(path: Path, where: str) -> tuple[np.ndarray, bool]:

@@ -11,7 +11,9 @@ one folder per WordNet id), either
   the index-th image (from 1) of its class in order of ``<number>``, the convention of the public
   generator yaoyao-liu/mini-imagenet-tools.
 
-Every file must be found before anything is written; the error names the missing ones. Output:
+Before anything is written, the CSVs must hold disjoint classes, and every file must be found and be an
+image Pillow can open; the error names the class, the missing files or the file that is not an image.
+A folder ``DIR`` that this command created is removed again if it fails midway (a full disk). Output:
 ``DIR/{train,val,test}.csv``, ``DIR/images/<filename>`` (copied as they are; with ``--resize``, an image
 that is not an 84x84 RGB JPEG is converted to RGB, resized to 84x84 with Lanczos like the loader, and
 saved as JPEG quality 95), and ``DIR/SHA256SUMS`` (the CSVs) and ``DIR/SHA256SUMS.images`` (every
@@ -32,7 +34,7 @@ from PIL import Image
 
 from minimaml.tasks import datadir
 from minimaml.tasks.datadir import DataError
-from minimaml.tasks.miniimagenet import SIZE, SPLITS, _read_csv
+from minimaml.tasks.miniimagenet import SIZE, SPLITS, _check_disjoint, _read_csv
 
 MINI_NAME = re.compile(r"(n\d{8})(\d{8})\.jpg")  # n01532829 00000005 .jpg
 IMAGENET_NAME = re.compile(r"(n\d{8})_(\d+)\.jpe?g", re.IGNORECASE)  # n01532829_1234.JPEG
@@ -47,6 +49,8 @@ def assemble(source, out, csv_dir=None, resize: bool = False) -> dict:
         raise DataError(f"{source}: source folder not found; expected ImageNet JPEGs (flat or in <wnid>/ folders)")
     if out.resolve().is_relative_to(source.resolve()):
         raise DataError(f"{out}: the output folder is inside the source folder {source}; choose another")
+    for split in SPLITS:
+        _check_disjoint(csv_dir, split, csv_dir / f"{split}.csv", _read_csv(csv_dir / f"{split}.csv"))
     wanted = [(csv_dir / f"{split}.csv", row, filename)
               for split in SPLITS
               for files in _read_csv(csv_dir / f"{split}.csv").values() for row, filename in files]
@@ -59,18 +63,37 @@ def assemble(source, out, csv_dir=None, resize: bool = False) -> dict:
                         f"not found: {shown}{more}; expected each under its own name or as an ImageNet "
                         f"<wnid>_<number>.JPEG (see docs/data.md)")
 
+    for table, row, filename in wanted:
+        check_image(found[filename], f"{table.name} row {row}")
+
+    created = not out.exists()
     images = out / "images"
-    images.mkdir(parents=True, exist_ok=True)
-    resized = 0
-    for _, _, filename in wanted:
-        resized += write_image(found[filename], images / filename, resize)
-    for split in SPLITS:
-        table = csv_dir / f"{split}.csv"
-        if table.resolve() != (out / table.name).resolve():
-            _write(out / table.name, lambda tmp, table=table: shutil.copyfile(table, tmp))
-    write_sums(out / "SHA256SUMS", out, [f"{split}.csv" for split in SPLITS])
-    write_sums(out / "SHA256SUMS.images", images, sorted(filename for _, _, filename in wanted))
+    try:
+        images.mkdir(parents=True, exist_ok=True)
+        resized = 0
+        for _, _, filename in wanted:
+            resized += write_image(found[filename], images / filename, resize)
+        for split in SPLITS:
+            table = csv_dir / f"{split}.csv"
+            if table.resolve() != (out / table.name).resolve():
+                _write(out / table.name, lambda tmp, table=table: shutil.copyfile(table, tmp))
+        write_sums(out / "SHA256SUMS", out, [f"{split}.csv" for split in SPLITS])
+        write_sums(out / "SHA256SUMS.images", images, sorted(filename for _, _, filename in wanted))
+    except BaseException:
+        if created:  # ours alone: no partial folder left behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     return {"images": len(wanted), "resized": resized}
+
+
+def check_image(path: Path, where: str) -> None:
+    """Raise ``DataError`` unless Pillow recognises ``path`` as an image (its header: cheap)."""
+    try:
+        with Image.open(path) as image:
+            image.size  # noqa: B018 - the header was parsed
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise DataError(f"{path} ({where}): not an image Pillow can read ({type(err).__name__}); nothing was "
+                        f"written") from None
 
 
 def find_sources(source: Path, names: list[str]) -> dict[str, Path]:

@@ -35,6 +35,7 @@ from minimaml.tasks.episodes import ClassSplit
 PARTS = ("images_background", "images_evaluation")
 URLS = {part: f"https://raw.githubusercontent.com/brendenlake/omniglot/master/python/{part}.zip" for part in PARTS}
 MD5 = {"images_background": "68d2efa1b9178cc56df9314c21c6e718", "images_evaluation": "6b91aef0f799c5bb55b94e3f2daec811"}
+BYTES = {"images_background": 9_464_212, "images_evaluation": 6_462_886}  # the official zips' sizes
 SIZE = 28  # side of the preprocessed images
 ROTATIONS = (0, 90, 180, 270)
 
@@ -121,13 +122,14 @@ def download_omniglot(data_dir=None) -> Path:
     root = datadir.dataset_dir("omniglot", data_dir)
     for part in PARTS:
         if not (root / part).is_dir():
-            download.fetch(URLS[part], root, f"{part}.zip", MD5[part], transfer=fetch_url)
+            download.fetch(URLS[part], root, f"{part}.zip", MD5[part], size=BYTES[part], transfer=fetch_url)
     return root
 
 
-def fetch_url(url: str, dest: Path) -> None:
-    """Move ``url``'s bytes into ``dest``, a ``.part`` file continued if present (tests replace this)."""
-    download.http_transfer(url, dest)
+def fetch_url(url: str, dest: Path, **limits) -> None:
+    """Move ``url``'s bytes into ``dest``, a ``.part`` file continued if present, within ``limits`` (the
+    size and the deadline of ``download.http_transfer``; tests replace this)."""
+    download.http_transfer(url, dest, **limits)
 
 
 def _source(root: Path, part: str) -> Path:
