@@ -58,7 +58,9 @@ def reference(case, tasks=None, inner_lr=None, inner_steps=None, first_order: bo
         grads = ad.grad(loss, list(leaves.values()))
         return float(loss.data) * case.scale, {n: g.data * case.scale for n, g in zip(leaves, grads)}
     loss, grads, metrics = algorithm.meta_gradient(task_loss, case.meta_params, tasks, 0)
-    if metrics.get("cg_residual", 0) > CG_TOLERANCE[str(case.dtype)]:
+    if metrics.get("failure"):  # an algorithm that says its numerics failed
+        raise NoExactReference(f"doctor: {case.name}: {metrics['failure']}")
+    if case.algorithm == "imaml" and metrics["cg_residual"] > CG_TOLERANCE[str(case.dtype)]:
         raise NoExactReference(f"doctor: {case.name}: iMAML's conjugate gradient stopped at a relative residual of "
                          f"{metrics['cg_residual']:.1e}, so there is no exact reference: raise inner.cg_steps, or "
                          f"make I + H / lambda better conditioned (a larger lambda)")
