@@ -12,7 +12,7 @@ running ones, K +- 1 steps, the rate squared or 1, support and query swapped, fe
 the rates constants).
 ``unrolled`` with no switch is the reference itself (tests/test_doctor.py checks it to ~1e-12): the
 mistakes differ from the exact gradient by their switch alone. iMAML's mistakes that keep its implicit
-gradient (K +- 1, the rate, swapped sets) go through ``reference`` on the changed case; its first-order
+gradient (the rate, swapped sets) go through ``reference`` on the changed case; its first-order
 mistake is the system without the Hessian, A = I.
 """
 
@@ -110,8 +110,8 @@ def mistakes(case) -> list:
     if k > 1:
         found.append(Mistake("one step too few", f"{k - 1} inner steps instead of {k} (a loop bound off by one)",
                              extra_steps=-1))
-    if case.algorithm == "imaml":
-        return found
+    if case.algorithm == "imaml":  # its gradient is taken at the inner solution, whatever the path to it
+        return [m for m in found if m.extra_steps in (0, -k)]
     if case.algorithm == "maml_pp":  # its rates and step weights are per step: K +- 1 has no one meaning
         found = [m for m in found if m.extra_steps in (0, -k)]
     if case.has_batch_norm():

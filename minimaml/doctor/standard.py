@@ -153,10 +153,11 @@ def maml_pp():
 
 
 def imaml():
-    case = _mlp_case("imaml", "iMAML: phi_i = 10 steps of gradient descent on L_i(support_i, phi) + lambda/2 "
-                     "||phi - theta||^2 from theta; meta-gradient sum_i (I + H_i / lambda)^{-1} grad L_i(query_i, "
-                     "phi_i), H_i the Hessian of L_i(support_i, .) at phi_i, the system solved exactly",
-                     10, "imaml", "tanh", (1, 8, 8, 1), (0.1, 1.0), lr=0.05, **{"lambda": 5.0, "cg_steps": 60})
+    case = _mlp_case("imaml", "iMAML: phi_i = 80 steps of gradient descent on L_i(support_i, phi) + lambda/2 "
+                     "||phi - theta||^2 from theta (stationary: the proximal gradient 1e-15 of its start); "
+                     "meta-gradient sum_i (I + H_i / lambda)^{-1} grad L_i(query_i, phi_i), H_i the Hessian of "
+                     "L_i(support_i, .) at phi_i, the system solved exactly",
+                     80, "imaml", "tanh", (1, 8, 8, 1), (0.1, 1.0), lr=0.1, **{"lambda": 5.0, "cg_steps": 60})
     case.spec["inner"]["update"] = ("phi_i <- phi_i - lr * (grad L_i(support_i, phi_i) + lambda (phi_i - theta)), "
                                     "from phi_i = theta; cg_steps: conjugate-gradient steps minimaml takes")
     return case
