@@ -349,6 +349,11 @@ def test_the_command_exports_checks_and_refuses(tmp_path, capsys):
     assert "it matches: first order." in capsys.readouterr().out
     assert command.main(["export", str(tmp_path), "--case", "mlp_1step"]) == 2
     assert "is not empty" in capsys.readouterr().err
+    assert command.main(["reference", str(folder), str(tmp_path / "exact.npz")]) == 0
+    with numpy.load(tmp_path / "exact.npz") as written:
+        assert doctor.relative_error(dict(written), exact("mlp_1step")) == 0
+    assert command.main(["reference", str(folder), str(tmp_path / "exact.npz")]) == 2
+    assert "must be a new .npz file" in capsys.readouterr().err
 
 
 # --- a plain PyTorch MAML ------------------------------------------------------------------------------

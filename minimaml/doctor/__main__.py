@@ -2,18 +2,21 @@
 
     python -m minimaml.doctor export DIR [--case NAME ...]
     python -m minimaml.doctor check CASE GRADS
+    python -m minimaml.doctor reference CASE OUT.npz
 
-Exit status of ``check``: 0 when the gradient is exact to its precision, 1 when it is not.
+Exit status of ``check``: 0 when the gradient is exact to its precision, 1 when it is not; of every
+command: 2 on bad input (a one-line message names it).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import numpy
 
-from . import cases, diagnosis, standard
+from . import cases, diagnosis, gradients, standard
 
 DESCRIPTION = """Check a MAML meta-gradient computed anywhere (PyTorch, JAX, your own code) against the exact
 one, and when it is wrong, name the classic mistake it matches.
@@ -44,6 +47,10 @@ def parser() -> argparse.ArgumentParser:
     checking = commands.add_parser("check", help="check a meta-gradient (GRADS, an .npz) on the case in CASE")
     checking.add_argument("case", metavar="CASE", help="a case folder (case.json + case.npz)")
     checking.add_argument("grads", metavar="GRADS", help="an .npz with one array per name of case.json")
+    exact = commands.add_parser("reference", help="write the exact meta-gradient of the case in CASE to OUT "
+                                "(float64; for a case of your own)")
+    exact.add_argument("case", metavar="CASE")
+    exact.add_argument("out", metavar="OUT", help="a new .npz file")
     return parse
 
 
@@ -55,6 +62,15 @@ def load_grads(path) -> dict:
         raise ValueError(f"doctor: cannot read the gradient file {path}: {error}") from None
 
 
+def write_reference(case, out: Path) -> int:
+    if out.exists() or out.suffix != ".npz":
+        raise ValueError(f"doctor: {out} must be a new .npz file (reference writes only new files)")
+    meta_loss, grads = gradients.reference(case.astype(numpy.float64))
+    numpy.savez(out, **grads)
+    print(f"case {case.name}: meta-loss {meta_loss:.12g}; its exact meta-gradient written to {out}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
@@ -62,6 +78,8 @@ def main(argv=None) -> int:
             for folder in standard.export(args.directory, args.case):
                 print(f"wrote {folder}/case.json and case.npz")
             return 0
+        if args.command == "reference":
+            return write_reference(cases.load_case(args.case), Path(args.out))
         report = diagnosis.check(cases.load_case(args.case), load_grads(args.grads))
     except (ValueError, OSError) as error:
         print(error, file=sys.stderr)
