@@ -27,12 +27,20 @@ from . import gradients
 UNIT_ROUNDOFF = {"float32": 2.0 ** -24, "float64": 2.0 ** -53}
 
 
+def _norm(vector) -> float:
+    """The 2-norm, scaled first so that huge entries (a diverging mistake's) do not overflow."""
+    largest = numpy.max(numpy.abs(vector), initial=0.0)
+    return float(largest * numpy.sqrt(numpy.sum((vector / largest) ** 2))) if 0 < largest < numpy.inf else largest
+
+
 def relative_error(grads: dict, exact: dict, names=None) -> float:
     """||g - g*|| / ||g*|| over ``names`` (default all of ``exact``); ||g - g*|| when g* is 0."""
     names = list(exact) if names is None else names
-    difference = numpy.sqrt(sum(numpy.sum((numpy.asarray(grads[n], numpy.float64) - exact[n]) ** 2) for n in names))
-    norm = numpy.sqrt(sum(numpy.sum(numpy.asarray(exact[n], numpy.float64) ** 2) for n in names))
-    return float(difference / norm) if norm > 0 else float(difference)
+    user = numpy.concatenate([numpy.ravel(numpy.asarray(grads[n], numpy.float64)) for n in names])
+    reference = numpy.concatenate([numpy.ravel(numpy.asarray(exact[n], numpy.float64)) for n in names])
+    with numpy.errstate(invalid="ignore"):  # inf - inf: NaN, reported as such
+        difference, norm = _norm(user - reference), _norm(reference)
+    return difference / norm if norm > 0 else difference
 
 
 def _perturbed(case, unit: float, seed: int):
@@ -84,12 +92,13 @@ def _candidate(key: str, cause: str, grads: dict, candidate: dict, floor: float)
     unscaled = relative_error(grads, candidate)
     flat_user = numpy.concatenate([numpy.ravel(numpy.asarray(grads[n], numpy.float64)) for n in candidate])
     flat = numpy.concatenate([numpy.ravel(candidate[n]) for n in candidate])
-    norm = float(flat @ flat)
-    scale = float(flat_user @ flat) / norm if norm > 0 else 1.0
+    largest = numpy.max(numpy.abs(flat), initial=0.0)
+    unit = flat / largest if largest > 0 else flat  # scaled, so that a diverging mistake's numbers cannot overflow
+    scale = float(flat_user @ unit) / float(unit @ unit) / largest if largest > 0 else 1.0
     scaled = relative_error(grads, {n: scale * g for n, g in candidate.items()}) if scale else unscaled
     if abs(scale - 1) > 10 * floor and scaled < unscaled:
         return Candidate(key, cause, scaled, scale)
-    return Candidate(key, cause, unscaled)
+    return Candidate(key, cause, numpy.inf if numpy.isnan(unscaled) else unscaled)  # NaN sorts last
 
 
 @dataclass

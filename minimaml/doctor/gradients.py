@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy
+
 from .. import autodiff as ad
 from .. import followups, maml
 from ..followups import anil, maml_pp
@@ -57,13 +59,17 @@ def reference(case, tasks=None, inner_lr=None, inner_steps=None, first_order: bo
                                             second_order=not first_order)
         grads = ad.grad(loss, list(leaves.values()))
         return float(loss.data) * case.scale, {n: g.data * case.scale for n, g in zip(leaves, grads)}
-    loss, grads, metrics = algorithm.meta_gradient(task_loss, case.meta_params, tasks, 0)
+    with numpy.errstate(over="ignore", invalid="ignore"):
+        loss, grads, metrics = algorithm.meta_gradient(task_loss, case.meta_params, tasks, 0)
     if metrics.get("failure"):  # an algorithm that says its numerics failed
         raise NoExactReference(f"doctor: {case.name}: {metrics['failure']}")
     if case.algorithm == "imaml" and metrics["cg_residual"] > CG_TOLERANCE[str(case.dtype)]:
         raise NoExactReference(f"doctor: {case.name}: iMAML's conjugate gradient stopped at a relative residual of "
                          f"{metrics['cg_residual']:.1e}, so there is no exact reference: raise inner.cg_steps, or "
                          f"make I + H / lambda better conditioned (a larger lambda)")
+    if not all(numpy.isfinite(grads[n]).all() for n in case.meta_names):
+        raise NoExactReference(f"doctor: {case.name}: the meta-gradient is not finite (an inner loop that "
+                               f"diverges: a smaller inner rate, or fewer steps)")
     return loss * case.scale, {n: grads[n] * case.scale for n in case.meta_names}
 
 
