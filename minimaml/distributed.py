@@ -65,11 +65,12 @@ def _comm():
     return _COMM
 
 
-def _abort_on_error(kind, value, traceback) -> None:
-    """An uncaught exception on one rank: print it, then abort every rank (the others would wait in
-    their next collective for ever). The report goes out in one write, and the launcher gets a moment
-    to pass it on before the abort ends the processes that forward it."""
-    report = "".join(tb.format_exception(kind, value, traceback))
+def _abort_on_error(kind, value, traceback, one_line: bool = False) -> None:
+    """An uncaught exception on one rank: print it (``one_line``: its message alone, for an error the user
+    caused), then abort every rank (the others would wait in their next collective for ever). The report
+    goes out in one write, and the launcher gets a moment to pass it on before the abort ends the
+    processes that forward it."""
+    report = f"error: {value}\n" if one_line else "".join(tb.format_exception(kind, value, traceback))
     sys.stderr.flush()
     os.write(sys.stderr.fileno(), f"rank {_COMM.Get_rank()}: {report}".encode())
     time.sleep(0.5)
@@ -108,6 +109,18 @@ def local_rank() -> int:
 def share(n_items: int) -> slice:
     """This rank's contiguous share of ``n_items`` (tasks): ``share_of(n_items, size(), rank())``."""
     return share_of(n_items, size(), rank())
+
+
+def check_ranks(counts: dict, ranks: int | None = None) -> None:
+    """Refuse, before any work, a count of tasks split over the ranks that is smaller than the number of
+    ``ranks`` (default ``size()``), which would leave a rank with nothing to do; ``counts``: setting name
+    (``meta_batch_size``) -> count."""
+    ranks = size() if ranks is None else ranks
+    for name, count in counts.items():
+        if count < ranks:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} {count} is smaller than the {ranks} MPI ranks: every rank needs at least one "
+                             f"of those tasks (use mpiexec -n {count} or fewer, or a larger {flag})")
 
 
 def share_of(n_items: int, ranks: int, me: int) -> slice:
@@ -259,11 +272,12 @@ def use_local_gpu() -> None:
 
 
 @contextmanager
-def root_lock(folder):
+def root_lock(folder, one_line=()):
     """``files.folder_lock(folder)`` held by rank 0 for the whole run; the other ranks wait until it is
     held. An error that leaves the run on any rank aborts every rank, even if a command catches it
-    later (a folder that another run holds, a bad setting), instead of leaving the others waiting. Each rank
-    first takes its GPU (``use_local_gpu``)."""
+    later (a folder that another run holds, a bad setting), instead of leaving the others waiting; one of
+    the types ``one_line`` is reported as its message alone. Each rank first takes its GPU
+    (``use_local_gpu``)."""
     from minimaml import files
 
     use_local_gpu()
@@ -279,5 +293,5 @@ def root_lock(folder):
             barrier()
     except BaseException as err:  # caught or not later (a command's error exit), it must not leave the
         if size() > 1:            # other ranks waiting in a collective: stop them all
-            _abort_on_error(type(err), err, err.__traceback__)
+            _abort_on_error(type(err), err, err.__traceback__, one_line=isinstance(err, one_line))
         raise

@@ -303,7 +303,7 @@ def _non_finite(err, saved_at: int, iteration: int, checkpoint_path, resumed_bad
     if resumed_bad and saved_at == iteration:
         held = f"iteration {saved_at}, the parameters this run resumed from, which gave it"
     elif kind is SolverError:
-        held = f"iteration {saved_at}, the parameters before that step"
+        held = f"iteration {saved_at}, from before the last failing steps"
     else:
         held = f"iteration {saved_at}, whose parameters gave a finite loss"
     what = ("change what failed (the setting named above), or pass --allow-solver-failures to go on with a "

@@ -218,6 +218,8 @@ def run(config: ClassificationConfig, resume: bool = False, progress: bool = Tru
     """Meta-train with validation-based early stopping, then score the test tasks with the
     best-validation parameters. ``download``: first fetch the data set's missing files (``download_data``);
     ``overwrite``: start over in a folder that holds a run, its files moved aside (``common.run_folder``)."""
+    distributed.check_ranks({"meta_batch_size": config.meta_batch_size, "n_val_tasks": config.n_val_tasks,
+                             "n_test_tasks": config.n_test_tasks})
     with run_folder(config.out_dir, config.dataset, training_settings(config), resume, overwrite):
         if download and distributed.is_root():
             download_data(config)

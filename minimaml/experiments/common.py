@@ -129,7 +129,7 @@ def run_folder(out_dir: str, experiment: str, settings: dict, resume: bool = Fal
     if resume and overwrite:
         raise RunFolderError("--resume continues the run in --out-dir and --overwrite moves it aside: give one")
     _check_folder(out_dir)
-    with distributed.root_lock(out_dir):
+    with distributed.root_lock(out_dir, one_line=COMMAND_ERRORS):
         if distributed.is_root():
             _claim(out_dir, experiment, json.loads(json.dumps(settings)), resume, overwrite)
         yield
@@ -153,6 +153,8 @@ def _claim(out_dir: str, experiment: str, settings: dict, resume: bool, overwrit
     record_path = os.path.join(out_dir, RUN_RECORD)
     if found and overwrite:
         aside = os.path.join(out_dir, "replaced-" + datetime.datetime.now().strftime("%Y-%m-%dT%H%M%S"))
+        while os.path.exists(aside):  # two in one second
+            aside += "+"
         os.makedirs(aside)
         for name in found:
             shutil.move(os.path.join(out_dir, name), os.path.join(aside, name))
@@ -256,6 +258,14 @@ def _is_number(word: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def exit_with_error(parser: argparse.ArgumentParser, err: BaseException, status: int = 1) -> None:
+    """End a command with ``status`` and the error's one line (``error_line``); under MPI every rank
+    meets the same error, and rank 0 alone prints it."""
+    if distributed.is_root():
+        parser.exit(status, f"{parser.prog}: error: {error_line(err)}\n")
+    sys.exit(status)
 
 
 def error_line(err: BaseException) -> str:

@@ -34,7 +34,7 @@ import functools
 
 from .. import allocator
 from . import rl_common
-from .common import (COMMAND_ERRORS, allowed_changes, check_config, config_parser, error_line, log,
+from .common import (COMMAND_ERRORS, allowed_changes, check_config, config_parser, exit_with_error, log,
                      overrides_from_args)
 from .rl_common import RLConfig
 
@@ -108,7 +108,7 @@ def main(argv=None):
     except ImportError as err:
         parser.exit(2, f"{parser.prog}: {err}\n")
     except COMMAND_ERRORS as err:
-        parser.exit(1, f"{parser.prog}: error: {error_line(err)}\n")
+        exit_with_error(parser, err)
     log(rl_common.results_markdown(results))  # under MPI: rank 0 alone
 
 

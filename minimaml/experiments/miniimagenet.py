@@ -18,7 +18,7 @@ from __future__ import annotations
 from .. import allocator
 from . import classification
 from .classification import ClassificationConfig
-from .common import COMMAND_ERRORS, allowed_changes, config_parser, error_line, log, overrides_from_args
+from .common import COMMAND_ERRORS, allowed_changes, config_parser, exit_with_error, log, overrides_from_args
 
 PAPER = {"miniimagenet-5way-1shot": "48.70 ± 1.84", "miniimagenet-5way-5shot": "63.11 ± 0.92",
          "miniimagenet-5way-1shot-fo": "48.07 ± 1.75", "miniimagenet-5way-5shot-fo": "63.15 ± 0.91"}
@@ -68,7 +68,7 @@ def main(argv=None):
         results = classification.run(cfg, resume=args.resume, progress=not args.no_progress,
                                      allow_changes=allowed_changes(args), overwrite=args.overwrite)
     except COMMAND_ERRORS as err:
-        parser.exit(1, f"{parser.prog}: error: {error_line(err)}\n")
+        exit_with_error(parser, err)
     log(classification.results_table([results], PAPER, f"MiniImagenet ({args.profile} profile)"))
 
 

@@ -25,7 +25,7 @@ import os
 
 from .. import allocator, distributed
 from . import rl_common
-from .common import (COMMAND_ERRORS, allowed_changes, check_config, config_parser, error_line, log,
+from .common import (COMMAND_ERRORS, allowed_changes, check_config, config_parser, exit_with_error, log,
                      overrides_from_args)
 from .rl_common import RLConfig
 
@@ -52,13 +52,15 @@ def config(profile: str = "quick", **overrides) -> RLConfig:
 
 def plot_trajectories(shown: dict, cfg: RLConfig, path: str) -> None:
     """Paper Fig. 4 (left): for a few test tasks, one trajectory of each policy before and after 1..3
-    steps, the goal marked with a star. One row per method, one column per task."""
+    steps, the goal marked with a star. One row per method, one column per task (the first chunk of test
+    tasks, at most ``TRAJECTORY_TASKS``)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    goals = rl_common.test_tasks(_env(), cfg)[:TRAJECTORY_TASKS]
     methods = list(shown)
+    n_shown = min(len(paths["mask"]) for name in methods for paths in shown[name])  # the first chunk's tasks
+    goals = rl_common.test_tasks(_env(), cfg)[:min(TRAJECTORY_TASKS, n_shown)]
     fig, axes = plt.subplots(len(methods), len(goals), figsize=(3.2 * len(goals), 3.2 * len(methods)),
                              squeeze=False)
     for row, name in enumerate(methods):
@@ -111,7 +113,7 @@ def main(argv=None):
         results = run(cfg, resume=args.resume, progress=not args.no_progress, allow_changes=allowed_changes(args),
                       overwrite=args.overwrite)
     except COMMAND_ERRORS as err:
-        parser.exit(1, f"{parser.prog}: error: {error_line(err)}\n")
+        exit_with_error(parser, err)
     log(rl_common.results_markdown(results))  # under MPI: rank 0 alone
 
 

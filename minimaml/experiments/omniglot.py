@@ -17,7 +17,7 @@ from __future__ import annotations
 from .. import allocator
 from . import classification
 from .classification import ClassificationConfig
-from .common import COMMAND_ERRORS, allowed_changes, config_parser, error_line, log, overrides_from_args
+from .common import COMMAND_ERRORS, allowed_changes, config_parser, exit_with_error, log, overrides_from_args
 
 PAPER = {"omniglot-5way-1shot": "98.7 ± 0.4", "omniglot-5way-5shot": "99.9 ± 0.1",
          "omniglot-20way-1shot": "95.8 ± 0.3", "omniglot-20way-5shot": "98.9 ± 0.2",
@@ -83,7 +83,7 @@ def main(argv=None):
                                      allow_changes=allowed_changes(args), overwrite=args.overwrite,
                                      download=args.download)
     except COMMAND_ERRORS as err:
-        parser.exit(1, f"{parser.prog}: error: {error_line(err)}\n")
+        exit_with_error(parser, err)
     log(classification.results_table([results], PAPER, f"Omniglot ({args.profile} profile)"))
 
 

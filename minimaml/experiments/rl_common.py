@@ -247,10 +247,7 @@ def check_ranks(cfg: RLConfig, ranks: int) -> None:
     """Refuse, before any work, settings that leave one of ``ranks`` MPI ranks without a task: every
     meta-batch (``meta_batch_size``) and every chunk of test tasks (``meta_batch_size`` at a time, the
     last one the rest) is split over the ranks, at least one task each."""
-    if cfg.meta_batch_size < ranks:
-        raise ValueError(f"--meta-batch-size {cfg.meta_batch_size} is smaller than the {ranks} MPI ranks: every rank "
-                         f"needs at least one task of each meta-batch (use mpiexec -n {cfg.meta_batch_size} or "
-                         f"fewer, or a larger --meta-batch-size)")
+    distributed.check_ranks({"meta_batch_size": cfg.meta_batch_size}, ranks)
     last_chunk = cfg.n_test_tasks % cfg.meta_batch_size or cfg.meta_batch_size
     if last_chunk < ranks:
         raise ValueError(f"--n-test-tasks {cfg.n_test_tasks} in chunks of --meta-batch-size {cfg.meta_batch_size} "

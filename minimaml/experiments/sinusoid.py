@@ -29,7 +29,7 @@ from .. import autodiff as ad
 from .. import allocator, backend, distributed, followups, maml, optim, train
 from ..nn import mlp
 from ..tasks import sinusoid
-from .common import (COMMAND_ERRORS, allowed_changes, cell, check_config, config_parser, error_line,
+from .common import (COMMAND_ERRORS, allowed_changes, cell, check_config, config_parser, exit_with_error,
                      failures_note, log, markdown_table, overrides_from_args, run_folder, setting, summary,
                      training_settings, write_atomic, write_json)
 
@@ -145,6 +145,7 @@ def run(config: Config, resume: bool = False, progress: bool = True, allow_chang
     """Train MAML and the pretrained baseline, evaluate both, write results and figures. ``overwrite``:
     start over in a folder that holds a run, its files moved aside (``common.run_folder``)."""
     check_config(config)
+    distributed.check_ranks({"meta_batch_size": config.meta_batch_size})
     with run_folder(config.out_dir, "sinusoid", training_settings(config), resume, overwrite):
         return _run(config, resume, progress, allow_changes)
 
@@ -308,7 +309,7 @@ def main(argv=None):
         results = run(config, resume=args.resume, progress=not args.no_progress,
                       allow_changes=allowed_changes(args), overwrite=args.overwrite)
     except COMMAND_ERRORS as err:
-        parser.exit(1, f"{parser.prog}: error: {error_line(err)}\n")
+        exit_with_error(parser, err)
     log(results_markdown(results))
     diverged = {key: max(row["n_diverged"] for row in rows) for key, rows in results["mse"].items()}
     diverged = {key: n for key, n in diverged.items() if n}
