@@ -64,9 +64,9 @@ def reference(case, tasks=None, inner_lr=None, inner_steps=None, first_order: bo
     if metrics.get("failure"):  # an algorithm that says its numerics failed
         raise NoExactReference(f"doctor: {case.name}: {metrics['failure']}")
     if case.algorithm == "imaml" and metrics["cg_residual"] > CG_TOLERANCE[str(case.dtype)]:
-        raise NoExactReference(f"doctor: {case.name}: iMAML's conjugate gradient stopped at a relative residual of "
-                         f"{metrics['cg_residual']:.1e}, so there is no exact reference: raise inner.cg_steps, or "
-                         f"make I + H / lambda better conditioned (a larger lambda)")
+        raise NoExactReference(f"doctor: {case.name}: iMAML's conjugate gradient stopped at a relative residual "
+                               f"of {metrics['cg_residual']:.1e}, so there is no exact reference: raise "
+                               f"inner.cg_steps, or make I + H / lambda better conditioned (a larger lambda)")
     if not all(numpy.isfinite(grads[n]).all() for n in case.meta_names):
         raise NoExactReference(f"doctor: {case.name}: the meta-gradient is not finite (an inner loop that "
                                f"diverges: a smaller inner rate, or fewer steps)")
