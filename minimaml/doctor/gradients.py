@@ -35,9 +35,12 @@ class NoExactReference(ValueError):
     """An iterative solve (iMAML's conjugate gradient) did not converge: no exact gradient to give."""
 
 
-def reference(case, tasks=None, inner_lr=None, inner_steps=None, first_order: bool = False) -> tuple:
+def reference(case, tasks=None, inner_lr=None, inner_steps=None, first_order: bool = False,
+              inner_solution: bool = True) -> tuple:
     """(meta-loss, {name: meta-gradient}) of ``case`` by minimaml's algorithm, optionally on other ``tasks``,
-    another ``inner_lr`` / ``inner_steps``, or first order. The doctor's only use of ``minimaml.followups``."""
+    another ``inner_lr`` / ``inner_steps``, or first order. ``inner_solution``: iMAML's inner problem must be
+    solved (a mistake's need not be; ``followups.IMAML`` does not report its stationarity, so the doctor's
+    iMAML case is built stationary, tests/test_doctor.py). The doctor's only use of ``minimaml.followups``."""
     tasks = case.tasks if tasks is None else tasks
     lr = case.inner_lr if inner_lr is None else inner_lr
     steps = case.inner_steps if inner_steps is None else inner_steps
@@ -194,5 +197,5 @@ def mistake_gradient(case, mistake: Mistake) -> dict:
         return unrolled(case, mistake)
     lr = {"alpha": case.inner_lr, "alpha^2": case.inner_lr ** 2, "1": 1.0}[mistake.rate]
     return reference(case, swapped(case.tasks) if mistake.swapped else None, lr,
-                     case.inner_steps + mistake.extra_steps, mistake.first_order)[1]
+                     case.inner_steps + mistake.extra_steps, mistake.first_order, inner_solution=False)[1]
 
