@@ -35,7 +35,6 @@ import shutil
 import subprocess
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 
 from minimaml import allocator, verify
 from minimaml.experiments import common, locomotion, miniimagenet, navigation, omniglot, sinusoid
@@ -121,10 +120,11 @@ def write_report(path: str, profile: str, key: str, body: str | None, note: str 
 
 
 def run_experiment(name: str, profile: str, resume: bool, progress: bool, options: dict) -> tuple:
-    """``EXPERIMENTS[name].run_profile(...)`` in a fresh process (the experiment's own command's state)."""
+    """``EXPERIMENTS[name].run_profile(...)`` in a fresh process (the experiment's own command's state).
+    Leaving early (Ctrl-C) terminates that process too, wherever the interrupt found it."""
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=allocator.keep_freed_memory) as pool:
-        return pool.submit(_run_profile, name, profile, resume, progress, options).result()
+    with context.Pool(1, initializer=allocator.keep_freed_memory) as pool:  # on leaving: pool.terminate()
+        return pool.apply(_run_profile, (name, profile, resume, progress, options))
 
 
 def _run_profile(name: str, profile: str, resume: bool, progress: bool, options: dict) -> tuple:

@@ -309,3 +309,20 @@ def test_each_all_reduce_path_sums_over_ranks_in_place(tmp_path, path, device):
     np.testing.assert_array_equal(sums["matrix"], np.arange(12, dtype=np.float32).reshape(3, 4) * 3)
     np.testing.assert_allclose(sums["vector"], 2 * np.linspace(0, 1, 5) + 1, rtol=1e-15)
     assert float(sums["loss"]) == 0.5
+
+
+@needs_mpi
+@pytest.mark.parametrize("experiment, flags, message", [
+    ("sinusoid", ["--meta-batch-size", "1"], "--meta-batch-size 1 is smaller than the 2 MPI ranks"),
+    ("omniglot", ["--n-val-tasks", "1"], "--n-val-tasks 1 is smaller than the 2 MPI ranks"),
+])
+def test_fewer_tasks_than_ranks_is_one_line_from_rank_0_before_any_work(tmp_path, experiment, flags, message):
+    """The audit's cases: Omniglot with one validation task under 2 ranks crashed at the first validation
+    and blamed --meta-batch-size; more ranks than tasks printed one traceback per rank."""
+    done = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-m", f"minimaml.experiments.{experiment}", *flags,
+                           "--out-dir", str(tmp_path / "run"), "--no-progress"],
+                          env=ENV, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in done.stderr, done.stderr
+    assert not (tmp_path / "run").exists()

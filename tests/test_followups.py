@@ -208,7 +208,7 @@ def test_the_followups_table_reports_a_diverged_run_and_goes_on(monkeypatch):
     from minimaml.train import NonFiniteError
     ran = []
 
-    def fake_run(config, resume=False, progress=True):
+    def fake_run(config, resume=False, progress=True, overwrite=False):
         ran.append((config.algorithm, config.imaml_backtracking))
         if config.algorithm == "maml_pp":
             raise NonFiniteError("iteration 7: gradient 'layer0.w' has 40 non-finite value(s). The checkpoint ...")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from ..experiments import sinusoid
 from ..experiments.common import cell, markdown_table
-from ..train import NonFiniteError
+from ..train import NonFiniteError, SolverError
 
 FOLLOWUPS = ("reptile", "meta_sgd", "maml_pp", "anil", "imaml")
 # iMAML on the sinusoid (docs/followups.md): plain inner descent overshoots once meta-training sharpens
@@ -26,8 +26,9 @@ def run_profile(profile: str, resume: bool = False, progress: bool = True, overw
         folders.append(config.out_dir)
         try:
             results = sinusoid.run(config, resume=resume, progress=progress, overwrite=overwrite)
-        except NonFiniteError as err:
-            rows.append([name, f"training diverged ({str(err).split('. ')[0]})", "-", "-", "-"])
+        except (NonFiniteError, SolverError) as err:
+            what = "training diverged" if isinstance(err, NonFiniteError) else "its solver failed"
+            rows.append([name, f"{what} ({str(err).split('. ')[0]})", "-", "-", "-"])
             continue
         curve = results["mse"][f"{name}/k5"]
         rows.append([name, *[cell(curve[s]) for s in (1, 5, 10)], f"{results['train_seconds']:.0f}"])
