@@ -14,7 +14,7 @@ import pytest
 
 from minimaml import autodiff as ad
 from minimaml import backend, maml, parallel
-from minimaml.autodiff import nnops
+from minimaml.autodiff import kernels
 from minimaml.nn.conv4 import miniimagenet_conv4, omniglot_conv4
 
 
@@ -38,8 +38,8 @@ def test_gpu_branches_give_the_cpu_meta_gradient(monkeypatch, net, mode):
     equals the CPU path's, which runs its passes in several blocks on two threads."""
     model = NETS[net]
     monkeypatch.setenv("MINIMAML_THREADS", "2")
-    monkeypatch.setattr(nnops, "_BLOCK_BYTES_CONV", 1 << 10)  # several blocks per pass on the CPU path
-    monkeypatch.setattr(nnops, "_BLOCK_BYTES", 1 << 10)
+    monkeypatch.setattr(kernels, "BLOCK_BYTES_CONV", 1 << 10)  # several blocks per pass on the CPU path
+    monkeypatch.setattr(kernels, "BLOCK_BYTES", 1 << 10)
     monkeypatch.setattr(parallel, "SHARE_MIN_BYTES", 0)
     rng = np.random.default_rng(0)
     params = model.init(rng, 5, np.float64)
@@ -54,8 +54,8 @@ def test_gpu_branches_give_the_cpu_meta_gradient(monkeypatch, net, mode):
 
     cpu_loss, cpu_grads = meta_gradient()
     monkeypatch.setattr(backend, "_cupy", numpy_standing_in_for_cupy())
-    geometry = nnops._Geometry(3, 3, 1, ((1, 1), (1, 1)), (size, size))
-    assert len(nnops._conv_blocks(tasks.query.x, channels, geometry).pieces) == 1  # the GPU side: one block
+    geometry = kernels.Geometry(3, 3, 1, ((1, 1), (1, 1)), (size, size))
+    assert len(kernels.conv_blocks(tasks.query.x, channels, geometry).pieces) == 1  # the GPU side: one block
     gpu_loss, gpu_grads = meta_gradient()
     np.testing.assert_allclose(gpu_loss, cpu_loss, rtol=1e-13)
     for name in cpu_grads:

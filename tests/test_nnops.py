@@ -15,7 +15,7 @@ from conftest import (assert_dtype_preserved, assert_grads, distinct_arrays, fas
                       to_gpu_and_check)
 from minimaml import autodiff as ad
 from minimaml import parallel
-from minimaml.autodiff import ShapeError, Tensor, nnops
+from minimaml.autodiff import ShapeError, Tensor, kernels, nnops
 
 # --- naive references ---------------------------------------------------------------------------------
 
@@ -206,7 +206,7 @@ def test_conv2d_blockwise_passes_to_third_order(monkeypatch, block_bytes, task, 
     images at a time: single images, ranges that do not divide the batch, several whole tasks per
     block; the blocks on one thread or shared out over three. Values against the reference,
     derivatives to third order against finite differences."""
-    monkeypatch.setattr(nnops, "_BLOCK_BYTES_CONV", block_bytes)
+    monkeypatch.setattr(kernels, "BLOCK_BYTES_CONV", block_bytes)
     monkeypatch.setenv("MINIMAML_THREADS", threads)
     monkeypatch.setattr(parallel, "SHARE_MIN_BYTES", 0)  # share out even these small arrays
     rng = np.random.default_rng(3)
@@ -511,7 +511,7 @@ def test_batch_normalize_blocks_and_both_reverse_passes_agree(monkeypatch, block
     """Forward values against the formula, and the blockwise array VJP (a reverse pass that is not
     recorded) against the taped VJP (recorded), with blocks of single rows, row ranges that do not
     divide P, and whole slabs, on one thread or three; with and without the ReLU."""
-    monkeypatch.setattr(nnops, "_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(kernels, "BLOCK_BYTES", block_bytes)
     monkeypatch.setenv("MINIMAML_THREADS", threads)
     monkeypatch.setattr(parallel, "SHARE_MIN_BYTES", 0)  # share out even these small arrays
     x = _rng.standard_normal((3, 2, 9, 4)) * 3 + 1

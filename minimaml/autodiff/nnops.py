@@ -4,14 +4,14 @@ Images are channel-last, as in the paper's TensorFlow code: ``x: (..., H, W, C)`
 ``(kh, kw, C_in, C_out)``. The primitives here: ``im2col`` and ``col2im`` (each the other's adjoint,
 so each is the other's VJP); the convolution with its input and filter gradients (closed under VJPs);
 ``channel_dot``, ``channel_scale`` and ``batch_normalize``. Everything else is built from ``ops`` and
-inherits their derivatives. Convolution and batch norm run in cache-sized blocks, shared out over the
-CPU cores (``minimaml.parallel``).
+inherits their derivatives. The rules here are the math; how the convolution, im2col / col2im and
+batch norm run on the arrays (in cache-sized blocks shared out over the CPU cores) is in ``kernels``.
 """
 
 from __future__ import annotations
 
-from .. import backend, parallel
-from . import ops
+from .. import backend
+from . import kernels, ops
 from .ops import ShapeError
 from .tensor import Tensor, is_recording, record
 
@@ -21,128 +21,6 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple:
     out = -(-size // stride)
     total = max((out - 1) * stride + kernel - size, 0)
     return (total // 2, total - total // 2)
-
-
-def _output_size(size: int, kernel: int, stride: int, pad: tuple) -> int:
-    return (size + pad[0] + pad[1] - kernel) // stride + 1
-
-
-def _valid_range(offset: int, size: int, out: int, stride: int, before: int) -> tuple:
-    """Along one axis, for kernel offset ``k``: output positions ``p`` in ``[lo, hi)`` read the input
-    position ``stride p + k - before`` inside ``[0, size)`` (the others read padding zeros), and
-    ``start`` is the input position of ``p = lo``. Returns ``(lo, hi, start)``."""
-    lo = max(0, -(-(before - offset) // stride))
-    hi = max(lo, min(out, (size - 1 + before - offset) // stride + 1))
-    return lo, hi, stride * lo + offset - before
-
-
-def _offset_windows(kh: int, kw: int, stride: int, image_shape: tuple, ho: int, wo: int, padding: tuple):
-    """For each kernel offset (i, j): ``(i, j, out_window, in_window, borders)``, where the patch entries
-    ``cols[..., out_window, i, j, :]`` are read from the unpadded image ``x[in_window]`` and the
-    entries ``cols[..., border, i, j, :]`` of each border window read padding (zero).
-    Working on the unpadded image saves the padded copy of ``x`` (im2col) or of the result (col2im)."""
-    h, w = image_shape
-    for i in range(kh):
-        p_lo, p_hi, r0 = _valid_range(i, h, ho, stride, padding[0][0])
-        rows_in = slice(r0, r0 + stride * (p_hi - p_lo - 1) + 1, stride) if p_hi > p_lo else slice(0, 0)
-        for j in range(kw):
-            q_lo, q_hi, c0 = _valid_range(j, w, wo, stride, padding[1][0])
-            cols_in = slice(c0, c0 + stride * (q_hi - q_lo - 1) + 1, stride) if q_hi > q_lo else slice(0, 0)
-            borders = [(slice(0, p_lo), slice(None)), (slice(p_hi, ho), slice(None)),
-                       (slice(p_lo, p_hi), slice(0, q_lo)), (slice(p_lo, p_hi), slice(q_hi, wo))]
-            yield (i, j, (Ellipsis, slice(p_lo, p_hi), slice(q_lo, q_hi), slice(None)),
-                   (Ellipsis, rows_in, cols_in, slice(None)),
-                   [(Ellipsis, *b, slice(None)) for b in borders if b[0].stop > b[0].start and
-                    (b[1].stop is None or b[1].stop > b[1].start)])
-
-
-_BLOCK_BYTES_CONV = 2 << 20  # a block of im2col / conv2d covers about this many bytes of patches
-
-
-class _Blocks:
-    """The blocks ``(lead, rows)`` of a pass over an array ``(L, R, ...)``, and the threads to share
-    them out over (``parallel.map_shares``)."""
-
-    def __init__(self, pieces: list, threads: int):
-        self.pieces, self.threads = pieces, threads
-
-
-def _blocks(n_lead: int, n_rows: int, row_bytes: int, block_bytes: int, on_gpu: bool) -> _Blocks:
-    """Cut an array ``(L, R, ...)`` into blocks of about ``block_bytes``: several whole ``(R, ...)`` slabs
-    when one slab is small, else equal row ranges of one slab. Passes over big arrays run a block at a
-    time so that a block's data and temporaries stay in the CPU cache, and the blocks are shared out
-    over ``parallel.threads_for`` threads (``_for_each_block``, ``_sum_over_blocks``); a shared pass
-    has at least two blocks per thread, of equal size, to keep the threads equally busy. On the GPU
-    one block covers everything (one kernel launch per pass)."""
-    if on_gpu:
-        return _Blocks([(slice(None), slice(None))], 1)
-    n_bytes = n_lead * n_rows * row_bytes
-    threads = parallel.threads_for(n_bytes)
-    if threads == 1 and n_bytes < parallel.SHARE_MIN_BYTES:
-        return _Blocks([(slice(None), slice(None))], 1)  # small enough to stay in the CPU's last cache
-    rows = max(1, block_bytes // max(1, row_bytes))
-    if threads > 1:
-        rows = min(rows, -(-n_lead * n_rows // (2 * threads)))
-    if rows >= n_rows:
-        slabs = rows // n_rows
-        pieces = [(slice(start, start + slabs), slice(None)) for start in range(0, n_lead, slabs)]
-        return _Blocks(pieces, threads)
-    rows = -(-n_rows // -(-n_rows // rows))  # equal ranges: R split into ceil(R / rows) parts
-    pieces = [(slice(lead, lead + 1), slice(start, start + rows))
-              for lead in range(n_lead) for start in range(0, n_rows, rows)]
-    return _Blocks(pieces, threads)
-
-
-def _for_each_block(work, blocks: _Blocks) -> None:
-    """``work(lead, rows)`` for every block, the blocks shared out over the CPU threads
-    (``parallel.map_shares``); each block writes its own part of the output."""
-    parallel.map_shares(lambda share: [work(lead, rows) for lead, rows in share], blocks.pieces, blocks.threads)
-
-
-def _sum_over_blocks(per_block, blocks: _Blocks, shapes: tuple, xp, dtype) -> tuple:
-    """Sums over the blocks of ``per_block(lead, rows)``, a tuple of arrays each added at ``[lead]`` of a
-    zero array of the matching shape in ``shapes``. The blocks are shared out over the CPU threads; each
-    share sums into arrays of its own, and the shares' sums are added in order."""
-    def share_sums(share):
-        sums = tuple(xp.zeros(shape, dtype=dtype) for shape in shapes)
-        for lead, rows in share:
-            for total, value in zip(sums, per_block(lead, rows)):
-                total[lead] += value
-        return sums
-
-    partials = parallel.map_shares(share_sums, blocks.pieces, blocks.threads)
-    for sums in partials[1:]:
-        for total, value in zip(partials[0], sums):
-            total += value
-    return partials[0]
-
-
-class _Geometry:
-    """Where a ``kh x kw`` kernel with ``stride`` and ``padding = ((top, bottom), (left, right))`` reads
-    an ``h x w`` image: output size ``ho x wo`` and, per kernel offset, the windows of ``_offset_windows``."""
-
-    def __init__(self, kh: int, kw: int, stride: int, padding: tuple, image_hw: tuple):
-        self.kh, self.kw = kh, kw
-        self.h, self.w = image_hw
-        self.ho = _output_size(self.h, kh, stride, padding[0])
-        self.wo = _output_size(self.w, kw, stride, padding[1])
-        self.windows = list(_offset_windows(kh, kw, stride, image_hw, self.ho, self.wo, padding))
-
-    def patches(self, images, out):
-        """im2col of ``images: (..., H, W, C)`` into ``out: (..., Ho, Wo, kh, kw, C)`` (padding read as 0)."""
-        for i, j, out_window, in_window, borders in self.windows:
-            target = out[..., i, j, :]
-            target[out_window] = images[in_window]
-            for border in borders:
-                target[border] = 0
-        return out
-
-    def add_patches(self, patches, images):
-        """col2im: add ``patches: (..., Ho, Wo, kh, kw, C)`` onto ``images: (..., H, W, C)`` (entries that
-        read padding are dropped)."""
-        for i, j, out_window, in_window, _ in self.windows:
-            images[in_window] += patches[..., i, j, :][out_window]
-        return images
 
 
 def im2col(x, kh: int, kw: int, stride: int, padding: tuple) -> Tensor:
@@ -155,17 +33,11 @@ def im2col(x, kh: int, kw: int, stride: int, padding: tuple) -> Tensor:
     patches (padding entries are written as zeros, no padded copy of ``x`` is made), a cache-sized
     block of images at a time."""
     x = ops.as_tensor(x)
-    xp = backend.array_namespace(x.data)
     *lead, h, w, c = x.shape
-    geometry = _Geometry(kh, kw, stride, padding, (h, w))
+    geometry = kernels.Geometry(kh, kw, stride, padding, (h, w))
     if geometry.ho < 1 or geometry.wo < 1:
         raise ShapeError(f"im2col: a {kh}x{kw} kernel does not fit image {x.shape} with padding {padding}")
-    images = x.data.reshape(1, -1, h, w, c)
-    cols = xp.empty((*images.shape[:2], geometry.ho, geometry.wo, kh, kw, c), dtype=x.dtype)
-    on_gpu = backend.is_gpu_array(cols)
-    for _, rows in _blocks(1, images.shape[1], cols[0, 0].nbytes, _BLOCK_BYTES_CONV, on_gpu).pieces:
-        geometry.patches(images[0, rows], cols[0, rows])
-    cols = cols.reshape(*lead, geometry.ho, geometry.wo, kh * kw * c)
+    cols = kernels.im2col(x.data, geometry)
     return record(cols, (x,), lambda g: (col2im(g, x.shape, kh, kw, stride, padding),))
 
 
@@ -179,15 +51,8 @@ def col2im(cols, image_shape: tuple, kh: int, kw: int, stride: int, padding: tup
     Linear; its VJP is ``im2col``. Patch entries that read padding are dropped (no padded image is
     built and cropped), and the strided adds run a cache-sized block of images at a time."""
     cols = ops.as_tensor(cols)
-    xp = backend.array_namespace(cols.data)
     *lead, h, w, c = image_shape
-    geometry = _Geometry(kh, kw, stride, padding, (h, w))
-    image = xp.zeros((*lead, h, w, c), dtype=cols.dtype)
-    images = image.reshape(-1, h, w, c)
-    patches = cols.data.reshape(-1, geometry.ho, geometry.wo, kh, kw, c)
-    on_gpu = backend.is_gpu_array(image)
-    for _, rows in _blocks(1, images.shape[0], patches[0].nbytes, _BLOCK_BYTES_CONV, on_gpu).pieces:
-        geometry.add_patches(patches[rows], images[rows])
+    image = kernels.col2im(cols.data, image_shape, kernels.Geometry(kh, kw, stride, padding, (h, w)))
     return record(image, (cols,), lambda g: (im2col(g, kh, kw, stride, padding),))
 
 
@@ -201,7 +66,7 @@ def conv2d(x, w, stride: int = 1, padding="SAME") -> Tensor:
     out[p, o] = sum_{i, j, c} x_pad[s p + (i, j), c] w[i, j, c, o].
 
     The patch matrix is never built whole: each cache-sized block of images is unfolded and multiplied
-    at once (``_conv_arrays``), the blocks shared out over the CPU threads. So the convolution is a
+    at once (``kernels.conv``), the blocks shared out over the CPU threads. So the convolution is a
     primitive, and so are its two derivatives,
 
         input gradient   dx = col2im(g w^T)       ``_conv_input_grad``
@@ -232,7 +97,7 @@ def conv2d(x, w, stride: int = 1, padding="SAME") -> Tensor:
         pad = ((padding, padding), (padding, padding))
     else:
         pad = tuple(tuple(p) for p in padding)
-    geometry = _Geometry(kh, kw, stride, pad, (h, wd))
+    geometry = kernels.Geometry(kh, kw, stride, pad, (h, wd))
     if geometry.ho < 1 or geometry.wo < 1:
         raise ShapeError(f"conv2d: a {kh}x{kw} kernel does not fit images {x.shape} with padding {pad}")
     return _conv(x, w, geometry)
@@ -252,74 +117,12 @@ def _filter_matrices(w):
     return w.reshape(-1, w.shape[-4] * w.shape[-3] * w.shape[-2], w.shape[-1])
 
 
-def _conv_blocks(a5, c_in: int, geometry: _Geometry) -> _Blocks:
-    """Blocks (task slice, image slice) of ``a5: (L, n, ...)``, images or their outputs' cotangents,
-    with ~``_BLOCK_BYTES_CONV`` of patches (``kh kw c_in`` numbers per output position) each."""
-    patch_bytes = geometry.ho * geometry.wo * geometry.kh * geometry.kw * c_in * a5.itemsize
-    return _blocks(a5.shape[0], a5.shape[1], patch_bytes, _BLOCK_BYTES_CONV, backend.is_gpu_array(a5))
-
-
-def _block_patches(x5, lead, rows, geometry: _Geometry):
-    """im2col of one block: ``(l, rows n' Ho Wo, kh kw C)`` for ``x5[lead, rows]``."""
-    xp = backend.array_namespace(x5)
-    block = x5[lead, rows]
-    l, n = block.shape[:2]
-    out = xp.empty((l, n, geometry.ho, geometry.wo, geometry.kh, geometry.kw, block.shape[-1]), dtype=x5.dtype)
-    return geometry.patches(block, out).reshape(l, n * geometry.ho * geometry.wo, -1)
-
-
-def _conv_arrays(x5, w3, geometry: _Geometry):
-    """out[t] = im2col(x[t]) @ w[t] on arrays ``x5: (L, n, H, W, C_in)``, ``w3: (L, K, C_out)``."""
-    xp = backend.array_namespace(x5)
-    n_tasks, n = x5.shape[:2]
-    out = xp.empty((n_tasks, n, geometry.ho, geometry.wo, w3.shape[-1]), dtype=x5.dtype)
-
-    def multiply(lead, rows):
-        product = ops._matmul_arrays(_block_patches(x5, lead, rows, geometry), w3[lead])
-        out[lead, rows] = product.reshape(out[lead, rows].shape)
-
-    _for_each_block(multiply, _conv_blocks(x5, x5.shape[-1], geometry))
-    return out
-
-
-def _conv_input_grad_arrays(g5, w3, geometry: _Geometry, c_in: int):
-    """dx[t] = col2im(g[t] @ w[t]^T) on arrays ``g5: (L, n, Ho, Wo, C_out)``, ``w3: (L, K, C_out)``."""
-    xp = backend.array_namespace(g5)
-    n_tasks, n = g5.shape[:2]
-    dx = xp.zeros((n_tasks, n, geometry.h, geometry.w, c_in), dtype=g5.dtype)
-    w_t = xp.swapaxes(w3, -1, -2)
-
-    def multiply_and_add_back(lead, rows):
-        g_block = g5[lead, rows]
-        l, n_block = g_block.shape[:2]
-        patches = ops._matmul_arrays(g_block.reshape(l, -1, g_block.shape[-1]), w_t[lead])
-        patches = patches.reshape(l, n_block, geometry.ho, geometry.wo, geometry.kh, geometry.kw, c_in)
-        geometry.add_patches(patches, dx[lead, rows])
-
-    _for_each_block(multiply_and_add_back, _conv_blocks(g5, c_in, geometry))
-    return dx
-
-
-def _conv_filter_grad_arrays(x5, g5, geometry: _Geometry):
-    """dw[t] = im2col(x[t])^T @ g[t] on arrays ``x5: (L, n, H, W, C_in)``, ``g5: (L, n, Ho, Wo, C_out)``."""
-    xp = backend.array_namespace(x5)
-
-    def patches_times_g(lead, rows):
-        patches = _block_patches(x5, lead, rows, geometry)
-        g_block = g5[lead, rows].reshape(*patches.shape[:2], -1)
-        return (ops._matmul_arrays(xp.swapaxes(patches, -1, -2), g_block),)
-
-    shape = (x5.shape[0], geometry.kh * geometry.kw * x5.shape[-1], g5.shape[-1])
-    (dw,) = _sum_over_blocks(patches_times_g, _conv_blocks(x5, x5.shape[-1], geometry), (shape,), xp, x5.dtype)
-    return dw
-
-
-def _conv(x: Tensor, w: Tensor, geometry: _Geometry) -> Tensor:
+def _conv(x: Tensor, w: Tensor, geometry: kernels.Geometry) -> Tensor:
     """The convolution primitive (see ``conv2d``): ``x: (*task, *batch, H, W, C_in)``, ``w: (*task, kh, kw,
     C_in, C_out)`` -> ``(*task, *batch, Ho, Wo, C_out)``."""
     n_task = w.ndim - 4
     w3 = _filter_matrices(w.data)
-    out = _conv_arrays(_task_view(x.data, n_task), w3, geometry)
+    out = kernels.conv(_task_view(x.data, n_task), w3, geometry)
     out = out.reshape(*x.shape[:-3], geometry.ho, geometry.wo, w.shape[-1])
 
     def vjp(g):
@@ -329,12 +132,12 @@ def _conv(x: Tensor, w: Tensor, geometry: _Geometry) -> Tensor:
     return record(out, (x, w), vjp)
 
 
-def _conv_input_grad(g, w: Tensor, geometry: _Geometry, x_shape: tuple) -> Tensor:
+def _conv_input_grad(g, w: Tensor, geometry: kernels.Geometry, x_shape: tuple) -> Tensor:
     """The input gradient of ``_conv``, itself a primitive: g ``(*task, *batch, Ho, Wo, C_out)`` -> dx."""
     g = ops.as_tensor(g)
     n_task = w.ndim - 4
     w3 = _filter_matrices(w.data)
-    dx = _conv_input_grad_arrays(_task_view(g.data, n_task), w3, geometry, w.shape[-2]).reshape(x_shape)
+    dx = kernels.conv_input_grad(_task_view(g.data, n_task), w3, geometry, w.shape[-2]).reshape(x_shape)
 
     def vjp(h):
         return (_conv(h, w, geometry) if g.requires_grad else None,
@@ -343,11 +146,11 @@ def _conv_input_grad(g, w: Tensor, geometry: _Geometry, x_shape: tuple) -> Tenso
     return record(dx, (g, w), vjp)
 
 
-def _conv_filter_grad(x: Tensor, g, geometry: _Geometry, w_shape: tuple) -> Tensor:
+def _conv_filter_grad(x: Tensor, g, geometry: kernels.Geometry, w_shape: tuple) -> Tensor:
     """The filter gradient of ``_conv``, itself a primitive: (x, g) -> dw of shape ``w_shape``."""
     g = ops.as_tensor(g)
     n_task = len(w_shape) - 4
-    dw = _conv_filter_grad_arrays(_task_view(x.data, n_task), _task_view(g.data, n_task), geometry)
+    dw = kernels.conv_filter_grad(_task_view(x.data, n_task), _task_view(g.data, n_task), geometry)
     dw = dw.reshape(w_shape)
 
     def vjp(h):
@@ -404,9 +207,6 @@ def channel_scale(x, s) -> Tensor:
     return record(out, (x, s), vjp)
 
 
-_BLOCK_BYTES = 256 << 10  # a block of batch_normalize: its input, output and temporary stay in L2
-
-
 def _per_channel(name: str, p, x: Tensor):
     """``p``, a per-channel parameter of ``batch_normalize``, as a Tensor checked against
     ``x: (..., P, C)``: ``(C,)`` or ``(..., 1, C)`` with leading axes that broadcast to x's."""
@@ -442,7 +242,7 @@ def batch_normalize(x, scale=None, shift=None, eps: float = 1e-3, relu: bool = F
 
     When the reverse pass is being recorded (``grad(..., create_graph=True)``) that VJP is written with
     tape operations, so that it can be differentiated again (``_batch_normalize_vjp_taped``); otherwise
-    it runs on the raw arrays in blocks (``_batch_normalize_vjp_arrays``), the same formula.
+    it runs on the raw arrays in blocks (``kernels.batch_norm_vjp``), the same formula.
     """
     x = ops.as_tensor(x)
     if x.ndim < 2:
@@ -450,34 +250,12 @@ def batch_normalize(x, scale=None, shift=None, eps: float = 1e-3, relu: bool = F
                          "(..., P, C)")
     scale, shift = _per_channel("scale", scale, x), _per_channel("shift", shift, x)
     xp = backend.array_namespace(x.data)
-    n_rows, channels = x.shape[-2:]
-    stats_shape = (*x.shape[:-2], 1, channels)
-    x3 = x.data.reshape(-1, n_rows, channels)
-    blocks = _blocks(*x3.shape[:2], channels * x3.itemsize, _BLOCK_BYTES, backend.is_gpu_array(x3))
-
-    stats = ((x3.shape[0], 1, channels),)  # (L, 1, C): per leading index and channel
-    (mean,) = _sum_over_blocks(lambda lead, rows: (x3[lead, rows].sum(axis=1, keepdims=True),),
-                               blocks, stats, xp, x.dtype)
-    mean /= n_rows
-
-    def squares(lead, rows):
-        centred = x3[lead, rows] - mean[lead]
-        return (xp.einsum("lpc,lpc->lc", centred, centred)[:, None],)
-
-    (sum_squares,) = _sum_over_blocks(squares, blocks, stats, xp, x.dtype)
-    inv_std = 1 / xp.sqrt(sum_squares / n_rows + eps)
-    a = inv_std if scale is None else inv_std * xp.broadcast_to(scale.data, stats_shape).reshape(mean.shape)
-    b = -mean * a if shift is None else xp.broadcast_to(shift.data, stats_shape).reshape(mean.shape) - mean * a
-    y3 = xp.empty_like(x3)
-
-    def normalize(lead, rows):
-        out = y3[lead, rows]
-        xp.multiply(x3[lead, rows], a[lead], out=out)
-        out += b[lead]
-        if relu:
-            xp.maximum(out, 0, out=out)
-
-    _for_each_block(normalize, blocks)
+    stats_shape = (*x.shape[:-2], 1, x.shape[-1])
+    x3 = x.data.reshape(-1, *x.shape[-2:])
+    per_task = (x3.shape[0], 1, x.shape[-1])
+    scale3, shift3 = (None if p is None else xp.broadcast_to(p.data, stats_shape).reshape(per_task)
+                      for p in (scale, shift))
+    y3, mean, inv_std, a = kernels.batch_norm(x3, scale3, shift3, eps, relu)
 
     def vjp(g):
         if is_recording():
@@ -485,8 +263,8 @@ def batch_normalize(x, scale=None, shift=None, eps: float = 1e-3, relu: bool = F
                 g = ops.multiply(g, Tensor((y3 > 0).astype(y3.dtype).reshape(x.shape)))
             dx, dscale, dshift = _batch_normalize_vjp_taped(g, x, scale, eps)
         else:
-            dx, dscale, dshift = _batch_normalize_vjp_arrays(g.data.reshape(x3.shape), x3, y3 if relu else None,
-                                                             blocks, mean, inv_std, a)
+            dx, dscale, dshift = kernels.batch_norm_vjp(g.data.reshape(x3.shape), x3, y3 if relu else None,
+                                                        mean, inv_std, a)
             dx = Tensor(dx.reshape(x.shape))
             dscale, dshift = Tensor(dscale.reshape(stats_shape)), Tensor(dshift.reshape(stats_shape))
         cotangents = [dx if x.requires_grad else None]
@@ -497,37 +275,6 @@ def batch_normalize(x, scale=None, shift=None, eps: float = 1e-3, relu: bool = F
 
     parents = tuple(p for p in (x, scale, shift) if p is not None)
     return record(y3.reshape(x.shape), parents, vjp)
-
-
-def _batch_normalize_vjp_arrays(g3, x3, relu_output, blocks, mean, inv_std, a) -> tuple:
-    """``batch_normalize``'s VJP on raw arrays ``(L, P, C)``, a block at a time: two passes over g and x
-    (the sums, then dx), where dx = a g' - k (x - mean) - a (sum_p g') / P with k = a d_scale / (P std),
-    and g' = g [y > 0] when ``relu_output`` y is given."""
-    xp = backend.array_namespace(x3)
-    n_rows = x3.shape[1]
-    dx = xp.empty_like(x3)  # after a ReLU, it holds g' until the second pass overwrites it with dx
-    g_masked = g3 if relu_output is None else dx
-
-    def sums(lead, rows):  # sum_p g' and sum_p g' (x - mean)
-        if relu_output is not None:
-            xp.multiply(g3[lead, rows], relu_output[lead, rows] > 0, out=g_masked[lead, rows])
-        g_in = g_masked[lead, rows]
-        centred = x3[lead, rows] - mean[lead]
-        return g_in.sum(axis=1, keepdims=True), xp.einsum("lpc,lpc->lc", g_in, centred)[:, None]
-
-    g_sum, g_dot = _sum_over_blocks(sums, blocks, (mean.shape, mean.shape), xp, x3.dtype)
-    dscale = g_dot * inv_std  # sum_p g' x_hat
-    k = a * inv_std * dscale / n_rows
-    offset = k * mean - a * g_sum / n_rows
-
-    def input_grad(lead, rows):
-        out = dx[lead, rows]
-        xp.multiply(g_masked[lead, rows], a[lead], out=out)
-        out -= x3[lead, rows] * k[lead]
-        out += offset[lead]
-
-    _for_each_block(input_grad, blocks)
-    return dx, dscale, g_sum
 
 
 def _batch_normalize_vjp_taped(g, x, scale, eps: float) -> tuple:

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import numbers
 
-import numpy
-
 from .. import backend
+from . import kernels
 from .tensor import Tensor, record
 
 
@@ -462,7 +461,7 @@ def matmul(a, b) -> Tensor:
     if a.shape[-1] != b.shape[-2]:
         raise ShapeError(f"matmul: inner dimensions differ: {a.shape} @ {b.shape}")
     try:
-        out = _matmul_arrays(a.data, b.data)
+        out = kernels.matmul(a.data, b.data)
     except ValueError as err:
         raise ShapeError(f"matmul: batch dimensions do not broadcast: {a.shape} @ {b.shape}") from err
 
@@ -471,46 +470,6 @@ def matmul(a, b) -> Tensor:
                 _unbroadcast(matmul(swapaxes(a, -1, -2), g), b.shape) if _need(b) else None)
 
     return record(out, (a, b), vjp)
-
-
-def _matmul_arrays(a, b):
-    """``a @ b`` on raw arrays, fast on NumPy too.
-
-    CuPy's batched GEMM, and NumPy's own ``@`` on 2-D operands, are used as they are. On NumPy:
-
-    - small matrices (``m k n`` below ``_LOOP_MIN_WORK``, e.g. the sinusoid MLP's 10x40 @ 40x40) go to
-      NumPy's stacked ``@``: one call, where a Python loop would cost ~1 us per matrix;
-    - otherwise a batch that ``b`` does not vary over (a broadcast weight, stride 0) is folded into the
-      rows of a single 2-D product: ``(B, m, k) @ (k, n)`` as ``(B m, k) @ (k, n)``, one BLAS call;
-    - other large matrices, or an operand that BLAS cannot read directly (neither of its last two axes has
-      unit stride, so the stacked ``@`` would fall back to its slow non-BLAS loop), run as a loop of
-      2-D products, one BLAS call per batch entry (NumPy copies a non-BLAS 2-D operand once).
-    """
-    if backend.is_gpu_array(a) or b.ndim == 2 and a.ndim == 2:
-        return a @ b
-    m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
-    if m * k * n < _LOOP_MIN_WORK and _blas_readable(a) and _blas_readable(b):
-        return a @ b
-    batch = numpy.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-    b_is_shared = all(stride == 0 for stride in b.strides[:-2])
-    if b_is_shared and a.shape[:-2] == batch:
-        b2 = b[(0,) * (b.ndim - 2)]
-        return (a.reshape(-1, k) @ b2).reshape(*a.shape[:-1], n)
-    a = numpy.broadcast_to(a, batch + a.shape[-2:])
-    b = numpy.broadcast_to(b, batch + b.shape[-2:])
-    out = numpy.empty(batch + (m, n), dtype=numpy.result_type(a, b))
-    for index in numpy.ndindex(*batch):
-        numpy.matmul(a[index], b[index], out=out[index])
-    return out
-
-
-_LOOP_MIN_WORK = 1 << 17  # multiply-adds per matrix above which a loop of 2-D BLAS calls is used
-
-
-def _blas_readable(x) -> bool:
-    """Whether each matrix of ``x`` (its last two axes) has a unit stride along one of them, so that
-    BLAS can read it in place (as stored or transposed)."""
-    return x.strides[-1] == x.itemsize or x.strides[-2] == x.itemsize or x.shape[-1] == 1 or x.shape[-2] == 1
 
 
 # --- operators on Tensor --------------------------------------------------------------------------

@@ -337,7 +337,18 @@ def results_markdown(results: dict) -> str:
             f"Average return on {cfg['n_test_tasks']} test tasks (mean ± 95% CI) after 0..{n_steps} "
             f"REINFORCE steps (alpha = {_test_lrs(cfg)}, then alpha / 2) on {tested_on}; training: meta-batch "
             f"{cfg['meta_batch_size']}, {cfg['n_traj']} trajectories per task; trained: {timing or 'nothing'}.\n\n"
-            + markdown_table(header, rows))
+            + markdown_table(header, rows) + _fragile_rows(cfg, results))
+
+
+def _fragile_rows(cfg: dict, results: dict) -> str:
+    """What a table says of rows that one run cannot settle: 2D navigation's pretrained baseline, fine-tuned
+    with alpha 0.5 from a policy trained on pooled tasks, moves by more than its interval with the
+    training seed and with the last bits of the machine's arithmetic (docs/results.md, over seeds)."""
+    if cfg["env"] != "navigation" or "pretrained" not in results["returns"]:
+        return ""
+    return (f"\nThe pretrained baseline is training seed {cfg['seed']} alone: its returns after fine-tuning vary "
+            f"with the seed and with the machine's floating-point arithmetic by more than their intervals "
+            f"(docs/results.md reports them over seeds).\n")
 
 
 def plot_steps(results: dict, path: str) -> None:

@@ -1,0 +1,444 @@
+"""The fast array kernels behind the rules of ``nnops`` and ``ops.matmul``, each beside a plain
+reference version that the tests check it against (``tests/test_kernels.py``).
+
+The rules say what is computed and what its derivative is; the kernels here say how, on raw arrays
+(NumPy or CuPy): in cache-sized blocks shared out over the CPU cores (``minimaml.parallel``), writing
+into preallocated outputs, reading the unpadded image instead of a padded copy. On the GPU one block
+covers everything (one launch per pass). Each ``reference_*`` function computes the same result the
+obvious way (a padded copy, one big product, the formula as written): slow, there to be read and to
+check the fast kernel.
+
+    im2col, col2im                         patches of images and their adjoint
+    conv, conv_input_grad, conv_filter_grad  im2col + GEMM, blockwise
+    batch_norm, batch_norm_vjp             batch-norm forward and its VJP, two passes over the data
+    matmul                                 ``a @ b`` with NumPy's slow stacked paths avoided
+"""
+
+from __future__ import annotations
+
+import numpy
+
+from .. import backend, parallel
+
+BLOCK_BYTES_CONV = 2 << 20  # a block of im2col / conv2d covers about this many bytes of patches
+BLOCK_BYTES = 256 << 10  # a block of batch_norm: its input, output and temporary stay in L2
+
+
+# --- blocks -----------------------------------------------------------------------------------------
+
+
+class Blocks:
+    """The blocks ``(lead, rows)`` of a pass over an array ``(L, R, ...)``, and the threads to share
+    them out over (``parallel.map_shares``)."""
+
+    def __init__(self, pieces: list, threads: int):
+        self.pieces, self.threads = pieces, threads
+
+
+def blocks(n_lead: int, n_rows: int, row_bytes: int, block_bytes: int, on_gpu: bool) -> Blocks:
+    """Cut an array ``(L, R, ...)`` into blocks of about ``block_bytes``: several whole ``(R, ...)`` slabs
+    when one slab is small, else equal row ranges of one slab. Passes over big arrays run a block at a
+    time so that a block's data and temporaries stay in the CPU cache, and the blocks are shared out
+    over ``parallel.threads_for`` threads (``for_each_block``, ``sum_over_blocks``); a shared pass
+    has at least two blocks per thread, of equal size, to keep the threads equally busy. On the GPU
+    one block covers everything (one kernel launch per pass)."""
+    if on_gpu:
+        return Blocks([(slice(None), slice(None))], 1)
+    n_bytes = n_lead * n_rows * row_bytes
+    threads = parallel.threads_for(n_bytes)
+    if threads == 1 and n_bytes < parallel.SHARE_MIN_BYTES:
+        return Blocks([(slice(None), slice(None))], 1)  # small enough to stay in the CPU's last cache
+    rows = max(1, block_bytes // max(1, row_bytes))
+    if threads > 1:
+        rows = min(rows, -(-n_lead * n_rows // (2 * threads)))
+    if rows >= n_rows:
+        slabs = rows // n_rows
+        pieces = [(slice(start, start + slabs), slice(None)) for start in range(0, n_lead, slabs)]
+        return Blocks(pieces, threads)
+    rows = -(-n_rows // -(-n_rows // rows))  # equal ranges: R split into ceil(R / rows) parts
+    pieces = [(slice(lead, lead + 1), slice(start, start + rows))
+              for lead in range(n_lead) for start in range(0, n_rows, rows)]
+    return Blocks(pieces, threads)
+
+
+def for_each_block(work, pass_blocks: Blocks) -> None:
+    """``work(lead, rows)`` for every block, the blocks shared out over the CPU threads
+    (``parallel.map_shares``); each block writes its own part of the output."""
+    parallel.map_shares(lambda share: [work(lead, rows) for lead, rows in share], pass_blocks.pieces,
+                        pass_blocks.threads)
+
+
+def sum_over_blocks(per_block, pass_blocks: Blocks, shapes: tuple, xp, dtype) -> tuple:
+    """Sums over the blocks of ``per_block(lead, rows)``, a tuple of arrays each added at ``[lead]`` of a
+    zero array of the matching shape in ``shapes``. The blocks are shared out over the CPU threads; each
+    share sums into arrays of its own, and the shares' sums are added in order."""
+    def share_sums(share):
+        sums = tuple(xp.zeros(shape, dtype=dtype) for shape in shapes)
+        for lead, rows in share:
+            for total, value in zip(sums, per_block(lead, rows)):
+                total[lead] += value
+        return sums
+
+    partials = parallel.map_shares(share_sums, pass_blocks.pieces, pass_blocks.threads)
+    for sums in partials[1:]:
+        for total, value in zip(partials[0], sums):
+            total += value
+    return partials[0]
+
+
+# --- where a kernel reads an image ----------------------------------------------------------------
+
+
+def output_size(size: int, kernel: int, stride: int, pad: tuple) -> int:
+    return (size + pad[0] + pad[1] - kernel) // stride + 1
+
+
+def _valid_range(offset: int, size: int, out: int, stride: int, before: int) -> tuple:
+    """Along one axis, for kernel offset ``k``: output positions ``p`` in ``[lo, hi)`` read the input
+    position ``stride p + k - before`` inside ``[0, size)`` (the others read padding zeros), and
+    ``start`` is the input position of ``p = lo``. Returns ``(lo, hi, start)``."""
+    lo = max(0, -(-(before - offset) // stride))
+    hi = max(lo, min(out, (size - 1 + before - offset) // stride + 1))
+    return lo, hi, stride * lo + offset - before
+
+
+def _offset_windows(kh: int, kw: int, stride: int, image_shape: tuple, ho: int, wo: int, padding: tuple):
+    """For each kernel offset (i, j): ``(i, j, out_window, in_window, borders)``, where the patch entries
+    ``cols[..., out_window, i, j, :]`` are read from the unpadded image ``x[in_window]`` and the
+    entries ``cols[..., border, i, j, :]`` of each border window read padding (zero).
+    Working on the unpadded image saves the padded copy of ``x`` (im2col) or of the result (col2im)."""
+    h, w = image_shape
+    for i in range(kh):
+        p_lo, p_hi, r0 = _valid_range(i, h, ho, stride, padding[0][0])
+        rows_in = slice(r0, r0 + stride * (p_hi - p_lo - 1) + 1, stride) if p_hi > p_lo else slice(0, 0)
+        for j in range(kw):
+            q_lo, q_hi, c0 = _valid_range(j, w, wo, stride, padding[1][0])
+            cols_in = slice(c0, c0 + stride * (q_hi - q_lo - 1) + 1, stride) if q_hi > q_lo else slice(0, 0)
+            borders = [(slice(0, p_lo), slice(None)), (slice(p_hi, ho), slice(None)),
+                       (slice(p_lo, p_hi), slice(0, q_lo)), (slice(p_lo, p_hi), slice(q_hi, wo))]
+            yield (i, j, (Ellipsis, slice(p_lo, p_hi), slice(q_lo, q_hi), slice(None)),
+                   (Ellipsis, rows_in, cols_in, slice(None)),
+                   [(Ellipsis, *b, slice(None)) for b in borders if b[0].stop > b[0].start and
+                    (b[1].stop is None or b[1].stop > b[1].start)])
+
+
+class Geometry:
+    """Where a ``kh x kw`` kernel with ``stride`` and ``padding = ((top, bottom), (left, right))`` reads
+    an ``h x w`` image: output size ``ho x wo`` and, per kernel offset, the windows of ``_offset_windows``."""
+
+    def __init__(self, kh: int, kw: int, stride: int, padding: tuple, image_hw: tuple):
+        self.kh, self.kw, self.stride, self.padding = kh, kw, stride, padding
+        self.h, self.w = image_hw
+        self.ho = output_size(self.h, kh, stride, padding[0])
+        self.wo = output_size(self.w, kw, stride, padding[1])
+        self.windows = list(_offset_windows(kh, kw, stride, image_hw, self.ho, self.wo, padding))
+
+    def patches(self, images, out):
+        """im2col of ``images: (..., H, W, C)`` into ``out: (..., Ho, Wo, kh, kw, C)`` (padding read as 0)."""
+        for i, j, out_window, in_window, borders in self.windows:
+            target = out[..., i, j, :]
+            target[out_window] = images[in_window]
+            for border in borders:
+                target[border] = 0
+        return out
+
+    def add_patches(self, patches, images):
+        """col2im: add ``patches: (..., Ho, Wo, kh, kw, C)`` onto ``images: (..., H, W, C)`` (entries that
+        read padding are dropped)."""
+        for i, j, out_window, in_window, _ in self.windows:
+            images[in_window] += patches[..., i, j, :][out_window]
+        return images
+
+
+# --- im2col and col2im ------------------------------------------------------------------------------
+
+
+def im2col(x, geometry: Geometry):
+    """Patches of ``x: (..., H, W, C)`` as rows ``(..., Ho, Wo, kh kw C)``: each offset's strided window
+    of ``x`` copied straight into the patches (padding entries written as zeros), a cache-sized block
+    of images at a time."""
+    xp = backend.array_namespace(x)
+    *lead, h, w, c = x.shape
+    images = x.reshape(1, -1, h, w, c)
+    cols = xp.empty((*images.shape[:2], geometry.ho, geometry.wo, geometry.kh, geometry.kw, c), dtype=x.dtype)
+    on_gpu = backend.is_gpu_array(cols)
+    for _, rows in blocks(1, images.shape[1], cols[0, 0].nbytes, BLOCK_BYTES_CONV, on_gpu).pieces:
+        geometry.patches(images[0, rows], cols[0, rows])
+    return cols.reshape(*lead, geometry.ho, geometry.wo, geometry.kh * geometry.kw * c)
+
+
+def col2im(cols, image_shape: tuple, geometry: Geometry):
+    """The adjoint of ``im2col``: patch rows ``(..., Ho, Wo, kh kw C)`` added back onto zero images of
+    ``image_shape`` (entries that read padding dropped), a cache-sized block of images at a time."""
+    xp = backend.array_namespace(cols)
+    *lead, h, w, c = image_shape
+    image = xp.zeros((*lead, h, w, c), dtype=cols.dtype)
+    images = image.reshape(-1, h, w, c)
+    patches = cols.reshape(-1, geometry.ho, geometry.wo, geometry.kh, geometry.kw, c)
+    on_gpu = backend.is_gpu_array(image)
+    for _, rows in blocks(1, images.shape[0], patches[0].nbytes, BLOCK_BYTES_CONV, on_gpu).pieces:
+        geometry.add_patches(patches[rows], images[rows])
+    return image
+
+
+# --- convolution: im2col + GEMM, blockwise ----------------------------------------------------------
+
+
+def conv_blocks(a5, c_in: int, geometry: Geometry) -> Blocks:
+    """Blocks (task slice, image slice) of ``a5: (L, n, ...)``, images or their outputs' cotangents,
+    with ~``BLOCK_BYTES_CONV`` of patches (``kh kw c_in`` numbers per output position) each."""
+    patch_bytes = geometry.ho * geometry.wo * geometry.kh * geometry.kw * c_in * a5.itemsize
+    return blocks(a5.shape[0], a5.shape[1], patch_bytes, BLOCK_BYTES_CONV, backend.is_gpu_array(a5))
+
+
+def _block_patches(x5, lead, rows, geometry: Geometry):
+    """im2col of one block: ``(l, rows n' Ho Wo, kh kw C)`` for ``x5[lead, rows]``."""
+    xp = backend.array_namespace(x5)
+    block = x5[lead, rows]
+    l, n = block.shape[:2]
+    out = xp.empty((l, n, geometry.ho, geometry.wo, geometry.kh, geometry.kw, block.shape[-1]), dtype=x5.dtype)
+    return geometry.patches(block, out).reshape(l, n * geometry.ho * geometry.wo, -1)
+
+
+def conv(x5, w3, geometry: Geometry):
+    """out[t] = im2col(x[t]) @ w[t] for ``x5: (L, n, H, W, C_in)``, ``w3: (L, K, C_out)``:
+    ``(L, n, Ho, Wo, C_out)``."""
+    xp = backend.array_namespace(x5)
+    n_tasks, n = x5.shape[:2]
+    out = xp.empty((n_tasks, n, geometry.ho, geometry.wo, w3.shape[-1]), dtype=x5.dtype)
+
+    def multiply(lead, rows):
+        product = matmul(_block_patches(x5, lead, rows, geometry), w3[lead])
+        out[lead, rows] = product.reshape(out[lead, rows].shape)
+
+    for_each_block(multiply, conv_blocks(x5, x5.shape[-1], geometry))
+    return out
+
+
+def conv_input_grad(g5, w3, geometry: Geometry, c_in: int):
+    """dx[t] = col2im(g[t] @ w[t]^T) for ``g5: (L, n, Ho, Wo, C_out)``, ``w3: (L, K, C_out)``:
+    ``(L, n, H, W, c_in)``."""
+    xp = backend.array_namespace(g5)
+    n_tasks, n = g5.shape[:2]
+    dx = xp.zeros((n_tasks, n, geometry.h, geometry.w, c_in), dtype=g5.dtype)
+    w_t = xp.swapaxes(w3, -1, -2)
+
+    def multiply_and_add_back(lead, rows):
+        g_block = g5[lead, rows]
+        l, n_block = g_block.shape[:2]
+        patches = matmul(g_block.reshape(l, -1, g_block.shape[-1]), w_t[lead])
+        patches = patches.reshape(l, n_block, geometry.ho, geometry.wo, geometry.kh, geometry.kw, c_in)
+        geometry.add_patches(patches, dx[lead, rows])
+
+    for_each_block(multiply_and_add_back, conv_blocks(g5, c_in, geometry))
+    return dx
+
+
+def conv_filter_grad(x5, g5, geometry: Geometry):
+    """dw[t] = im2col(x[t])^T @ g[t] for ``x5: (L, n, H, W, C_in)``, ``g5: (L, n, Ho, Wo, C_out)``:
+    ``(L, kh kw C_in, C_out)``."""
+    xp = backend.array_namespace(x5)
+
+    def patches_times_g(lead, rows):
+        patches = _block_patches(x5, lead, rows, geometry)
+        g_block = g5[lead, rows].reshape(*patches.shape[:2], -1)
+        return (matmul(xp.swapaxes(patches, -1, -2), g_block),)
+
+    shape = (x5.shape[0], geometry.kh * geometry.kw * x5.shape[-1], g5.shape[-1])
+    (dw,) = sum_over_blocks(patches_times_g, conv_blocks(x5, x5.shape[-1], geometry), (shape,), xp, x5.dtype)
+    return dw
+
+
+# --- batch norm -------------------------------------------------------------------------------------
+
+
+def batch_norm(x3, scale3, shift3, eps: float, relu: bool) -> tuple:
+    """Batch norm of ``x3: (L, P, C)`` over its P examples, per leading index and channel, with
+    per-channel ``scale3, shift3: (L, 1, C)`` or None: ``(y3, mean, inv_std, a)`` where
+    ``y3 = a x + b`` (then ``max(y3, 0)`` when ``relu``), a = scale / sqrt(var + eps), b = shift - a mean.
+    Three passes over x (mean; variance; y), a cache-sized block at a time, shared over the threads."""
+    xp = backend.array_namespace(x3)
+    n_rows, channels = x3.shape[1:]
+    pass_blocks = blocks(*x3.shape[:2], channels * x3.itemsize, BLOCK_BYTES, backend.is_gpu_array(x3))
+    stats = ((x3.shape[0], 1, channels),)  # (L, 1, C): per leading index and channel
+    (mean,) = sum_over_blocks(lambda lead, rows: (x3[lead, rows].sum(axis=1, keepdims=True),),
+                              pass_blocks, stats, xp, x3.dtype)
+    mean /= n_rows
+
+    def squares(lead, rows):
+        centred = x3[lead, rows] - mean[lead]
+        return (xp.einsum("lpc,lpc->lc", centred, centred)[:, None],)
+
+    (sum_squares,) = sum_over_blocks(squares, pass_blocks, stats, xp, x3.dtype)
+    inv_std = 1 / xp.sqrt(sum_squares / n_rows + eps)
+    a = inv_std if scale3 is None else inv_std * scale3
+    b = -mean * a if shift3 is None else shift3 - mean * a
+    y3 = xp.empty_like(x3)
+
+    def normalize(lead, rows):
+        out = y3[lead, rows]
+        xp.multiply(x3[lead, rows], a[lead], out=out)
+        out += b[lead]
+        if relu:
+            xp.maximum(out, 0, out=out)
+
+    for_each_block(normalize, pass_blocks)
+    return y3, mean, inv_std, a
+
+
+def batch_norm_vjp(g3, x3, relu_output, mean, inv_std, a) -> tuple:
+    """``batch_norm``'s VJP on ``(L, P, C)`` arrays: ``(dx, d scale, d shift)``, the two per channel
+    ``(L, 1, C)``. Two passes over g and x, a block at a time (the sums, then dx), where
+    dx = a g' - k (x - mean) - a (sum_p g') / P with k = a d_scale / (P std), and g' = g [y > 0] when
+    ``relu_output`` y is given (else g' = g)."""
+    xp = backend.array_namespace(x3)
+    n_rows, channels = x3.shape[1:]
+    pass_blocks = blocks(*x3.shape[:2], channels * x3.itemsize, BLOCK_BYTES, backend.is_gpu_array(x3))
+    dx = xp.empty_like(x3)  # after a ReLU, it holds g' until the second pass overwrites it with dx
+    g_masked = g3 if relu_output is None else dx
+
+    def sums(lead, rows):  # sum_p g' and sum_p g' (x - mean)
+        if relu_output is not None:
+            xp.multiply(g3[lead, rows], relu_output[lead, rows] > 0, out=g_masked[lead, rows])
+        g_in = g_masked[lead, rows]
+        centred = x3[lead, rows] - mean[lead]
+        return g_in.sum(axis=1, keepdims=True), xp.einsum("lpc,lpc->lc", g_in, centred)[:, None]
+
+    g_sum, g_dot = sum_over_blocks(sums, pass_blocks, (mean.shape, mean.shape), xp, x3.dtype)
+    dscale = g_dot * inv_std  # sum_p g' x_hat
+    k = a * inv_std * dscale / n_rows
+    offset = k * mean - a * g_sum / n_rows
+
+    def input_grad(lead, rows):
+        out = dx[lead, rows]
+        xp.multiply(g_masked[lead, rows], a[lead], out=out)
+        out -= x3[lead, rows] * k[lead]
+        out += offset[lead]
+
+    for_each_block(input_grad, pass_blocks)
+    return dx, dscale, g_sum
+
+
+# --- matrix product ---------------------------------------------------------------------------------
+
+
+def matmul(a, b):
+    """``a @ b`` on raw arrays, fast on NumPy too.
+
+    CuPy's batched GEMM, and NumPy's own ``@`` on 2-D operands, are used as they are. On NumPy:
+
+    - an inner dimension of 1 (the sinusoid MLP's input layer, (10, 1) @ (1, 40)) is an outer product:
+      ``a * b`` broadcast, each entry the one product a GEMM would compute, at a third of the time;
+    - small matrices (``m k n`` below ``LOOP_MIN_WORK``, e.g. the sinusoid MLP's 10x40 @ 40x40) go to
+      NumPy's stacked ``@``: one call, where a Python loop would cost ~1 us per matrix;
+    - otherwise a batch that ``b`` does not vary over (a broadcast weight, stride 0) is folded into the
+      rows of a single 2-D product: ``(B, m, k) @ (k, n)`` as ``(B m, k) @ (k, n)``, one BLAS call;
+    - other large matrices, or an operand that BLAS cannot read directly (neither of its last two axes has
+      unit stride, so the stacked ``@`` would fall back to its slow non-BLAS loop), run as a loop of
+      2-D products, one BLAS call per batch entry (NumPy copies a non-BLAS 2-D operand once).
+    """
+    if backend.is_gpu_array(a) or b.ndim == 2 and a.ndim == 2:
+        return a @ b
+    m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+    if k == 1:
+        return a * b
+    if m * k * n < LOOP_MIN_WORK and _blas_readable(a) and _blas_readable(b):
+        return a @ b
+    batch = numpy.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    b_is_shared = all(stride == 0 for stride in b.strides[:-2])
+    if b_is_shared and a.shape[:-2] == batch:
+        b2 = b[(0,) * (b.ndim - 2)]
+        return (a.reshape(-1, k) @ b2).reshape(*a.shape[:-1], n)
+    a = numpy.broadcast_to(a, batch + a.shape[-2:])
+    b = numpy.broadcast_to(b, batch + b.shape[-2:])
+    out = numpy.empty(batch + (m, n), dtype=numpy.result_type(a, b))
+    for index in numpy.ndindex(*batch):
+        numpy.matmul(a[index], b[index], out=out[index])
+    return out
+
+
+LOOP_MIN_WORK = 1 << 17  # multiply-adds per matrix above which a loop of 2-D BLAS calls is used
+
+
+def _blas_readable(x) -> bool:
+    """Whether each matrix of ``x`` (its last two axes) has a unit stride along one of them, so that
+    BLAS can read it in place (as stored or transposed)."""
+    return x.strides[-1] == x.itemsize or x.strides[-2] == x.itemsize or x.shape[-1] == 1 or x.shape[-2] == 1
+
+
+# --- reference kernels: the same results the obvious way (tests/test_kernels.py compares) ------------
+
+
+def reference_im2col(x, geometry: Geometry):
+    """``im2col`` from a zero-padded copy of ``x``: cols[..., p, q, (i, j, c)] = x_pad[..., s p + i, s q + j, c]."""
+    xp = backend.array_namespace(x)
+    (top, bottom), (left, right) = geometry.padding
+    padded = xp.pad(x, [(0, 0)] * (x.ndim - 3) + [(top, bottom), (left, right), (0, 0)])
+    s, ho, wo = geometry.stride, geometry.ho, geometry.wo
+    rows = [xp.stack([padded[..., i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s, :]
+                      for j in range(geometry.kw)], axis=-2) for i in range(geometry.kh)]
+    cols = xp.stack(rows, axis=-3)  # (..., Ho, Wo, kh, kw, C)
+    return cols.reshape(*cols.shape[:-3], -1)
+
+
+def reference_col2im(cols, image_shape: tuple, geometry: Geometry):
+    """``col2im`` onto a zero-padded image, then cropped."""
+    xp = backend.array_namespace(cols)
+    (top, bottom), (left, right) = geometry.padding
+    *lead, h, w, c = image_shape
+    padded = xp.zeros((*lead, h + top + bottom, w + left + right, c), dtype=cols.dtype)
+    patches = cols.reshape(*cols.shape[:-1], geometry.kh, geometry.kw, c)
+    s, ho, wo = geometry.stride, geometry.ho, geometry.wo
+    for i in range(geometry.kh):
+        for j in range(geometry.kw):
+            padded[..., i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s, :] += patches[..., i, j, :]
+    return padded[..., top:top + h, left:left + w, :]
+
+
+def reference_conv(x5, w3, geometry: Geometry):
+    """``conv``: the whole patch matrix, one product."""
+    patches = reference_im2col(x5, geometry)
+    out = patches.reshape(x5.shape[0], -1, patches.shape[-1]) @ w3
+    return out.reshape(*patches.shape[:-1], w3.shape[-1])
+
+
+def reference_conv_input_grad(g5, w3, geometry: Geometry, c_in: int):
+    """``conv_input_grad``: col2im(g @ w^T) on the whole batch."""
+    xp = backend.array_namespace(g5)
+    patches = g5.reshape(g5.shape[0], -1, g5.shape[-1]) @ xp.swapaxes(w3, -1, -2)
+    patches = patches.reshape(*g5.shape[:-1], -1)
+    return reference_col2im(patches, (*g5.shape[:2], geometry.h, geometry.w, c_in), geometry)
+
+
+def reference_conv_filter_grad(x5, g5, geometry: Geometry):
+    """``conv_filter_grad``: im2col(x)^T @ g on the whole batch."""
+    xp = backend.array_namespace(x5)
+    patches = reference_im2col(x5, geometry)
+    patches = patches.reshape(x5.shape[0], -1, patches.shape[-1])
+    return xp.swapaxes(patches, -1, -2) @ g5.reshape(g5.shape[0], -1, g5.shape[-1])
+
+
+def reference_batch_norm(x3, scale3, shift3, eps: float, relu: bool) -> tuple:
+    """``batch_norm`` as written: y = scale (x - mean) / sqrt(var + eps) + shift, then the ReLU."""
+    xp = backend.array_namespace(x3)
+    mean = x3.mean(axis=1, keepdims=True)
+    inv_std = 1 / xp.sqrt(((x3 - mean) ** 2).mean(axis=1, keepdims=True) + eps)
+    a = inv_std if scale3 is None else inv_std * scale3
+    y3 = (x3 - mean) * a + (0 if shift3 is None else shift3)
+    return (xp.maximum(y3, 0) if relu else y3), mean, inv_std, a
+
+
+def reference_batch_norm_vjp(g3, x3, relu_output, mean, inv_std, a) -> tuple:
+    """``batch_norm_vjp`` as written: with x_hat = (x - mean) inv_std and g' = g [y > 0] (or g),
+    d shift = sum_p g', d scale = sum_p g' x_hat, dx = a (g' - d shift / P - x_hat d scale / P)."""
+    g = g3 if relu_output is None else g3 * (relu_output > 0)
+    x_hat = (x3 - mean) * inv_std
+    n_rows = x3.shape[1]
+    g_sum = g.sum(axis=1, keepdims=True)
+    dscale = (g * x_hat).sum(axis=1, keepdims=True)
+    return a * (g - g_sum / n_rows - x_hat * dscale / n_rows), dscale, g_sum
+
+
+def reference_matmul(a, b):
+    """``matmul``: the array library's own ``@``."""
+    return a @ b
