@@ -38,7 +38,7 @@ import time
 
 from minimaml import allocator, verify
 from minimaml.experiments import common, locomotion, miniimagenet, navigation, omniglot, sinusoid
-from minimaml.followups import experiments as followups
+from minimaml.experiments import followups
 from minimaml.tasks.datadir import DataError
 
 EXPERIMENTS = {"sinusoid": sinusoid, "omniglot": omniglot, "navigation": navigation,
@@ -116,7 +116,7 @@ def write_report(path: str, profile: str, key: str, body: str | None, note: str 
     """Set one experiment's section of the report at ``path`` (``body``, or the skip ``note``)."""
     text = open(path, encoding="utf-8").read() if os.path.exists(path) else report_header(profile)
     text = update_section(text, key, body) if body is not None else mark_skipped(text, key, note)
-    common.write_atomic(path, text)
+    common.write_text(path, text)
 
 
 def run_experiment(name: str, profile: str, resume: bool, progress: bool, options: dict) -> tuple:

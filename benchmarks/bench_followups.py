@@ -26,7 +26,7 @@ import numpy  # noqa: E402
 from common import summary, time_calls  # noqa: E402
 from minimaml import autodiff as ad  # noqa: E402
 from minimaml import maml  # noqa: E402
-from minimaml.followups import ANIL, IMAML, MAML, MAMLPlusPlus, MetaSGD, Reptile  # noqa: E402
+from minimaml.algorithms import ANIL, IMAML, MAML, MAMLPlusPlus, MetaSGD, Reptile  # noqa: E402
 from minimaml.nn import conv4, mlp  # noqa: E402
 
 
@@ -47,9 +47,9 @@ def w2(rng):
 
 
 def algorithms(inner_lr):
-    return {"maml": MAML(inner_lr, 1), "anil": ANIL(inner_lr, 1), "meta_sgd": MetaSGD(1),
-            "reptile": Reptile(inner_lr, 5, "sgd"), "maml_pp": MAMLPlusPlus(inner_lr, 5, per_step_bn=True),
-            "imaml": IMAML(inner_lr, 16, 2.0, 5)}
+    return {"maml": MAML(inner_lr, 1), "anil": ANIL(inner_lr, 1), "meta_sgd": MetaSGD((0.005, 0.1), 1),
+            "reptile": Reptile(inner_lr, 5, optimizer="sgd"), "maml_pp": MAMLPlusPlus(inner_lr, 5, per_step_bn=True),
+            "imaml": IMAML(inner_lr, 16, lam=2.0, cg_steps=5)}
 
 
 def peak_kib(fn) -> float:
@@ -81,7 +81,7 @@ def main() -> None:
     loss, params, tasks, _ = w1(rng)
     steps = (1, 5, 10, 20, 40)
     print("\npeak memory of one meta-step on W1 (KiB) against the inner steps: " + " ".join(f"{k:>7d}" for k in steps))
-    makers = (("MAML second_order", lambda k: MAML(0.01, k)), ("iMAML (5 CG steps)", lambda k: IMAML(0.01, k, 2.0, 5)))
+    makers = (("MAML second_order", lambda k: MAML(0.01, k)), ("iMAML (5 CG steps)", lambda k: IMAML(0.01, k, lam=2.0, cg_steps=5)))
     for label, make in makers:
         row = [peak_kib(lambda: make(k).meta_gradient(loss, params, tasks, 0)) for k in steps]
         print(f"{label:66s} " + " ".join(f"{v:7.0f}" for v in row))

@@ -9,7 +9,7 @@ Steps (float32, the split of ``minimaml.distributed`` as the experiments use it)
   one inner step, second order: the W2 meta-step;
 - ``miniimagenet``: ``miniimagenet_conv4`` (32 filters, 84x84x3) on the 1-shot setting's 4 tasks,
   5 inner steps, first order (``experiments.miniimagenet.config(1, "first_order", "full")``);
-- ``cheetah_direction``: one MAML-TRPO meta-iteration of the locomotion command (``rl_common.MamlStep``:
+- ``cheetah_direction``: one MAML-TRPO meta-iteration of the locomotion command (``rl_common.MetaStep``:
   sampling 10 tasks x 10 trajectories of 200 MuJoCo steps before and after the inner step, then the TRPO
   step), the quick profile's sizes, the same iteration (seed 0, iteration 0) every time (the
   ``.[mujoco]`` extra too).
@@ -76,7 +76,7 @@ def meta_step(name: str):
         cfg = locomotion.config("quick", env=name)
         env = rl_common.build_env(cfg)
         params = rl_common.init_policy(env, cfg.seed, cfg.init_output_scale)
-        iteration = rl_common.MamlStep(env, cfg)
+        iteration = rl_common.MetaStep(env, cfg)
         return lambda: iteration(params, {}, train.iteration_rng(cfg.seed, 0), 0)
     task_loss, params, tasks, inner_lr, inner_steps, mode = problem(name)
 

@@ -61,7 +61,7 @@ from collections import defaultdict  # noqa: E402
 import numpy as np  # noqa: E402
 
 from minimaml import autodiff as ad  # noqa: E402
-from minimaml import maml  # noqa: E402
+from minimaml import algorithms, maml  # noqa: E402
 from minimaml.experiments import locomotion, navigation  # noqa: E402
 from minimaml.experiments.rl_common import RLConfig, build_env, init_policy  # noqa: E402
 from minimaml.nn import policy as pol  # noqa: E402
@@ -168,7 +168,8 @@ def bench_sampler(env, params, cfg: RLConfig) -> dict:
 def bench_meta_iteration(env, params, cfg: RLConfig, third_order_fisher: bool) -> dict:
     def iteration(rng):
         return maml_rl.meta_iteration(env, params, rng, cfg.trpo(), cfg.meta_batch_size, cfg.n_traj,
-                                      cfg.inner_lr, cfg.discount, cfg.gae_lambda, third_order_fisher)
+                                      algorithms.make("maml", cfg.inner_lr, 1), cfg.discount, cfg.gae_lambda,
+                                      third_order_fisher)
 
     iteration(np.random.default_rng(1))  # warm-up
     records = []

@@ -10,7 +10,7 @@ so every rank draws the same global meta-batch from the same generator (the resu
 the number of ranks R), computes the summed meta-gradient of its contiguous share of the tasks
 (``share_tasks``), an all-reduce adds the R partial sums (``sum_over_ranks``), and every rank takes the
 same optimizer step. Rank 0 alone writes checkpoints and results (``train.save_checkpoint`` and
-``experiments.common.write_atomic`` ask ``is_root``), logs and holds the output folder's lock
+``experiments.common.write_text`` ask ``is_root``), logs and holds the output folder's lock
 (``root_lock``). With ``MINIMAML_DEVICE=gpu`` each rank takes the GPU of its local rank (``root_lock``
 calls ``use_local_gpu``): one rank per GPU. MAML-TRPO splits the same way: each rank samples its share
 of the tasks (``rl.sampler.rank_share``, the sampler's early stops decided by ``any_over_ranks`` /

@@ -91,6 +91,14 @@ def per_task(params: dict, n_tasks: int, inner_param_names=None) -> dict:
             else ad.as_tensor(p) for name, p in params.items()}
 
 
+def as_leaves(params: dict, names) -> dict:
+    """``params`` as Tensors whose gradient can be taken for ``names``: a constant there (an array, or a
+    Tensor that needs no gradient) becomes a leaf; a recorded Tensor stays (the chain goes on through it)."""
+    return {n: p if isinstance(p, ad.Tensor) and (p.requires_grad or n not in names) else
+            ad.Tensor(p.data if isinstance(p, ad.Tensor) else p, requires_grad=n in names)
+            for n, p in params.items()}
+
+
 def inner_step(task_loss, params: dict, support, inner_lr, inner_param_names=None,
                create_graph: bool = False) -> dict:
     """One step of every task's gradient descent on its own support loss, for the parameters in
@@ -104,10 +112,7 @@ def inner_step(task_loss, params: dict, support, inner_lr, inner_param_names=Non
     constants, ready to be the next step's starting point.
     """
     names = _inner_names(params, inner_param_names)
-    # A constant (an array, or a Tensor that needs no gradient) becomes a leaf, so its gradient can be taken.
-    params = {n: p if isinstance(p, ad.Tensor) and (p.requires_grad or n not in names) else
-              ad.Tensor(p.data if isinstance(p, ad.Tensor) else p, requires_grad=n in names)
-              for n, p in params.items()}
+    params = as_leaves(params, names)
     loss = _summed_loss(task_loss, params, support)
     grads = ad.grad(loss, [params[n] for n in names], create_graph=create_graph)
     adapted = dict(params)
@@ -169,17 +174,18 @@ def meta_gradient(task_loss, params: dict, tasks: TaskBatch, inner_lr, inner_ste
     if mode == "hvp":
         return _meta_gradient_hvp(task_loss, query_loss, params, tasks, inner_lr, inner_steps, names)
 
-    theta = {n: ad.Tensor(p, requires_grad=True) for n, p in params.items()}
-    if mode == "second_order":
-        adapted = adapt(task_loss, theta, tasks.support, inner_lr, inner_steps, names, create_graph=True)
-    else:  # first order: theta_i^K = theta + delta_i, the inner displacement delta_i held constant
+    if mode == "first_order":  # theta_i^K = theta + delta_i, the inner displacement delta_i held constant
         final = adapt(task_loss, params, tasks.support, inner_lr, inner_steps, names)
-        adapted = per_task(theta, tasks.n_tasks, names)
-        adapted = {n: adapted[n] + ad.Tensor(final[n].data - params[n]) if n in names else adapted[n]
-                   for n in params}
-    meta_loss = _summed_loss(query_loss, adapted, tasks.query)
-    grads = ad.grad(meta_loss, list(theta.values()))
-    return float(meta_loss.data), {n: g.data for n, g in zip(theta, grads)}
+
+    def meta_objective(theta):
+        if mode == "second_order":
+            adapted = adapt(task_loss, theta, tasks.support, inner_lr, inner_steps, names, create_graph=True)
+        else:
+            adapted = per_task(theta, tasks.n_tasks, names)
+            adapted = {n: adapted[n] + ad.Tensor(final[n].data - params[n]) if n in names else adapted[n]
+                       for n in params}
+        return _summed_loss(query_loss, adapted, tasks.query)
+    return ad.value_and_grad(meta_objective, params)
 
 
 def _meta_gradient_hvp(task_loss, query_loss, params, tasks, inner_lr, inner_steps, names):
@@ -215,12 +221,11 @@ def _meta_gradient_hvp(task_loss, query_loss, params, tasks, inner_lr, inner_ste
         support_loss = _summed_loss(task_loss, {**theta, **phi}, tasks.support)
         inner_grads = ad.grad(support_loss, list(theta.values()), create_graph=True)
         alpha = {n: inner_lr[n] if isinstance(inner_lr, dict) else inner_lr for n in names}
-        # <grad L_S, alpha v>: its gradient is H (alpha v) for theta and the mixed term for phi.
-        directional = ad.sum(ad.stack([ad.sum(g * ad.Tensor(v[n] * alpha[n]))
-                                       for n, g in zip(names, inner_grads)]))
-        second = ad.grad(directional, list(theta.values()) + list(phi.values()))
-        v = {n: v[n] - h.data for n, h in zip(names, second)}
-        phi_grad = {n: phi_grad[n] - h.data for n, h in zip(others, second[len(names):])}
+        # d/d(theta, phi) <grad_theta L_S, alpha v>: H (alpha v) for theta and the mixed term for phi.
+        product = ad.gradient_product(inner_grads, list(theta.values()) + list(phi.values()))
+        second = product([v[n] * alpha[n] for n in names])
+        v = {n: v[n] - h for n, h in zip(names, second)}
+        phi_grad = {n: phi_grad[n] - h for n, h in zip(others, second[len(names):])}
 
     grads = {n: v[n].sum(axis=0) for n in names}
     grads.update(phi_grad)

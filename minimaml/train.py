@@ -141,6 +141,21 @@ class GradientStep(Step):
 
 
 @dataclass
+class LastGood:
+    """What a checkpoint falls back to when a step fails: the state before the last step whose loss was
+    finite (and whose numerics did not fail), with how much of the history and validation curve it had."""
+
+    iteration: int
+    params: dict
+    state: dict
+    n_history: int
+    n_curve: int
+    best_params: dict | None
+    best_iteration: int | None
+    seconds: float
+
+
+@dataclass
 class Validation:
     """Early stopping: every ``every`` iterations (counted from 0, so first after ``every``),
     ``score(params) -> float`` (higher is better); the best-scoring parameters are kept."""
@@ -240,13 +255,13 @@ def run(
                         f"row; going on, as failures are allowed)")
             except (NonFiniteError, SolverError) as err:
                 if good is not None and saved_at == iteration:  # the checkpoint holds the failing parameters
-                    at, good_params, good_state, n_history, n_curve, good_best, good_best_at, at_seconds = good
-                    save(checkpoint_path, at, good_params, good_state, history[:n_history], curve[:n_curve],
-                         good_best, good_best_at, at_seconds)
-                    saved_at = at
+                    save(checkpoint_path, good.iteration, good.params, good.state, history[:good.n_history],
+                         curve[:good.n_curve], good.best_params, good.best_iteration, good.seconds)
+                    saved_at = good.iteration
                 raise _non_finite(err, saved_at, iteration, checkpoint_path, resumed_bad=good is None) from None
             if checkpoint_path is not None:
-                good = (iteration, params, state, len(history), len(curve), best_params, best_iteration, seconds())
+                good = LastGood(iteration, params, state, len(history), len(curve), best_params, best_iteration,
+                                seconds())
             try:
                 _check_finite_arrays("parameter", new_params, iteration)
             except NonFiniteError as err:

@@ -5,7 +5,7 @@
    regression, a small conv + batch-norm + max-pool classifier, the RL REINFORCE step through a small
    Gaussian policy), and the MAML-TRPO Fisher-vector product, against central finite differences.
 
-3. the follow-ups (``minimaml.followups``): Meta-SGD, MAML++, Reptile and iMAML checks.
+3. the follow-ups (``minimaml.algorithms``): Meta-SGD, MAML++, Reptile and iMAML checks.
 
     python -m minimaml.verify          # prints the three tables; exit status 1 if any check fails
 """
@@ -199,10 +199,11 @@ def meta_gradient_report(seed: int = 0, rtol: float = 1e-6, file=sys.stdout) -> 
 
 
 def followups_report(seed: int = 0, rtol: float = 1e-6, file=sys.stdout) -> bool:
-    """The follow-ups' checks (``followups.checks``): Meta-SGD and MAML++ meta-gradients against central
+    """The follow-ups' checks (``algorithms.checks``): Meta-SGD and MAML++ meta-gradients against central
     differences, Reptile against a per-task loop, iMAML against the least-squares closed form and, on an
-    MLP, its convergence to differences of L_Q(phi*(theta)) (the last row of the curve must pass)."""
-    from .followups import checks
+    MLP, its convergence to differences of L_Q(phi*(theta)) (the last row of the curve must pass); iMAML at
+    its defaults either converges or says that it did not (``checks.imaml_at_defaults``)."""
+    from .algorithms import checks
 
     rows = [(f"Meta-SGD w.r.t. {part}", error) for part, error in checks.meta_sgd_error(seed).items()]
     rows += [(f"MAML++ MSL w.r.t. {part}", error) for part, error in checks.maml_pp_error(seed).items()]
@@ -225,8 +226,16 @@ def followups_report(seed: int = 0, rtol: float = 1e-6, file=sys.stdout) -> bool
         all_ok &= ok
         print(f"{'iMAML MLP: ' + str(inner_steps) + ' inner, ' + str(cg_steps) + ' CG':40s} {error:11.2e}  "
               f"{('ok' if ok else 'FAIL') if last else 'curve'} (CG residual {residual:.1e})", file=file)
+    defaults = checks.imaml_at_defaults(seed)
+    says = "says not converged" if defaults.get("failure") else "says converged"
+    honest = bool(defaults.get("failure")) or defaults["error"] <= 1e-3  # never silently wrong
+    all_ok &= honest
+    print(f"{'iMAML at its defaults, tanh MLP':40s} {defaults['error']:11.2e}  {'ok' if honest else 'FAIL'} "
+          f"({says}: stationarity {defaults['imaml_stationarity']:.2g}, CG residual {defaults['cg_residual']:.2g}; "
+          f"against a tight solve)", file=file)
     print(f"relative error along random directions against 5-point central differences (float64; Reptile: "
-          f"largest entry); {'all passed' if all_ok else 'FAILURES'}", file=file)
+          f"largest entry; iMAML at its defaults: largest entry against a tight solve, ok when it converged or "
+          f"says it did not); {'all passed' if all_ok else 'FAILURES'}", file=file)
     return all_ok
 
 

@@ -17,7 +17,7 @@ import sys
 import numpy as np
 
 from minimaml import autodiff as ad
-from minimaml import backend, distributed, maml
+from minimaml import algorithms, backend, distributed, maml
 from minimaml.experiments import classification, navigation, omniglot, rl_common, sinusoid
 from minimaml.nn import conv4, mlp
 from minimaml.nn import policy as pol
@@ -155,7 +155,7 @@ def rl(out_path: str, env_name: str) -> None:
     settings = trpo.TRPO(damping=0.1)
     for fisher, third_order in (("fast", False), ("tape", True)):
         new, stats = maml_rl.meta_iteration(env, params, np.random.default_rng(2), settings, RL_TASKS, RL_TRAJ,
-                                            RL_ALPHA, third_order_fisher=third_order)
+                                            algorithms.make("maml", RL_ALPHA, 1), third_order_fisher=third_order)
         results.update({f"iteration_{fisher}/{k}": x for k, x in new.items()})
         results.update({f"iteration_{fisher}/stats/{k}": np.asarray(float(x)) for k, x in stats.items()})
     if env_name == "navigation":

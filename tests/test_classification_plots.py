@@ -6,7 +6,7 @@ import matplotlib.pyplot as plt
 import numpy
 import pytest
 
-from minimaml.experiments import classification
+from minimaml.experiments import classification_figures
 
 matplotlib.use("Agg")
 
@@ -29,7 +29,7 @@ def test_accuracy_against_steps_has_integer_ticks_and_a_ci_band(tmp_path, figure
     results = {"key": "omniglot-5way-1shot",
                "test_accuracy": [row(0.2, 0.01), row(0.9, 0.02), row(None, None), row(0.95, 0.005)]}
     path = tmp_path / "steps.png"
-    classification.plot_steps(results, str(path))
+    classification_figures.plot_steps(results, str(path))
     assert path.stat().st_size > 0
     (ax,) = figures[0].axes
     assert list(ax.get_xticks()) == [0, 1, 2, 3]
@@ -49,7 +49,7 @@ def test_validation_curve_has_integer_ticks_and_marks_the_tested_iteration(tmp_p
     results = {"key": "omniglot-5way-1shot", "best_iteration": 2,
                "validation": [{"iteration": 1, "val_accuracy": 0.5}, {"iteration": 2, "val_accuracy": 0.75},
                               {"iteration": 3, "val_accuracy": 0.7}]}
-    classification.plot_training(results, str(tmp_path / "training.png"))
+    classification_figures.plot_training(results, str(tmp_path / "training.png"))
     (ax,) = figures[0].axes
     ticks = ax.get_xticks()
     assert len(ticks) and all(float(t).is_integer() for t in ticks)

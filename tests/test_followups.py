@@ -1,12 +1,15 @@
-"""The follow-ups (minimaml.followups): their derivative checks, schedules, and one meta-step of each."""
+"""The algorithms (minimaml.algorithms): their derivative checks, schedules, one meta-step of each, the
+one convention they share, and the numerics that say when they failed."""
+
+import inspect
 
 import numpy
 import pytest
 
 from minimaml import autodiff as ad
-from minimaml import maml
-from minimaml.followups import ALGORITHMS, ANIL, IMAML, MAML, MAMLPlusPlus, MetaSGD, Reptile, checks, maml_pp
-from minimaml.followups import anil, imaml, meta_sgd, schedules
+from minimaml import algorithms, maml
+from minimaml.algorithms import ALGORITHMS, ANIL, IMAML, MAML, MAMLPlusPlus, MetaSGD, Reptile, checks, maml_pp
+from minimaml.algorithms import anil, imaml, meta_sgd, schedules
 from minimaml.nn import mlp
 from minimaml.tasks import sinusoid
 
@@ -47,8 +50,8 @@ def test_a_wrong_step_size_gradient_is_caught(monkeypatch):
     real = meta_sgd.meta_gradient
 
     def wrong(*args, **kwargs):
-        loss, grads = real(*args, **kwargs)
-        return loss, {n: g * (1.01 if n.startswith(meta_sgd.ALPHA) else 1.0) for n, g in grads.items()}
+        loss, grads, metrics = real(*args, **kwargs)
+        return loss, {n: g * (1.01 if n.startswith(meta_sgd.ALPHA) else 1.0) for n, g in grads.items()}, metrics
     monkeypatch.setattr(meta_sgd, "meta_gradient", wrong)
     assert checks.meta_sgd_error()["alpha"] > 1e-3
 
@@ -56,8 +59,8 @@ def test_a_wrong_step_size_gradient_is_caught(monkeypatch):
 def test_meta_sgd_with_uniform_alpha_is_maml():
     rng = numpy.random.default_rng(0)
     loss, params, tasks = checks._regression(rng)
-    meta = MetaSGD(inner_steps=2, alpha_init=(0.05, 0.05)).init(params, rng)
-    _, grads = meta_sgd.meta_gradient(loss, meta, tasks, 2)
+    meta = MetaSGD(0.05, 2).init(params, rng)
+    _, grads, _ = meta_sgd.meta_gradient(loss, meta, tasks, 2)
     _, expected = maml.meta_gradient(loss, params, tasks, 0.05, 2)
     for n in params:
         numpy.testing.assert_allclose(grads[n], expected[n], rtol=1e-10, atol=1e-12)
@@ -126,8 +129,8 @@ def test_every_algorithm_takes_a_finite_meta_step_and_adapts(name):
 def test_bad_settings_are_named():
     with pytest.raises(ValueError, match="inner optimizer"):
         Reptile(optimizer="rmsprop")
-    with pytest.raises(ValueError, match="alpha_init"):
-        MetaSGD(alpha_init=(0.1, 0.01))
+    with pytest.raises(ValueError, match="inner_lr"):
+        MetaSGD((0.1, 0.01))
     with pytest.raises(ValueError, match="lambda"):
         IMAML(lam=0.0)
     with pytest.raises(ValueError, match="CG dampings"):
@@ -140,7 +143,8 @@ def test_bad_settings_are_named():
 def test_each_follow_up_runs_in_the_sinusoid_experiment(tmp_path, name):
     from minimaml.experiments import sinusoid as experiment
     config = experiment.Config.for_profile("smoke", algorithm=name, n_iterations=3, n_test_tasks=4,
-                                           out_dir=str(tmp_path), maml_pp_inner_steps=2, imaml_inner_steps=2)
+                                           out_dir=str(tmp_path), maml_pp_inner_steps=2, imaml_inner_steps=2,
+                                           allow_solver_failures=True)  # 2 inner steps: iMAML's solve says not converged
     results = experiment.run(config, progress=False)
     assert set(results["mse"]) == {f"{name}/k{k}" for k in (5, 10, 20)}
     assert (tmp_path / f"{name}.ckpt.npz").exists()
@@ -197,21 +201,24 @@ def test_imaml_with_backtracking_keeps_a_finite_gradient_where_plain_descent_div
     loss, params, tasks = _sinusoid_problem(1)
     with numpy.errstate(all="ignore"):
         _, plain, _ = imaml.implicit_meta_gradient(loss, params, tasks, 1.0, 12, 2.0, 3)
-    _, guarded, residual = imaml.implicit_meta_gradient(loss, params, tasks, 1.0, 12, 2.0, 3, backtracking=True)
+    _, guarded, metrics = imaml.implicit_meta_gradient(loss, params, tasks, 1.0, 12, 2.0, 3, backtracking=True)
     assert not all(numpy.isfinite(g).all() for g in plain.values())
-    assert all(numpy.isfinite(g).all() for g in guarded.values()) and numpy.isfinite(residual)
+    assert all(numpy.isfinite(g).all() for g in guarded.values()) and numpy.isfinite(metrics["cg_residual"])
 
 
 def test_the_followups_table_reports_a_diverged_run_and_goes_on(monkeypatch):
     from minimaml.experiments import sinusoid as experiment
-    from minimaml.followups import experiments
-    from minimaml.train import NonFiniteError
+    from minimaml.experiments import followups as experiments
+    from minimaml.train import NonFiniteError, SolverError
     ran = []
 
     def fake_run(config, resume=False, progress=True, overwrite=False):
         ran.append((config.algorithm, config.imaml_backtracking))
         if config.algorithm == "maml_pp":
             raise NonFiniteError("iteration 7: gradient 'layer0.w' has 40 non-finite value(s). The checkpoint ...")
+        if config.algorithm == "reptile":
+            raise SolverError("iteration 3: its solve did not converge: raise --x (3 iterations in a row); no "
+                              "checkpoint was written before it")
         row = {"mean": 0.5, "ci95": 0.1, "n_diverged": 0}
         return {"mse": {f"{config.algorithm}/k5": [row] * 11}, "train_seconds": 1.0}
 
@@ -220,3 +227,100 @@ def test_the_followups_table_reports_a_diverged_run_and_goes_on(monkeypatch):
     assert [name for name, _ in ran] == ["maml", *experiments.FOLLOWUPS] and len(folders) == len(ran)
     assert ("imaml", True) in ran  # backtracking (and the damped CG) for iMAML
     assert "| maml_pp | training diverged (iteration 7: gradient 'layer0.w' has 40 non-finite value(s)) |" in table
+    assert ("| reptile | its solver failed (iteration 3: its solve did not converge: raise --x (3 iterations in a row); "
+            "no checkpoint was written before it) |") in table
+
+
+# --- one convention -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_every_algorithm_follows_the_one_convention(name):
+    """make(name, inner_lr, inner_steps, **options) is the class; every constructor starts with inner_lr,
+    inner_steps (the rest keyword-only); meta_gradient returns (float, grads like the meta-parameters,
+    metrics of floats, plus a one-line str "failure" only when the step failed)."""
+    cls = algorithms.CLASSES[name]
+    parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    assert [p.name for p in parameters[:2]] == ["inner_lr", "inner_steps"]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in parameters[2:])
+    algorithm = algorithms.make(name, 0.01 if name != "meta_sgd" else (0.01, 0.02), 2)
+    assert type(algorithm) is cls and algorithm.name == name
+    loss, params, tasks = _sinusoid_problem(0)
+    meta_params = algorithm.init(params, numpy.random.default_rng(1))
+    result = algorithm.meta_gradient(loss, meta_params, tasks, 0)
+    assert len(result) == 3
+    value, grads, metrics = result
+    assert isinstance(value, float) and set(grads) == set(meta_params)
+    assert all(grads[n].shape == meta_params[n].shape for n in grads)
+    assert all(isinstance(v, float) for k, v in metrics.items() if k != "failure")
+    assert "failure" not in metrics or ("\n" not in metrics["failure"] and metrics["failure"])
+
+
+def test_the_module_meta_gradients_return_the_classes_structure():
+    loss, params, tasks = _sinusoid_problem(0)
+    meta = MetaSGD(0.01, 1).init(params, numpy.random.default_rng(1))
+    assert len(meta_sgd.meta_gradient(loss, meta, tasks, 1)) == 3
+    value, grads, metrics = imaml.implicit_meta_gradient(loss, params, tasks, 0.01, 3, 2.0, 3)
+    assert set(metrics) == {"imaml_stationarity", "cg_residual"}
+    phi, stationarity = imaml.proximal_solve(loss, params, tasks.support, 0.01, 3, 2.0)  # phi* without a 2nd solve
+    again = imaml.implicit_gradient(loss, phi, tasks, 2.0, 3)
+    assert again[0] == value and all((again[1][n] == grads[n]).all() for n in grads)
+    assert stationarity == metrics["imaml_stationarity"]
+
+
+# --- numerics that say when they failed -----------------------------------------------------------------
+def test_imaml_default_step_cycles_and_says_not_converged_and_the_loop_stops(tmp_path):
+    """The support Hessian makes 0.1 too long a step: plain descent does not converge, the metrics say so
+    (a one-line failure naming the settings), and the training loop stops as on NaN."""
+    from minimaml import optim, train
+    loss, params, tasks = checks.tanh_sinusoid(0)
+    algorithm = IMAML()
+    with numpy.errstate(all="ignore"):
+        _, _, metrics = algorithm.meta_gradient(loss, params, tasks, 0)
+    assert metrics["imaml_stationarity"] > 1e-3 and "did not converge" in metrics["failure"]
+    assert "--imaml-inner-lr" in metrics["failure"] and "\n" not in metrics["failure"]
+
+    def loss_and_grads(p, rng, iteration):
+        with numpy.errstate(all="ignore"):
+            return algorithm.meta_gradient(loss, p, tasks, iteration)
+    with pytest.raises(train.SolverError, match="iMAML's inner solve did not converge"):
+        train.run(params, train.GradientStep(loss_and_grads, optim.Adam(1e-3)), 10, seed=0,
+                  checkpoint_path=str(tmp_path / "imaml.ckpt.npz"), progress=False, logger=lambda line: None)
+    assert checks.imaml_at_defaults(0)["failure"]  # the verify row's case
+
+
+def test_backtracking_inner_solve_reaches_roundoff():
+    loss, params, tasks = checks.tanh_sinusoid(0)
+    _, plain = imaml.proximal_solve(loss, params, tasks.support, 0.02, 300, 2.0)
+    _, tight = imaml.proximal_solve(loss, params, tasks.support, 0.1, 3000, 2.0, backtracking=True)
+    assert tight < 1e-12 < plain
+
+
+def test_conjugate_gradient_reports_the_true_residual_not_its_estimate():
+    from minimaml import linalg
+    rng = numpy.random.default_rng(0)
+    m = rng.standard_normal((2, 8, 8))
+    a = m @ m.transpose(0, 2, 1) + 1e-3 * numpy.eye(8)  # badly conditioned: CG's estimate runs away from the truth
+    b = {"x": rng.standard_normal((2, 8))}
+    result = linalg.conjugate_gradient(lambda v: {"x": numpy.einsum("tij,tj->ti", a, v["x"])}, b, 60)
+    true = max(numpy.linalg.norm(b["x"][i] - a[i] @ result.x["x"][i]) / numpy.linalg.norm(b["x"][i]) for i in range(2))
+    assert result.residual == pytest.approx(true, rel=1e-6) and result.steps == 60
+
+
+def test_maml_pp_reports_a_non_positive_learned_rate_and_takes_fixed_step_weights():
+    loss, params, tasks = _sinusoid_problem(0)
+    algorithm = MAMLPlusPlus(0.01, 2, step_weights=(0.25, 0.75))
+    assert list(algorithm.weights(0)) == [0.25, 0.75] == list(algorithm.weights(10**6))
+    meta = algorithm.init(params, numpy.random.default_rng(1))
+    _, _, healthy = algorithm.meta_gradient(loss, meta, tasks, 0)
+    assert healthy["min_inner_lr"] == pytest.approx(0.01) and "failure" not in healthy
+    meta[maml_pp.LSLR + "layer1.w"] = meta[maml_pp.LSLR + "layer1.w"] * numpy.array([1.0, -1.0], dtype=numpy.float32)
+    _, _, failed = algorithm.meta_gradient(loss, meta, tasks, 0)
+    assert failed["min_inner_lr"] < 0 and "layer1.w" in failed["failure"] and "--meta-lr" in failed["failure"]
+    with pytest.raises(ValueError, match="step_weights"):
+        MAMLPlusPlus(0.01, 2, step_weights=(1.0,))
+
+
+def test_mlp_takes_an_activation():
+    params = mlp.init(numpy.random.default_rng(0), sizes=(1, 3, 1), scheme="uniform", dtype=numpy.float64)
+    x = numpy.linspace(-1, 1, 5)[None, :, None]
+    expected = numpy.tanh(x @ params["layer0.w"] + params["layer0.b"]) @ params["layer1.w"] + params["layer1.b"]
+    numpy.testing.assert_allclose(mlp.apply(params, x, activation=ad.tanh).data, expected, rtol=1e-14)

@@ -56,7 +56,7 @@ def test_the_initial_policy_is_quiet_by_default():
 def test_resume_gives_identical_params(tmp_path, method):
     cfg = navigation.config("quick", **TINY)
     env = make_env("navigation")
-    step = {"maml": rl_common.MamlStep, "pretrained": rl_common.PretrainStep}[method](env, cfg)
+    step = {"maml": rl_common.MetaStep, "pretrained": rl_common.PretrainStep}[method](env, cfg)
     assert isinstance(step, train.Step)
     initial = rl_common.init_policy(env, cfg.seed)
 
@@ -71,7 +71,7 @@ def test_resume_gives_identical_params(tmp_path, method):
     assert any(not np.array_equal(straight.params[k], initial[k]) for k in initial)  # training moved it
     assert [r["iteration"] for r in resumed.history] == [0, 1, 2]
     assert [r["return"] for r in straight.history] == [r["return"] for r in resumed.history]
-    expected = {"return", "kl", "accepted"} | ({"adapted_return"} if method == "maml" else set())
+    expected = {"return", "kl", "accepted", "cg_residual"} | ({"adapted_return"} if method == "maml" else set())
     assert set(straight.history[0]) == {"iteration", "seconds"} | expected
 
 

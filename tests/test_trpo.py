@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from minimaml import autodiff as ad
-from minimaml import maml
+from minimaml import algorithms, maml
+from minimaml.algorithms import anil
 from minimaml.nn import policy as pol
 from minimaml.rl import maml_rl, trpo
 from minimaml.rl.maml_rl import meta_iteration, meta_objective
@@ -183,9 +184,10 @@ def test_conjugate_gradient_solves_spd_system():
     m = rng.standard_normal((6, 6))
     a = m @ m.T + 6 * np.eye(6)
     b = rng.standard_normal(6)
-    x, ax = trpo.conjugate_gradient(lambda v: a @ v, b, iters=6)
+    x, ax, residual = trpo.conjugate_gradient(lambda v: a @ v, b, iters=6)
     np.testing.assert_allclose(x, np.linalg.solve(a, b), rtol=1e-8)
     np.testing.assert_allclose(ax, b, rtol=1e-8)
+    assert residual == np.linalg.norm(b - a @ x) / np.linalg.norm(b) and residual < 1e-8
 
 
 def test_conjugate_gradient_returns_the_product_of_its_truncated_solution():
@@ -194,8 +196,9 @@ def test_conjugate_gradient_returns_the_product_of_its_truncated_solution():
     m = rng.standard_normal((20, 20))
     a = m @ m.T + np.eye(20)
     b = rng.standard_normal(20)
-    x, ax = trpo.conjugate_gradient(lambda v: a @ v, b, iters=5)
+    x, ax, residual = trpo.conjugate_gradient(lambda v: a @ v, b, iters=5)
     assert np.linalg.norm(a @ x - b) > 1e-3 * np.linalg.norm(b)
+    assert residual == np.linalg.norm(b - a @ x) / np.linalg.norm(b)  # the true residual, not CG's estimate
     np.testing.assert_allclose(ax, a @ x, rtol=1e-9, atol=1e-9 * np.linalg.norm(b))
 
 
@@ -285,10 +288,11 @@ def test_meta_iteration_runs_and_reports_stats():
     rng = np.random.default_rng(0)
     params = pol.init(rng, 2, 2, hidden=(8, 8))
     settings = trpo.TRPO(max_kl=0.01)
-    new, stats = meta_iteration(_Corridor(), params, rng, settings, meta_batch_size=3, n_traj=4, inner_lr=0.5)
+    new, stats = meta_iteration(_Corridor(), params, rng, settings, meta_batch_size=3, n_traj=4,
+                                algorithm=algorithms.make("maml", 0.5, 1))
     assert set(new) == set(params) and all(new[k].dtype == np.float32 for k in new)
     assert set(stats) == {"pre_return", "post_return", "loss_before", "loss_after", "accepted", "backtracks",
-                          "kl", "grad_norm"}  # no timing: the library's bodies hold none
+                          "kl", "grad_norm", "cg_residual"}  # no timing: the library's bodies hold none
     for key in ("pre_return", "post_return", "loss_before", "loss_after", "kl", "grad_norm"):
         assert np.isfinite(stats[key])
     assert stats["kl"] <= settings.max_kl
@@ -324,6 +328,29 @@ def test_meta_fisher_product_equals_the_third_order_one(problem):
         assert all(fast[k].shape == params[k].shape and fast[k].dtype == np.float64 for k in names)
         np.testing.assert_allclose(trpo.flatten(fast[k] for k in names), reference(trpo.flatten(v[k] for k in names)),
                                    rtol=1e-9, atol=1e-12)
+
+
+def test_anil_meta_fisher_product_equals_the_third_order_one(problem):
+    """With only the head adapted (ANIL), J_i = I - P alpha H_i is not symmetric: the product uses J and J^T
+    and still equals the tape's reverse over reverse through the head-only inner step."""
+    params, pre, post, _, _ = problem
+    names, head = list(params), anil.head_names(params)
+    old = maml.adapt(reinforce_loss, params, pre, ALPHA, 1, head)
+    objective = meta_objective(pre, post, old, ALPHA, inner_param_names=head)
+    product = maml_rl.meta_fisher_product(pre, post, old, ALPHA, inner_param_names=head)(params)
+    reference = _fvp_at(objective, params)
+    v = {k: np.random.default_rng(4).standard_normal(params[k].shape) for k in names}
+    np.testing.assert_allclose(trpo.flatten(product(v)[k] for k in names), reference(trpo.flatten(v[k] for k in names)),
+                               rtol=1e-9, atol=1e-12)
+
+
+def test_meta_iteration_takes_maml_or_anil_from_the_one_door():
+    rng = np.random.default_rng(0)
+    params = pol.init(rng, 2, 2, hidden=(8, 8))
+    new, stats = meta_iteration(_Corridor(), params, rng, trpo.TRPO(), 3, 4, algorithms.make("anil", 0.5, 1))
+    assert np.isfinite(stats["cg_residual"]) and set(new) == set(params)
+    with pytest.raises(ValueError, match="maml or anil"):
+        meta_iteration(_Corridor(), params, rng, trpo.TRPO(), 3, 4, algorithms.make("reptile", 0.5, 1))
 
 
 def test_trpo_step_with_the_meta_fisher_product_takes_the_same_step(problem):

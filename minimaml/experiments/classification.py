@@ -22,15 +22,17 @@ from dataclasses import dataclass
 import numpy
 
 from .. import autodiff as ad
-from .. import backend, distributed, followups, maml, optim, train
+from .. import backend, distributed, maml, train
 from ..nn import conv4
 from ..tasks import episodes
+from . import classification_figures as figures
+from .algorithm_settings import Settings, algorithm_setting, make_algorithm
 from .common import (check_config, failures_note, log, markdown_table, run_folder, setting, summary,
                      training_settings, write_json)
 
 
 @dataclass
-class ClassificationConfig(followups.Settings):
+class ClassificationConfig(Settings):
     """Hyper-parameters of one few-shot classification run (defaults: Omniglot 5-way 1-shot)."""
 
     profile: str = setting("quick", "which profile the other values come from", training=False)
@@ -64,11 +66,11 @@ class ClassificationConfig(followups.Settings):
                                  "images only (Reptile's non-transductive evaluation)")
     max_train_minutes: float = setting(0.0, "stop at the first validation past this much training time; 0 = no "
                                        "limit", least=0.0, training=False)
-    reptile_inner_lr: float = followups.followup_setting(1e-3, "Reptile: the inner optimizer's step size (the "
+    reptile_inner_lr: float = algorithm_setting(1e-3, "Reptile: the inner optimizer's step size (the "
                                                          "authors' Adam 1e-3)", positive=True)
-    reptile_inner_optimizer: str = followups.followup_setting("adam", "Reptile: inner optimizer",
+    reptile_inner_optimizer: str = algorithm_setting("adam", "Reptile: inner optimizer",
                                                               choices=("sgd", "adam"))
-    imaml_inner_lr: float = followups.followup_setting(0.1, "iMAML: the step size of the inner steps (the "
+    imaml_inner_lr: float = algorithm_setting(0.1, "iMAML: the step size of the inner steps (the "
                                                        "authors' Omniglot command: 0.1)", positive=True)
 
     @property
@@ -140,33 +142,25 @@ def accuracy(logits, labels):
     return (predictions == backend.to_numpy(labels)).mean(axis=-1)
 
 
-def meta_step(config: ClassificationConfig, model, train_images, names, algorithm=None) -> train.GradientStep:
-    """Adam (clipped as ``grad_clip`` says) on the meta-gradient of a fresh meta-batch; ``algorithm``: a
-    follow-up's meta-gradient and outer optimizer instead (``followups``)."""
+def meta_step(config: ClassificationConfig, model, train_images, algorithm) -> train.GradientStep:
+    """The algorithm's outer optimizer (MAML's: Adam, clipped as ``grad_clip`` says) on its meta-gradient
+    of a fresh meta-batch."""
     loss = task_loss(model, config.n_way)
     queries = config.n_way * config.q_train
     # ours: sum_i N mean CE_q = sum_i sum_q CE / Q; the authors': sum_i sum_q CE / (K T)
     scale = queries / (config.k_shot * config.meta_batch_size)
-    if algorithm is not None and algorithm.name == "reptile":  # its direction: a mean over the tasks
+    if algorithm.name == "reptile":  # its direction: a mean over the tasks
         scale = 1.0 / config.meta_batch_size
 
     def loss_and_grads(params, rng, iteration):
         tasks = episodes.sample_episodes(train_images, config.meta_batch_size, config.n_way,
                                          config.k_shot, config.q_train, rng)  # the same on every rank
-        if algorithm is None:
-            meta_loss, grads = maml.meta_gradient(loss, params, distributed.share_tasks(tasks), config.inner_lr,
-                                                  config.inner_steps, mode=config.mode, inner_param_names=names)
-            metrics = {}
-        else:
-            meta_loss, grads, metrics = algorithm.meta_gradient(loss, params, distributed.share_tasks(tasks),
-                                                                iteration)
+        meta_loss, grads, metrics = algorithm.meta_gradient(loss, params, distributed.share_tasks(tasks), iteration)
         meta_loss, grads = distributed.sum_over_ranks(meta_loss, grads)  # the whole meta-batch's, on every rank
         # "loss" is the authors' scale (sum over tasks and queries / (K T)); query_ce reads as a number:
         # the mean cross-entropy of one query image after adaptation (ln N at chance)
         query_ce = meta_loss / (config.meta_batch_size * config.n_way)
         return meta_loss * scale, {n: g * scale for n, g in grads.items()}, {"query_ce": query_ce, **metrics}
-    if algorithm is None:
-        return train.GradientStep(loss_and_grads, optim.Adam(config.meta_lr, clip_value=config.grad_clip or None))
     return train.GradientStep(loss_and_grads, algorithm.optimizer(config.meta_lr, config.n_iterations,
                                                                   config.grad_clip or None))
 
@@ -192,7 +186,7 @@ def one_query_at_a_time(model, theta: dict, params: dict, tasks, chunk: int = 16
     return ad.Tensor(xp.concatenate(logits, axis=1))
 
 
-def evaluate(model, params, images, task_index, config: ClassificationConfig, names, algorithm=None) -> numpy.ndarray:
+def evaluate(model, params, images, task_index, config: ClassificationConfig, algorithm) -> numpy.ndarray:
     """Query accuracy of every task after 0..eval_steps fine-tuning steps: ``(eval_steps + 1, n_tasks)``.
     Under MPI each rank scores its share of the tasks and every rank gets all of them."""
     loss = task_loss(model, config.n_way)
@@ -200,11 +194,7 @@ def evaluate(model, params, images, task_index, config: ClassificationConfig, na
     my_tasks = task_index[distributed.share(len(task_index))]  # under MPI, this rank's share
     for tasks in episodes.iterate_batches(images, my_tasks, config.eval_batch):
         per_step = []
-        if algorithm is None:
-            adaptation = maml.adaptation_steps(loss, params, tasks.support, config.inner_lr, config.eval_steps, names)
-        else:
-            adaptation = algorithm.adaptation_steps(loss, params, tasks.support, config.eval_steps)
-        for theta in adaptation:
+        for theta in algorithm.adaptation_steps(loss, params, tasks.support, config.eval_steps):
             with ad.no_grad():
                 logits = (model.apply(theta, tasks.query.x) if config.transductive
                           else one_query_at_a_time(model, theta, params, tasks))
@@ -231,18 +221,18 @@ def _run(config: ClassificationConfig, resume: bool, progress: bool, allow_chang
     model = make_model(config)
     params = model.init(numpy.random.default_rng(config.seed), config.n_way)
     names = conv4.inner_param_names(params, adapt_bn_shift=config.adapt_bn_shift)
-    algorithm = None if config.algorithm == "maml" else followups.make(config, names)
-    if algorithm is not None:  # a follow-up's own meta-parameters (step sizes, rates, per-step rows)
-        params = algorithm.init(params, numpy.random.default_rng([config.seed, 1]))
+    algorithm = make_algorithm(config, names)
+    # the algorithm's own meta-parameters (step sizes, rates, per-step rows), if any
+    params = algorithm.init(params, numpy.random.default_rng([config.seed, 1]))
     val_tasks = episodes.fixed_tasks(splits["val"], config.n_val_tasks, config.n_way, config.k_shot,
                                      config.q_eval, seed=config.seed + 1)
     test_tasks = episodes.fixed_tasks(splits["test"], config.n_test_tasks, config.n_way, config.k_shot,
                                       config.q_eval, seed=config.seed + 2)
 
     def validation_accuracy(at_params) -> float:
-        return float(evaluate(model, at_params, splits["val"], val_tasks, config, names, algorithm)[-1].mean())
+        return float(evaluate(model, at_params, splits["val"], val_tasks, config, algorithm)[-1].mean())
 
-    result = train.run(params, meta_step(config, model, splits["train"], names, algorithm), config.n_iterations,
+    result = train.run(params, meta_step(config, model, splits["train"], algorithm), config.n_iterations,
                        seed=config.seed, checkpoint_path=os.path.join(config.out_dir, f"{config.algorithm}.ckpt.npz"),
                        checkpoint_every=config.checkpoint_every, resume=resume,
                        config=training_settings(config), allow_changes=allow_changes,
@@ -256,15 +246,15 @@ def _run(config: ClassificationConfig, resume: bool, progress: bool, allow_chang
              for r in result.validation]
     write_json(os.path.join(config.out_dir, "validation.json"), curve)
     best_params = result.best_params if result.best_params is not None else result.params
-    test = evaluate(model, best_params, splits["test"], test_tasks, config, names, algorithm)
+    test = evaluate(model, best_params, splits["test"], test_tasks, config, algorithm)
     results = {"config": dataclasses.asdict(config), "key": config.key, "train_seconds": result.seconds,
                "iterations": result.iterations, "best_iteration": result.best_iteration or 0,
                "validation": curve, "changes": result.changes, "solver_failures": result.failures,
                "test_accuracy": [summary(row) for row in test]}
     write_json(os.path.join(config.out_dir, "results.json"), results)
     if distributed.is_root():
-        plot_training(results, os.path.join(config.out_dir, "training.png"))
-        plot_steps(results, os.path.join(config.out_dir, "accuracy_vs_steps.png"))
+        figures.plot_training(results, os.path.join(config.out_dir, "training.png"))
+        figures.plot_steps(results, os.path.join(config.out_dir, "accuracy_vs_steps.png"))
     return results
 
 
@@ -284,55 +274,6 @@ def results_table(all_results: list, paper: dict, title: str) -> str:
               "best (val) at", "train minutes", "mode"]
     return (f"### {title}\n\n" + markdown_table(header, [results_row(r, paper) for r in all_results])
             + failures_note({r["key"]: r.get("solver_failures") for r in all_results}))
-
-
-def plot_training(results: dict, path: str) -> None:
-    """Validation accuracy against meta-iterations (whole-number ticks), the tested (best-validation)
-    iteration marked."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    curve = results["validation"]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    accuracy = [numpy.nan if r["val_accuracy"] is None else 100 * r["val_accuracy"] for r in curve]
-    ax.plot([r["iteration"] for r in curve], accuracy, "o-")
-    if curve and results.get("best_iteration"):
-        ax.axvline(results["best_iteration"], color="grey", linestyle=":", label="best, tested")
-        ax.legend(fontsize=7)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("meta-iteration")
-    ax.set_ylabel("validation accuracy %")
-    ax.set_title(results["key"])
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
-def plot_steps(results: dict, path: str) -> None:
-    """Test accuracy against the number of fine-tuning steps (one tick per step): the mean over the
-    test tasks with its 95% CI as a shaded band; a step where fine-tuning diverged (mean None) is a
-    gap."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = results["test_accuracy"]
-    steps = numpy.arange(len(rows))
-    means = 100 * numpy.array([numpy.nan if r["mean"] is None else r["mean"] for r in rows], dtype=float)
-    cis = 100 * numpy.array([numpy.nan if r["ci95"] is None else r["ci95"] for r in rows], dtype=float)
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(steps, means, "o-", label=f"mean over {rows[0]['n']} test tasks")
-    ax.fill_between(steps, means - cis, means + cis, alpha=0.25, label="95% CI")
-    ax.set_xticks(steps)
-    ax.legend(fontsize=7)
-    ax.set_xlabel("gradient steps at test time")
-    ax.set_ylabel("test accuracy %")
-    ax.set_title(results["key"])
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

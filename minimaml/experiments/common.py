@@ -189,9 +189,9 @@ def _check_same_run(record_path: str, experiment: str, settings: dict) -> None:
                              f"give another --out-dir")
 
 
-def write_atomic(path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: never half-written. Under MPI
-    rank 0 alone writes (every rank holds the same results)."""
+def write_text(path, text: str) -> None:
+    """Write ``text`` to ``path`` by the one atomic writer, ``files.write_atomic`` (never half-written),
+    its folder made if need be. Under MPI rank 0 alone writes (every rank holds the same results)."""
     if not distributed.is_root():
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -199,7 +199,7 @@ def write_atomic(path, text: str) -> None:
 
 
 def write_json(path, data) -> None:
-    write_atomic(path, json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    write_text(path, json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 def failures_note(by_run: dict) -> str:

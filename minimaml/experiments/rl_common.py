@@ -14,7 +14,7 @@ each step: mean and 95% CI over the test tasks. As in the authors' test scripts,
 trajectories until they add up to ``test_batch_steps`` = 4000 time steps per task (rllab's VPG
 ``batch_size``): 40 trajectories on 2D navigation, more once episodes end at the goal; 20 on locomotion.
 
-Training is the one loop, ``train.run``, with a TRPO step (``MamlStep``, ``PretrainStep``) in place of
+Training is the one loop, ``train.run``, with a TRPO step (``MetaStep``, ``PretrainStep``) in place of
 Adam: iteration ``i`` gets the generator ``train.iteration_rng(seed, i)``, checkpoints are atomic every
 ``checkpoint_every`` iterations, ``resume=True`` continues (checking the settings), and a non-finite
 parameter or return raises ``train.NonFiniteError``. The envs draw their initial-state noise from the
@@ -38,13 +38,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import distributed, train
+from .. import algorithms, distributed, train
 from ..nn import policy as pol
 from ..rl import maml_rl
 from ..rl.reinforce import trajectories
 from ..rl.sampler import advantages, average_returns, rank_share, sample_trajectories
 from ..rl.trpo import TRPO
-from .common import (cell, log, markdown_table, run_folder, setting, summary, training_settings, write_atomic,
+from .common import (cell, log, markdown_table, run_folder, setting, summary, training_settings, write_text,
                      write_json)
 
 METHODS = ("maml", "pretrained", "random")
@@ -173,15 +173,21 @@ class TRPOStep(train.Step):
         self.env, self.cfg = env, cfg
 
 
-class MamlStep(TRPOStep):
-    """One MAML-TRPO meta-iteration (``maml_rl.meta_iteration``)."""
+class MetaStep(TRPOStep):
+    """One MAML-TRPO meta-iteration (``maml_rl.meta_iteration``) of MAML from ``algorithms.make``: one
+    inner step of ``inner_lr``."""
+
+    def __init__(self, env, cfg: RLConfig):
+        super().__init__(env, cfg)
+        self.algorithm = algorithms.make("maml", cfg.inner_lr, 1)
 
     def __call__(self, params, state, rng, iteration):
         cfg = self.cfg
         params, stats = maml_rl.meta_iteration(self.env, params, rng, cfg.trpo(), cfg.meta_batch_size, cfg.n_traj,
-                                               cfg.inner_lr, cfg.discount, cfg.gae_lambda)
+                                               self.algorithm, cfg.discount, cfg.gae_lambda)
         return params, state, {"return": stats["pre_return"], "adapted_return": stats["post_return"],
-                               "kl": stats["kl"], "accepted": float(stats["accepted"])}
+                               "kl": stats["kl"], "accepted": float(stats["accepted"]),
+                               "cg_residual": stats["cg_residual"]}
 
 
 class PretrainStep(TRPOStep):
@@ -200,7 +206,7 @@ class PretrainStep(TRPOStep):
         data = trajectories(pooled, advantages(pooled, cfg.discount, cfg.gae_lambda), params["log_std"].dtype)
         params, stats = cfg.trpo().step(maml_rl.surrogate_objective(data, params), params)
         return params, state, {"return": float(batch["episode_returns"].mean()), "kl": stats["kl"],
-                               "accepted": float(stats["accepted"])}
+                               "accepted": float(stats["accepted"]), "cg_residual": stats["cg_residual"]}
 
 
 def train_policy(name: str, step: train.Step, params: dict, n_iterations: int, cfg: RLConfig, resume: bool = False,
@@ -271,7 +277,7 @@ def run(cfg: RLConfig, resume: bool = False, progress: bool = True, n_show: int 
 
 def _run(cfg: RLConfig, env, methods, resume, progress, n_show, allow_changes) -> tuple:
     initial = init_policy(env, cfg.seed, cfg.init_output_scale)
-    steps = {"maml": (MamlStep(env, cfg), cfg.maml_iterations),
+    steps = {"maml": (MetaStep(env, cfg), cfg.maml_iterations),
              "pretrained": (PretrainStep(env, cfg), cfg.pretrain_iterations)}
     results = {"config": dataclasses.asdict(cfg), "returns": {}, "per_task": {}, "history": {},
                "train_seconds": {}, "seconds_per_iteration": {}, "eval_seconds": {}, "changes": {},
@@ -294,7 +300,7 @@ def _run(cfg: RLConfig, env, methods, resume, progress, n_show, allow_changes) -
         results["per_task"][name] = np.where(np.isfinite(per_task), per_task, None).tolist()
         results["returns"][name] = [summary(row) for row in per_task]
         write_json(os.path.join(cfg.out_dir, "results.json"), results)  # partial results survive a crash
-    write_atomic(os.path.join(cfg.out_dir, "results.md"), results_markdown(results))
+    write_text(os.path.join(cfg.out_dir, "results.md"), results_markdown(results))
     if distributed.is_root():
         plot_steps(results, os.path.join(cfg.out_dir, f"{cfg.env}_steps.png"))
         plot_training(results, os.path.join(cfg.out_dir, f"{cfg.env}_training.png"))

@@ -26,20 +26,24 @@ from dataclasses import dataclass
 import numpy
 
 from .. import autodiff as ad
-from .. import allocator, backend, distributed, followups, maml, optim, train
+from .. import algorithms, allocator, backend, distributed, maml, optim, train
 from ..nn import mlp
 from ..tasks import sinusoid
+from . import sinusoid_figures as figures
+from .algorithm_settings import Settings, make_algorithm
 from .common import (COMMAND_ERRORS, allowed_changes, cell, check_config, config_parser, exit_with_error,
                      failures_note, log, markdown_table, overrides_from_args, run_folder, setting, summary,
-                     training_settings, write_atomic, write_json)
+                     training_settings, write_text, write_json)
 
 PAPER_MSE_5SHOT = {"maml": {1: 0.67, 5: 0.38, 10: 0.35}, "pretrained": {1: 2.41, 5: 2.23, 10: 2.19}}
 PROFILES = ("quick", "smoke", "full")
+BASELINES = {"maml": ("pretrained",)}  # the paper compares MAML with pretraining; the follow-ups stand alone
 
 
 @dataclass
-class Config(followups.Settings):
-    """The sinusoid experiment's settings; the follow-ups' (``--algorithm``, ...) come from ``followups.Settings``."""
+class Config(Settings):
+    """The sinusoid experiment's settings; the algorithms' (``--algorithm``, ...) come from
+    ``algorithm_settings.Settings``."""
 
     profile: str = setting("quick", "which profile the other values come from", training=False)
     n_iterations: int = setting(10_000, "meta-iterations (the authors' code: 70,000)", least=0, training=False)
@@ -60,10 +64,6 @@ class Config(followups.Settings):
     seed: int = setting(0, "initialisation and training; the test tasks use seed + 1", least=0, most=2**32 - 1)
     out_dir: str = setting("runs/quick/sinusoid", "output folder (checkpoints, results, figures)", training=False)
     checkpoint_every: int = setting(2_000, "iterations between checkpoints", least=1, training=False)
-
-    def test_lr(self, method: str) -> float:
-        """The fine-tuning step size of ``method`` at test time: the pretrained baseline's own, else alpha."""
-        return self.pretrained_lr if method == "pretrained" else self.inner_lr
 
     @classmethod
     def for_profile(cls, profile: str = "quick", **overrides) -> "Config":
@@ -88,25 +88,14 @@ def _mse_loss(prediction, target):
 TASK_LOSS = maml.supervised_loss(mlp.apply, _mse_loss)  # L_i: the MSE of task i's predictions
 
 
-def maml_step(config: Config):
-    """One MAML meta-step: the meta-gradient of the mean query MSE over a fresh meta-batch
-    (mean over tasks, as the authors' code averages; the gradient is ``meta_gradient``'s / T)."""
-    def loss_and_grads(params, rng, iteration):
-        tasks = sinusoid.sample_batch(rng, config.meta_batch_size, config.k_shot)  # the same on every rank
-        loss, grads = maml.meta_gradient(TASK_LOSS, params, distributed.share_tasks(tasks), config.inner_lr,
-                                         config.inner_steps, mode=config.mode)
-        loss, grads = distributed.sum_over_ranks(loss, grads)  # the whole meta-batch's sums, on every rank
-        scale = 1.0 / config.meta_batch_size
-        return loss * scale, {n: g * scale for n, g in grads.items()}, {}
-    return train.GradientStep(loss_and_grads, optim.Adam(config.meta_lr))
-
-
-def followup_step(config: Config, algorithm):
-    """One meta-step of a follow-up: its meta-gradient of the mean over a fresh meta-batch, its optimizer."""
+def meta_step(config: Config, algorithm):
+    """One meta-step: the algorithm's meta-gradient of the mean query MSE over a fresh meta-batch (mean
+    over tasks, as the authors' code averages; the gradient is ``meta_gradient``'s / T), its optimizer
+    (MAML's: Adam)."""
     def loss_and_grads(params, rng, iteration):
         tasks = sinusoid.sample_batch(rng, config.meta_batch_size, config.k_shot)  # the same on every rank
         loss, grads, metrics = algorithm.meta_gradient(TASK_LOSS, params, distributed.share_tasks(tasks), iteration)
-        loss, grads = distributed.sum_over_ranks(loss, grads)
+        loss, grads = distributed.sum_over_ranks(loss, grads)  # the whole meta-batch's sums, on every rank
         scale = 1.0 / config.meta_batch_size
         return loss * scale, {n: g * scale for n, g in grads.items()}, metrics
     return train.GradientStep(loss_and_grads, algorithm.optimizer(config.meta_lr, config.n_iterations))
@@ -120,22 +109,23 @@ def pretrain_step(config: Config):
         xp = backend.array_namespace(tasks.support.x)
         x = xp.concatenate([tasks.support.x, tasks.query.x], axis=1)
         y = xp.concatenate([tasks.support.y, tasks.query.y], axis=1)
-        leaves = {n: ad.Tensor(p, requires_grad=True) for n, p in params.items()}
-        loss = ad.mean(_mse_loss(mlp.apply(leaves, x), y))
-        grads = ad.grad(loss, list(leaves.values()))
-        return float(loss.data), {n: g.data for n, g in zip(leaves, grads)}, {}
+        loss, grads = ad.value_and_grad(lambda p: ad.mean(_mse_loss(mlp.apply(p, x), y)), params)
+        return loss, grads, {}
     return train.GradientStep(loss_and_grads, optim.Adam(config.meta_lr))
 
 
-def fine_tune_curve(params: dict, test_set, inner_lr: float, steps: int, algorithm=None) -> numpy.ndarray:
+def fine_tuning(config: Config, algorithm) -> dict:
+    """How each method is fine-tuned at test: the algorithm by its own ``adaptation_steps`` (MAML: steps
+    of alpha), the pretrained baseline by plain gradient descent with its own step size."""
+    return {config.algorithm: algorithm, "pretrained": algorithms.make("maml", config.pretrained_lr, 1)}
+
+
+def fine_tune_curve(params: dict, test_set, steps: int, algorithm) -> numpy.ndarray:
     """MSE on each test task's evaluation grid (its query set) after 0..steps fine-tuning steps on its
-    K points: an array ``(steps + 1, n_tasks)``. ``algorithm``: a follow-up's own fine-tuning (its
-    ``adaptation_steps``), else MAML's steps of size ``inner_lr``."""
+    K points (``algorithm.adaptation_steps``): an array ``(steps + 1, n_tasks)``."""
     curve = []
     tasks = test_set.tasks
-    adaptation = (maml.adaptation_steps(TASK_LOSS, params, tasks.support, inner_lr, steps) if algorithm is None
-                  else algorithm.adaptation_steps(TASK_LOSS, params, tasks.support, steps))
-    for theta in adaptation:
+    for theta in algorithm.adaptation_steps(TASK_LOSS, params, tasks.support, steps):
         with ad.no_grad():
             curve.append(backend.to_numpy(TASK_LOSS(theta, tasks.query).data))
     return numpy.stack(curve)
@@ -154,14 +144,14 @@ def _run(config: Config, resume: bool, progress: bool, allow_changes) -> dict:
     start = time.time()
     init_params = mlp.init(numpy.random.default_rng(config.seed), scheme=config.init)
     trained, histories, changes, failures = {}, {}, {}, {}
-    algorithm = None if config.algorithm == "maml" else followups.make(config)
-    if algorithm is None:
-        steps = (("maml", maml_step(config)), ("pretrained", pretrain_step(config)))
-    else:  # a follow-up's own meta-parameters (step sizes, rates) drawn after the network's
-        init_params = algorithm.init(init_params, numpy.random.default_rng([config.seed, 1]))
-        steps = ((config.algorithm, followup_step(config, algorithm)),)
-    for name, step in steps:
-        result = train.run(init_params, step, config.n_iterations, seed=config.seed,
+    algorithm = make_algorithm(config)
+    # the algorithm's own meta-parameters (step sizes, rates), if any, drawn after the network's
+    meta_params = algorithm.init(init_params, numpy.random.default_rng([config.seed, 1]))
+    steps = {config.algorithm: (meta_params, meta_step(config, algorithm))}
+    if "pretrained" in BASELINES.get(config.algorithm, ()):
+        steps["pretrained"] = (init_params, pretrain_step(config))
+    for name, (first_params, step) in steps.items():
+        result = train.run(first_params, step, config.n_iterations, seed=config.seed,
                            checkpoint_path=os.path.join(config.out_dir, f"{name}.ckpt.npz"),
                            checkpoint_every=config.checkpoint_every, resume=resume,
                            config=training_settings(config), allow_changes=allow_changes,
@@ -171,22 +161,22 @@ def _run(config: Config, resume: bool, progress: bool, allow_changes) -> dict:
         failures[name] = result.failures
     train_seconds = time.time() - start
 
-    evaluation = {}
+    evaluation, adaptation = {}, fine_tuning(config, algorithm)
     for k in (5, 10, 20):
         test_set = sinusoid.fixed_test_tasks(config.n_test_tasks, k_shot=k, seed=config.seed + 1)
         for name, params in trained.items():
-            curve = fine_tune_curve(params, test_set, config.test_lr(name), config.eval_steps, algorithm)
+            curve = fine_tune_curve(params, test_set, config.eval_steps, adaptation[name])
             evaluation[f"{name}/k{k}"] = [summary(row) for row in curve]
     results = {"config": dataclasses.asdict(config), "train_seconds": train_seconds, "mse": evaluation,
                "training_loss": {name: [(h["iteration"], h["loss"]) for h in hist]
                                  for name, hist in histories.items()},
                "changes": changes, "solver_failures": failures, "paper_mse_5shot": PAPER_MSE_5SHOT}
     write_json(os.path.join(config.out_dir, "results.json"), results)
-    write_atomic(os.path.join(config.out_dir, "results.md"), results_markdown(results))
-    if distributed.is_root() and algorithm is None:
-        plot_fits(trained, config, os.path.join(config.out_dir, "sinusoid_fits.png"))
+    write_text(os.path.join(config.out_dir, "results.md"), results_markdown(results))
+    if distributed.is_root() and "pretrained" in trained:  # the paper's Fig. 2: MAML beside pretraining
+        figures.plot_fits(trained, adaptation, TASK_LOSS, config, os.path.join(config.out_dir, "sinusoid_fits.png"))
     if distributed.is_root():
-        plot_curves(results, os.path.join(config.out_dir, "sinusoid_steps.png"))
+        figures.plot_curves(results, os.path.join(config.out_dir, "sinusoid_steps.png"))
     return results
 
 
@@ -234,65 +224,6 @@ def _step_sizes(config: dict, names: list) -> str:
     if "pretrained" in names and pretrained_lr != config["inner_lr"]:
         return f"alpha = {config['inner_lr']} (the pretrained baseline: {pretrained_lr})"
     return f"alpha = {config['inner_lr']}"
-
-
-def plot_fits(trained: dict, config: Config, path: str) -> None:
-    """Paper Fig. 2: a test task's true curve, its K points, and each model after 1 and 10 steps."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True, sharey=True)
-    grid = numpy.linspace(-5, 5, 200)
-    for row, k in enumerate((5, 10)):
-        test_set = sinusoid.fixed_test_tasks(1, k_shot=k, seed=config.seed + 2)
-        x = backend.asarray(numpy.tile(grid[None, :, None], (1, 1, 1)), dtype=numpy.float32)
-        for col, (name, params) in enumerate(trained.items()):
-            ax = axes[row, col]
-            ax.plot(grid, sinusoid.true_function(grid, test_set.amplitude[0], test_set.phase[0]),
-                    "r", label="ground truth")
-            support = test_set.tasks.support
-            steps = maml.adaptation_steps(TASK_LOSS, params, support, config.test_lr(name), 10)
-            for step, theta in enumerate(steps):
-                if step in (0, 1, 10):
-                    with ad.no_grad():
-                        y = backend.to_numpy(mlp.apply(theta, x).data)[0, :, 0]
-                    ax.plot(grid, y, {0: ":", 1: "--", 10: "-"}[step], color="C0" if step else "C2",
-                            label={0: "before update", 1: "after 1 grad step", 10: "after 10 grad steps"}[step])
-            ax.scatter(backend.to_numpy(support.x)[0, :, 0], backend.to_numpy(support.y)[0, :, 0],
-                       marker="^", color="k", zorder=3, label=f"{k} points used for gradient")
-            ax.set_title(f"{'MAML' if name == 'maml' else 'pretrained'}, K={k}")
-            ax.set_xlabel("x")
-            ax.set_ylabel("y")
-    axes[0, 0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
-def plot_curves(results: dict, path: str) -> None:
-    """Paper Fig. 3: test MSE against the number of fine-tuning steps."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5), sharey=True)
-    for ax, k in zip(axes, (5, 10, 20)):
-        names = list(dict.fromkeys(key.split("/")[0] for key in results["mse"]))
-        for name, color in zip(names, ("C0", "C1")):
-            rows = results["mse"][f"{name}/k{k}"]
-            means = numpy.array([numpy.nan if r["mean"] is None else r["mean"] for r in rows])  # nan: diverged
-            cis = numpy.array([numpy.nan if r["ci95"] is None else r["ci95"] for r in rows])
-            steps = numpy.arange(len(rows))
-            ax.plot(steps, means, "o-", color=color, label={"maml": "MAML"}.get(name, name))
-            ax.fill_between(steps, means - cis, means + cis, color=color, alpha=0.2)
-        ax.set_title(f"K = {k}")
-        ax.set_xlabel("number of gradient steps")
-    axes[0].set_ylabel("mean squared error")
-    axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 def run_profile(profile: str, resume: bool = False, progress: bool = True, overwrite: bool = False) -> tuple:

@@ -1,4 +1,4 @@
-"""The paper's sinusoid regressor: a multilayer perceptron 1-40-40-1 with ReLU.
+"""The paper's sinusoid regressor: a multilayer perceptron 1-40-40-1 with ReLU (or another activation).
 
 ``init(rng) -> params`` and ``apply(params, x)``. Parameters are named ``layer{i}.w`` ``(in, out)`` and
 ``layer{i}.b`` ``(out,)``; with a leading task axis, ``(T, in, out)`` and ``(T, out)`` and the input
@@ -40,8 +40,10 @@ def init(rng, sizes=PAPER_SIZES, scheme: str = "paper", dtype=numpy.float32) -> 
     return params
 
 
-def apply(params: dict, x) -> ad.Tensor:
-    """y = W_L relu(... relu(W_0 x + b_0) ...) + b_L for ``x: (*task, N, in)``; returns ``(*task, N, out)``."""
+def apply(params: dict, x, activation=ad.relu) -> ad.Tensor:
+    """y = W_L f(... f(W_0 x + b_0) ...) + b_L for ``x: (*task, N, in)``; returns ``(*task, N, out)``.
+    ``activation``: f, ReLU by default (the paper's); e.g. ``ad.tanh`` for a smooth network
+    (``functools.partial(mlp.apply, activation=ad.tanh)`` is then the model's ``apply``)."""
     if not isinstance(params, dict):
         raise TypeError(f"mlp.apply: params must be a dict of named arrays (layer0.w, layer0.b, ...), as "
                         f"mlp.init returns; got a {type(params).__name__}")
@@ -50,5 +52,5 @@ def apply(params: dict, x) -> ad.Tensor:
     for i in range(n_layers):
         h = linear(h, params[f"layer{i}.w"], params[f"layer{i}.b"])
         if i < n_layers - 1:
-            h = ad.relu(h)
+            h = activation(h)
     return h

@@ -43,8 +43,9 @@ def init(rng: np.random.Generator, obs_dim: int, act_dim: int, hidden=(100, 100)
 
 
 def is_batched(params: dict) -> bool:
-    """True when the parameters carry a leading task axis (``layer0.w`` is (T, in, out))."""
-    return params["layer0.w"].ndim == 3
+    """True when the layers carry a leading task axis (a ``layer{i}.w`` is (T, in, out)); some layers may
+    be shared (ANIL adapts only the last)."""
+    return any(p.ndim == 3 for n, p in params.items() if n.startswith("layer") and n.endswith(".w"))
 
 
 def apply(params: dict, obs):

@@ -5,7 +5,7 @@ One step, for a surrogate loss L(theta) and the mean KL divergence D(theta) = KL
 
     g     = grad L(theta_old)
     F v   = grad_theta < grad_theta D(theta), v >  at theta_old    (+ damping * v)
-    x     ~ F^-1 g                               conjugate gradient, 10 iterations
+    x     ~ F^-1 g                               conjugate gradient, 10 iterations (``linalg``)
     s     = sqrt(2 delta / x^T F x) x            the step that reaches KL ~ delta to second order;
                                                  F x = g - r from CG's residual r (no extra product)
     theta = theta_old - 0.8^k s                  smallest k in 0..14 with L < L_old and D <= delta;
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from minimaml import autodiff as ad
-from minimaml import backend, distributed
+from minimaml import backend, distributed, linalg
 
 
 def flatten(arrays) -> np.ndarray:
@@ -58,26 +58,14 @@ def unflatten(vector: np.ndarray, like) -> list:
 
 
 def conjugate_gradient(matvec, b: np.ndarray, iters: int = 10, residual_tol: float = 1e-10) -> tuple:
-    """Approximately solve A x = b for a symmetric positive-definite A given as ``matvec(v) = A v``
-    (rllab's ``krylov.cg``: x_0 = 0, stop after ``iters`` steps or when |r|^2 < residual_tol).
+    """Approximately solve A x = b for a symmetric positive-definite A given as ``matvec(v) = A v`` on
+    flat vectors (rllab's ``krylov.cg``: x_0 = 0, stop after ``iters`` steps or when |r|^2 < residual_tol),
+    by ``linalg.conjugate_gradient`` on one system.
 
-    Returns ``(x, A x)``. CG keeps its residual r = b - A x up to date with the products it makes
-    anyway, so A x = b - r costs nothing (rllab spends one more ``matvec`` on it)."""
-    x = np.zeros_like(b)
-    r = b.copy()
-    p = b.copy()
-    rr = r @ r
-    for _ in range(iters):
-        if rr < residual_tol:
-            break
-        ap = matvec(p)
-        step = rr / (p @ ap)
-        x += step * p
-        r -= step * ap
-        rr_new = r @ r
-        p = r + (rr_new / rr) * p
-        rr = rr_new
-    return x, b - r
+    Returns ``(x, A x, residual)``: A x as CG's recurrence tracks it (b - r, from the products it makes
+    anyway), and the true relative residual ||b - A x|| / ||b|| (one more product)."""
+    result = linalg.conjugate_gradient(lambda v: {"x": matvec(v["x"][0])[None]}, {"x": b[None]}, iters, residual_tol)
+    return result.x["x"][0], result.product["x"][0], result.residual
 
 
 def kl_hessian_product(kl, leaves: list):
@@ -86,14 +74,10 @@ def kl_hessian_product(kl, leaves: list):
     ``kl`` must be recorded from ``leaves`` with every inner gradient built with ``create_graph=True``.
     grad D is recorded once; each product is one more reverse pass through it.
     """
-    kl_grads = ad.grad(kl, leaves, create_graph=True)
+    hessian = ad.gradient_product(ad.grad(kl, leaves, create_graph=True), leaves)
 
     def product(v: np.ndarray) -> np.ndarray:
-        directions = unflatten(v, leaves)
-        inner = ad.sum(ad.multiply(kl_grads[0], directions[0]))
-        for g, d in zip(kl_grads[1:], directions[1:]):
-            inner = ad.add(inner, ad.sum(ad.multiply(g, d)))
-        return flatten(ad.grad(inner, leaves))
+        return flatten(hessian(unflatten(v, leaves)))
 
     return product
 
@@ -133,8 +117,8 @@ def trpo_step(objective, params: dict, max_kl: float = 0.01, cg_iters: int = 10,
     on dicts of arrays named like ``params``, the Hessian of the mean KL at ``params`` in a form cheaper
     than the tape's reverse over reverse (default). ``over_ranks=True``: ``objective`` (and
     ``fisher_product``) give this rank's part of sums over the MPI ranks, which the step adds up (module
-    docstring); in one process that changes nothing. Stats: loss before/after, kl, the gradient's norm
-    and the line search's outcome.
+    docstring); in one process that changes nothing. Stats: loss before/after, kl, the gradient's norm,
+    CG's true relative residual ``cg_residual`` and the line search's outcome.
     """
     def summed(vector: np.ndarray) -> np.ndarray:
         """The ranks' parts of ``vector`` added up, on every rank (with ``over_ranks``)."""
@@ -160,7 +144,7 @@ def trpo_step(objective, params: dict, max_kl: float = 0.01, cg_iters: int = 10,
     def fvp(v: np.ndarray) -> np.ndarray:
         return summed(product(v)) + damping * v
 
-    x, fisher_x = conjugate_gradient(fvp, g, cg_iters)
+    x, fisher_x, cg_residual = conjugate_gradient(fvp, g, cg_iters)
     step = math.sqrt(2 * max_kl / (x @ fisher_x + 1e-8)) * x
 
     def evaluate(flat):
@@ -170,7 +154,8 @@ def trpo_step(objective, params: dict, max_kl: float = 0.01, cg_iters: int = 10,
     [loss_before] = values(loss)
     theta, info = line_search(evaluate, flatten(leaves), step, loss_before, max_kl, backtrack_ratio, max_backtracks)
     new_params = dict(zip(names, unflatten(theta, leaves))) if info["accepted"] else dict(params)
-    return new_params, {"loss_before": loss_before, **info, "grad_norm": float(np.linalg.norm(g))}
+    return new_params, {"loss_before": loss_before, **info, "grad_norm": float(np.linalg.norm(g)),
+                        "cg_residual": cg_residual}
 
 
 @dataclass(frozen=True)

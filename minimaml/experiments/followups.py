@@ -4,8 +4,8 @@ and 10 steps) for each follow-up at the profile's budget, one table. (Omniglot's
 
 from __future__ import annotations
 
-from ..experiments import sinusoid
-from ..experiments.common import cell, markdown_table
+from . import sinusoid
+from .common import cell, markdown_table
 from ..train import NonFiniteError, SolverError
 
 FOLLOWUPS = ("reptile", "meta_sgd", "maml_pp", "anil", "imaml")
@@ -17,7 +17,8 @@ SETTINGS = {"imaml": {"imaml_backtracking": True, "imaml_cg_damping": 1.0, "imam
 
 def run_profile(profile: str, resume: bool = False, progress: bool = True, overwrite: bool = False) -> tuple:
     """(markdown table, [output folders]): MAML and each follow-up on the sinusoid, the profile's budget;
-    a run that diverges gets a row that says so, and the others still run."""
+    a run that diverges, or whose solver fails (``train.SolverError``), gets a row that says so in one
+    line, and the others still run."""
     rows, folders = [], []
     for name in ("maml",) + FOLLOWUPS:
         # MAML in a folder of its own: runs/<profile>/sinusoid is the sinusoid experiment's

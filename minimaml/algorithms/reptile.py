@@ -21,7 +21,7 @@ from .. import autodiff as ad
 from .. import backend, maml, optim
 from ..tasks.batch import Examples
 from . import schedules
-from .base import MAML
+from .maml import MAML, check_inner_steps
 
 INNER_OPTIMIZERS = ("sgd", "adam")
 
@@ -41,9 +41,8 @@ def train_steps(task_loss, params: dict, data, inner_lr: float, steps: int, opti
     state = opt.init(phi)
     yield {n: ad.Tensor(p) for n, p in phi.items()}
     for _ in range(steps):
-        leaves = {n: ad.Tensor(p, requires_grad=True) for n, p in phi.items()}
-        grads = ad.grad(ad.sum(task_loss(leaves, data)), list(leaves.values()))
-        phi, state = opt.update(phi, {n: g.data for n, g in zip(leaves, grads)}, state)
+        _, grads = ad.value_and_grad(lambda p: ad.sum(task_loss(p, data)), phi)
+        phi, state = opt.update(phi, grads, state)
         yield {n: ad.Tensor(p) for n, p in phi.items()}
 
 
@@ -67,9 +66,9 @@ class Reptile(MAML):
 
     name = "reptile"
 
-    def __init__(self, inner_lr: float = 1e-3, inner_steps: int = 5, optimizer: str = "adam",
+    def __init__(self, inner_lr: float = 1e-3, inner_steps: int = 5, *, optimizer: str = "adam",
                  epsilon: float = 1.0, epsilon_final: float = 0.0):
-        super().__init__(inner_lr, inner_steps)
+        super().__init__(inner_lr, check_inner_steps(self.name, inner_steps))
         inner_optimizer(optimizer, inner_lr)  # checks the name
         if not epsilon > 0 or epsilon_final < 0:
             raise ValueError(f"reptile: need epsilon > 0 and epsilon_final >= 0, got {epsilon}, {epsilon_final}")

@@ -19,7 +19,6 @@ import numpy
 from .. import autodiff as ad
 from .. import maml
 from ..nn import conv4, mlp
-from ..nn.layers import linear
 from ..tasks.batch import Examples, TaskBatch
 from . import imaml, maml_pp, meta_sgd, reptile
 
@@ -51,8 +50,8 @@ def meta_sgd_error(seed: int = 0, inner_steps: int = 2) -> dict:
     """{"theta": error, "alpha": error} along random directions of each."""
     rng = numpy.random.default_rng(seed)
     loss, params, tasks = _regression(rng)
-    meta_params = meta_sgd.MetaSGD(inner_steps, alpha_init=(0.02, 0.1)).init(params, rng)
-    _, grads = meta_sgd.meta_gradient(loss, meta_params, tasks, inner_steps)
+    meta_params = meta_sgd.MetaSGD((0.02, 0.1), inner_steps).init(params, rng)
+    _, grads, _ = meta_sgd.meta_gradient(loss, meta_params, tasks, inner_steps)
 
     def objective(p):
         return float(meta_sgd.meta_sgd_objective(loss, p, tasks, inner_steps, create_graph=False).data)
@@ -127,9 +126,8 @@ def reptile_error(seed: int = 0, optimizer: str = "adam", inner_steps: int = 4) 
         opt = reptile.inner_optimizer(optimizer, 0.01)
         state = opt.init(phi)
         for _ in range(inner_steps):
-            leaves = {n: ad.Tensor(p, requires_grad=True) for n, p in phi.items()}
-            grads = ad.grad(ad.sum(loss(leaves, one)), list(leaves.values()))
-            phi, state = opt.update(phi, {n: g.data for n, g in zip(leaves, grads)}, state)
+            _, grads = ad.value_and_grad(lambda p: ad.sum(loss(p, one)), phi)
+            phi, state = opt.update(phi, grads, state)
         for n in params:
             direct[n] += params[n] - phi[n]
     scale = max(numpy.abs(direct[n]).max() for n in direct)
@@ -149,9 +147,9 @@ def imaml_least_squares_error(seed: int = 0, lam: float = 2.0, cg_damping: float
     d = params["layer0.w"].shape[0]
     # enough inner steps (each contracts the error by at least 1 - 0.1 lambda = 0.8) and CG steps (the
     # problem is 5-dimensional) to converge to roundoff
-    _, grads, _ = imaml.implicit_meta_gradient(loss, params, tasks, 0.1, 300, lam, cg_steps=12,
-                                               cg_damping=cg_damping, lambda_damping=lambda_damping)
-    *_, adapted = imaml.proximal_adapt(loss, params, tasks.support, 0.1, 300, lam)
+    adapted, _ = imaml.proximal_solve(loss, params, tasks.support, 0.1, 300, lam)
+    _, grads, _ = imaml.implicit_gradient(loss, adapted, tasks, lam, 12, cg_damping=cg_damping,
+                                          lambda_damping=lambda_damping)
     theta = numpy.concatenate([params["layer0.w"][:, 0], params["layer0.b"]])
     expected_grad, phi_error = numpy.zeros(d + 1), 0.0
     for i in range(tasks.n_tasks):
@@ -161,7 +159,7 @@ def imaml_least_squares_error(seed: int = 0, lam: float = 2.0, cg_damping: float
         n = a.shape[0]
         h = 2 * a.T @ a / n
         phi = numpy.linalg.solve(h + lam * numpy.eye(d + 1), 2 * a.T @ y / n + lam * theta)
-        got = numpy.concatenate([adapted["layer0.w"].data[i, :, 0], adapted["layer0.b"].data[i]])
+        got = numpy.concatenate([adapted["layer0.w"][i, :, 0], adapted["layer0.b"][i]])
         phi_error = max(phi_error, numpy.abs(got - phi).max() / numpy.abs(phi).max())
         aq, yq = design(tasks.query.x[i]), tasks.query.y[i][:, 0]
         query_grad = 2 * aq.T @ (aq @ phi - yq) / aq.shape[0]
@@ -173,9 +171,9 @@ def imaml_least_squares_error(seed: int = 0, lam: float = 2.0, cg_damping: float
 
 
 def tanh_mlp(params: dict, x):
-    """A smooth two-layer perceptron, y = tanh(x W0 + b0) W1 + b1 (for the iMAML convergence check: with
-    ReLU, gradient descent on the proximal problem stalls at the kinks instead of converging)."""
-    return linear(ad.tanh(linear(x, params["layer0.w"], params["layer0.b"])), params["layer1.w"], params["layer1.b"])
+    """A smooth perceptron, ``mlp.apply`` with tanh (for the iMAML convergence checks: with ReLU, gradient
+    descent on the proximal problem stalls at the kinks instead of converging)."""
+    return mlp.apply(params, x, activation=ad.tanh)
 
 
 def imaml_convergence(seed: int = 0, lam: float = 2.0, settings=((2, 1), (8, 2), (32, 4), (64, 8), (200, 16)),
@@ -195,6 +193,36 @@ def imaml_convergence(seed: int = 0, lam: float = 2.0, settings=((2, 1), (8, 2),
     fd = directional_fd(objective, params, direction, h=1e-5)
     curve = []
     for inner_steps, cg_steps in settings:
-        _, grads, residual = imaml.implicit_meta_gradient(loss, params, tasks, 0.1, inner_steps, lam, cg_steps)
-        curve.append((inner_steps, cg_steps, _relative(_along(grads, direction), fd), residual))
+        _, grads, metrics = imaml.implicit_meta_gradient(loss, params, tasks, 0.1, inner_steps, lam, cg_steps)
+        curve.append((inner_steps, cg_steps, _relative(_along(grads, direction), fd), metrics["cg_residual"]))
     return curve
+
+
+def tanh_sinusoid(seed: int = 0, n_tasks: int = 4) -> tuple:
+    """(task loss, params, tasks): ``n_tasks`` sinusoid tasks (10 support and 10 query points) for a
+    1-40-40-1 tanh MLP with PyTorch's uniform initialisation, in float64."""
+    from ..tasks import sinusoid
+    params = mlp.init(numpy.random.default_rng(seed), sizes=(1, 40, 40, 1), scheme="uniform", dtype=numpy.float64)
+    sampled = sinusoid.sample_batch(numpy.random.default_rng(seed), n_tasks, 10)
+    tasks = TaskBatch(*[Examples(s.x.astype(numpy.float64), s.y.astype(numpy.float64))
+                        for s in (sampled.support, sampled.query)])
+    return maml.supervised_loss(tanh_mlp, ad.mse), params, tasks
+
+
+def imaml_at_defaults(seed: int = 0, reference_steps: int = 1000) -> dict:
+    """``IMAML()`` at its defaults (inner step 0.1, 16 steps, 5 CG steps, tolerance 1e-3) on 4 sinusoid
+    tasks of a 1-40-40-1 tanh MLP (float64), where the support Hessian's top eigenvalue makes a step of 0.1
+    too long for plain gradient descent: its metrics (``imaml_stationarity``, ``cg_residual``, ``failure``)
+    and the relative error of its meta-gradient against a tight solve (backtracking, ``reference_steps``
+    inner steps, 40 CG steps), with that solve's own stationarity and residual. The check: the defaults
+    either converge and agree with the tight solve, or say that they did not."""
+    loss, params, tasks = tanh_sinusoid(seed)
+    with numpy.errstate(all="ignore"):  # plain descent may overflow: the metrics say so
+        _, grads, metrics = imaml.IMAML().meta_gradient(loss, params, tasks, 0)
+    _, reference, tight = imaml.IMAML(0.1, reference_steps, cg_steps=40, backtracking=True).meta_gradient(
+        loss, params, tasks, 0)
+    difference = max(numpy.abs(grads[n] - reference[n]).max() for n in params)
+    scale = max(numpy.abs(reference[n]).max() for n in params)
+    error = float(difference / scale) if numpy.isfinite(difference) else float("inf")
+    return {**metrics, "error": error, "reference_stationarity": tight["imaml_stationarity"],
+            "reference_cg_residual": tight["cg_residual"]}

@@ -9,7 +9,7 @@ adapted. It is ``maml.meta_gradient`` with ``inner_param_names`` = the head's na
 
 from __future__ import annotations
 
-from .base import MAML
+from .maml import MAML
 
 
 def head_names(params: dict) -> list:
@@ -25,21 +25,12 @@ def head_names(params: dict) -> list:
 
 
 class ANIL(MAML):
-    """MAML adapting only ``head_names(params)`` (computed from the first parameters it sees)."""
+    """MAML adapting only the head, ``head_names(params)``."""
 
     name = "anil"
 
-    def __init__(self, inner_lr: float, inner_steps: int, mode: str = "second_order"):
-        super().__init__(inner_lr, inner_steps, mode)
+    def __init__(self, inner_lr: float, inner_steps: int, *, mode: str = "second_order"):
+        super().__init__(inner_lr, inner_steps, mode=mode)
 
-    def init(self, params: dict, rng) -> dict:
-        self.inner_param_names = head_names(params)
-        return dict(params)
-
-    def meta_gradient(self, task_loss, meta_params, tasks, iteration):
-        self.inner_param_names = head_names(meta_params)
-        return super().meta_gradient(task_loss, meta_params, tasks, iteration)
-
-    def adaptation_steps(self, task_loss, meta_params, support, steps):
-        self.inner_param_names = head_names(meta_params)
-        return super().adaptation_steps(task_loss, meta_params, support, steps)
+    def adapted_names(self, params: dict) -> list:
+        return head_names(params)

@@ -16,7 +16,14 @@ each a switch here as in the authors' code:
   ``first_order_epochs`` epochs, then second order.
 - CA: cosine annealing of the meta-learning rate of Adam down to ``min_meta_lr``.
 
-An epoch is ``iterations_per_epoch`` meta-iterations (the authors' 500).
+An epoch is ``iterations_per_epoch`` meta-iterations (the authors' 500). ``step_weights`` fixes the
+multi-step loss's weights instead of annealing them.
+
+The learned rates are not clamped, as in the authors' code (``inner_loop_optimizers.py``,
+``LSLRGradientDescentLearningRule``: the initial rate is asserted positive, the learned ones are used as
+they are). A rate that meta-training drives to zero or below turns its inner steps into ascent, so a step
+taken with one is reported as a failure (``metrics["failure"]``, with ``min_inner_lr`` among the
+metrics), which the training loop acts on.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import numpy
 from .. import autodiff as ad
 from .. import backend, maml, optim
 from . import schedules
-from .base import MAML
+from .maml import MAML, check_inner_steps
 
 LSLR = "lslr/"  # the rates of parameter "conv0.w" are the meta-parameter "lslr/conv0.w", shape (K,)
 
@@ -71,8 +78,7 @@ def inner_trajectory(task_loss, model: dict, rates: dict, support, inner_steps: 
     theta = maml.per_task(model, support.n_tasks, names)
     trajectory = []
     for k in range(inner_steps):
-        theta = {n: p if isinstance(p, ad.Tensor) and p.requires_grad or n not in names
-                 else ad.Tensor(p.data, requires_grad=True) for n, p in theta.items()}
+        theta = maml.as_leaves(theta, names)
         loss = ad.sum(task_loss(at_step(theta, k, per_step_names), support))
         grads = ad.grad(loss, [theta[n] for n in names], create_graph=second_order)
         theta = {**theta, **{n: theta[n] - rates[n][k] * (g if second_order else ad.Tensor(g.data))
@@ -102,11 +108,11 @@ class MAMLPlusPlus(MAML):
 
     name = "maml_pp"
 
-    def __init__(self, inner_lr: float = 0.1, inner_steps: int = 5, inner_param_names=None,
+    def __init__(self, inner_lr: float = 0.1, inner_steps: int = 5, *, inner_param_names=None,
                  multi_step_loss: bool = True, msl_epochs: float = 10, learned_rates: bool = True,
                  per_step_bn: bool = True, first_order_epochs: float = 0, cosine_annealing: bool = True,
-                 min_meta_lr: float = 1e-5, iterations_per_epoch: int = 500):
-        super().__init__(inner_lr, inner_steps, "second_order", inner_param_names)
+                 min_meta_lr: float = 1e-5, iterations_per_epoch: int = 500, step_weights=None):
+        super().__init__(inner_lr, check_inner_steps(self.name, inner_steps), inner_param_names=inner_param_names)
         if not msl_epochs > 0 or iterations_per_epoch < 1 or first_order_epochs < 0 or not min_meta_lr > 0:
             raise ValueError(f"maml_pp: need msl_epochs > 0, iterations_per_epoch >= 1, first_order_epochs >= 0, "
                              f"min_meta_lr > 0; got {msl_epochs}, {iterations_per_epoch}, {first_order_epochs}, "
@@ -115,13 +121,20 @@ class MAMLPlusPlus(MAML):
         self.learned_rates, self.per_step_bn = learned_rates, per_step_bn
         self.first_order_epochs, self.cosine_annealing = float(first_order_epochs), cosine_annealing
         self.min_meta_lr, self.iterations_per_epoch = float(min_meta_lr), int(iterations_per_epoch)
+        if step_weights is not None:
+            step_weights = numpy.asarray(step_weights, dtype=float)
+            if step_weights.shape != (self.inner_steps,) or not (numpy.isfinite(step_weights).all()
+                                                                 and (step_weights >= 0).all()):
+                raise ValueError(f"maml_pp: step_weights must be {self.inner_steps} finite weights >= 0 (one per "
+                                 f"inner step), got {step_weights.tolist()}")
+        self.step_weights = step_weights
 
     def per_step_names(self, params: dict) -> tuple:
         """The batch-norm parameters with a row per step (BNWB on), else none."""
         return tuple(n for n in params if is_per_step_bn(n)) if self.per_step_bn else ()
 
     def _names(self, model: dict) -> list:
-        names = list(model) if self.inner_param_names is None else self.inner_param_names
+        names = self.adapted_names(model)
         return [n for n in names if n not in self.per_step_names(model)]
 
     def init(self, params: dict, rng) -> dict:
@@ -138,19 +151,32 @@ class MAMLPlusPlus(MAML):
         return at_step(model, self.inner_steps, self.per_step_names(model))
 
     def weights(self, iteration: int) -> numpy.ndarray:
+        """w_1..w_K at ``iteration``: ``step_weights`` if set, else annealed (``step_weights``), or only the
+        last step without the multi-step loss."""
+        if self.step_weights is not None:
+            return self.step_weights
         if not self.multi_step_loss:
             return numpy.eye(self.inner_steps)[-1]
         return step_weights(self.inner_steps, iteration / self.iterations_per_epoch, self.msl_epochs)
 
     def meta_gradient(self, task_loss, meta_params, tasks, iteration):
         second_order = iteration / self.iterations_per_epoch >= self.first_order_epochs
-        leaves = {n: ad.Tensor(p, requires_grad=True) for n, p in meta_params.items()}
-        loss = multi_step_objective(task_loss, leaves, tasks, self.inner_steps, self.weights(iteration),
-                                    self.per_step_names(meta_params), second_order)
-        grads = {n: g.data for n, g in zip(leaves, ad.grad(loss, list(leaves.values())))}
+        weights, per_step = self.weights(iteration), self.per_step_names(meta_params)
+        loss, grads = ad.value_and_grad(lambda p: multi_step_objective(task_loss, p, tasks, self.inner_steps, weights,
+                                                                       per_step, second_order), meta_params)
         if not self.learned_rates:  # LSLR off: the rates stay at inner_lr
             grads = {n: g * 0 if n.startswith(LSLR) else g for n, g in grads.items()}
-        return float(loss.data), grads, {"second_order": float(second_order)}
+        metrics = {"second_order": float(second_order)}
+        _, rates = split(meta_params)
+        if rates:
+            lowest = {n: float(backend.to_numpy(r).min()) for n, r in rates.items()}
+            worst = min(lowest, key=lowest.get)
+            metrics["min_inner_lr"] = lowest[worst]
+            if not lowest[worst] > 0:
+                metrics["failure"] = (f"MAML++'s learned inner step size of {worst} went to {lowest[worst]:.3g} "
+                                      f"(not positive: its inner steps climb): lower --meta-lr, or set "
+                                      f"--maml-pp-learned-rates false")
+        return loss, grads, metrics
 
     def optimizer(self, meta_lr, n_iterations, clip_value=None):
         if not self.cosine_annealing:

@@ -15,7 +15,7 @@ import numpy
 
 from .. import autodiff as ad
 from .. import backend, maml
-from .base import MAML
+from .maml import MAML, check_inner_steps
 
 ALPHA = "alpha/"  # the step size of parameter "layer0.w" is the meta-parameter "alpha/layer0.w"
 
@@ -39,28 +39,32 @@ def meta_sgd_objective(task_loss, meta_params: dict, tasks, inner_steps: int, in
 
 
 def meta_gradient(task_loss, meta_params: dict, tasks, inner_steps: int = 1) -> tuple:
-    """(meta-loss, grads) with respect to theta and alpha (``grads["alpha/<name>"]``)."""
-    leaves = {n: ad.Tensor(p, requires_grad=True) for n, p in meta_params.items()}
-    loss = meta_sgd_objective(task_loss, leaves, tasks, inner_steps)
-    grads = ad.grad(loss, list(leaves.values()))
-    return float(loss.data), {n: g.data for n, g in zip(leaves, grads)}
+    """(meta-loss, grads, metrics) with respect to theta and alpha (``grads["alpha/<name>"]``); metrics:
+    the mean and the smallest entry of alpha (``mean_alpha``, ``min_inner_lr``)."""
+    loss, grads = ad.value_and_grad(lambda p: meta_sgd_objective(task_loss, p, tasks, inner_steps), meta_params)
+    alpha = [backend.to_numpy(a) for a in step_sizes(meta_params).values()]
+    metrics = {"mean_alpha": float(numpy.mean([a.mean() for a in alpha])),
+               "min_inner_lr": float(min(a.min() for a in alpha))}
+    return loss, grads, metrics
 
 
 class MetaSGD(MAML):
-    """Meta-SGD; ``alpha_init``: the interval alpha's entries are drawn from (the paper's [0.005, 0.1])."""
+    """Meta-SGD. ``inner_lr``: alpha's initial value, a number (every entry) or an interval ``(low, high)``
+    its entries are drawn from uniformly (the paper's (0.005, 0.1)); ``inner_steps``: the paper's 1."""
 
     name = "meta_sgd"
 
-    def __init__(self, inner_steps: int = 1, alpha_init=(0.005, 0.1), inner_param_names=None):
-        low, high = alpha_init
+    def __init__(self, inner_lr=(0.005, 0.1), inner_steps: int = 1, *, inner_param_names=None):
+        low, high = (inner_lr, inner_lr) if numpy.ndim(inner_lr) == 0 else inner_lr
         if not 0 < low <= high:
-            raise ValueError(f"meta_sgd: alpha_init must be an interval 0 < low <= high, got {alpha_init}")
-        super().__init__(high, inner_steps, "second_order", inner_param_names)
-        self.alpha_init = (float(low), float(high))
+            raise ValueError(f"meta_sgd: inner_lr (alpha's initial value) must be positive, or an interval "
+                             f"0 < low <= high; got {inner_lr}")
+        super().__init__(high, check_inner_steps(self.name, inner_steps), inner_param_names=inner_param_names)
+        self.inner_lr = (float(low), float(high))
 
     def init(self, params: dict, rng) -> dict:
-        names = list(params) if self.inner_param_names is None else self.inner_param_names
-        alpha = {ALPHA + n: backend.asarray(rng.uniform(*self.alpha_init, tuple(params[n].shape))
+        names = self.adapted_names(params)
+        alpha = {ALPHA + n: backend.asarray(rng.uniform(*self.inner_lr, tuple(params[n].shape))
                                             .astype(backend.to_numpy(params[n]).dtype)) for n in names}
         return {**params, **alpha}
 
@@ -68,9 +72,7 @@ class MetaSGD(MAML):
         return model_params(meta_params)
 
     def meta_gradient(self, task_loss, meta_params, tasks, iteration):
-        loss, grads = meta_gradient(task_loss, meta_params, tasks, self.inner_steps)
-        return loss, grads, {"mean_alpha": float(numpy.mean([backend.to_numpy(a).mean()
-                                                             for a in step_sizes(meta_params).values()]))}
+        return meta_gradient(task_loss, meta_params, tasks, self.inner_steps)
 
     def adaptation_steps(self, task_loss, meta_params, support, steps):
         alpha = step_sizes(meta_params)
