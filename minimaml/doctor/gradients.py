@@ -23,11 +23,12 @@ from dataclasses import dataclass
 import numpy
 
 from .. import autodiff as ad
-from .. import followups, maml
-from ..followups import anil, maml_pp
+from .. import algorithms, maml
+from ..algorithms import anil
 from ..tasks.batch import TaskBatch
 
-CG_TOLERANCE = {"float64": 1e-12, "float32": 1e-5}  # the residual iMAML's solve must reach to count as exact
+# iMAML: the stationarity of its inner solve and the residual of its linear solve that count as exact
+STATIONARY = {"float64": 1e-12, "float32": 1e-5}
 NO_HESSIAN = 1e200  # iMAML's lambda_damping that makes its system A = I + H / (lambda + this) = I
 
 
@@ -39,34 +40,34 @@ def reference(case, tasks=None, inner_lr=None, inner_steps=None, first_order: bo
               inner_solution: bool = True) -> tuple:
     """(meta-loss, {name: meta-gradient}) of ``case`` by minimaml's algorithm, optionally on other ``tasks``,
     another ``inner_lr`` / ``inner_steps``, or first order. ``inner_solution``: iMAML's inner problem must be
-    solved (a mistake's need not be; ``followups.IMAML`` does not report its stationarity, so the doctor's
-    iMAML case is built stationary, tests/test_doctor.py). The doctor's only use of ``minimaml.followups``."""
+    solved (stationary to ``STATIONARY``; a mistake's need not be). The doctor's only use of
+    ``minimaml.algorithms``."""
     tasks = case.tasks if tasks is None else tasks
     lr = case.inner_lr if inner_lr is None else inner_lr
     steps = case.inner_steps if inner_steps is None else inner_steps
-    task_loss, inner = case.task_loss(), case.spec["inner"]
-    if case.algorithm in ("maml", "anil"):
-        algorithm = followups.MAML(lr, steps, mode="first_order" if first_order else "second_order",
-                                   inner_param_names=case.adapted)
-    elif case.algorithm == "meta_sgd":
-        algorithm = followups.MetaSGD(steps, inner_param_names=case.adapted)
-    elif case.algorithm == "imaml":
+    inner, name = case.spec["inner"], case.algorithm
+    if name in ("maml", "anil"):  # ANIL is MAML adapting the case's head
+        name, options = "maml", {"mode": "first_order" if first_order else "second_order",
+                                 "inner_param_names": case.adapted}
+    elif name == "meta_sgd":  # lr: unused, the rates are the case's alpha/<name>
+        lr, options = 1.0, {"inner_param_names": case.adapted}
+    elif name == "maml_pp":  # lr: unused, the rates are the case's lslr/<name>
+        lr, options = 1.0, {"inner_param_names": case.adapted, "step_weights": case.spec["step_weights"],
+                            "per_step_bn": False, "first_order_epochs": 1 if first_order else 0,
+                            "iterations_per_epoch": 1}
+    else:
         if case.adapted != case.param_names:
             raise ValueError(f"doctor: {case.name}: iMAML adapts every parameter; inner.adapted lists only "
                              f"{case.adapted}")
-        algorithm = followups.IMAML(lr, steps, lam=inner["lambda"], cg_steps=inner["cg_steps"],
-                                    lambda_damping=NO_HESSIAN if first_order else 0.0)
-    else:  # maml_pp, with the case's step weights (the class anneals its own)
-        leaves = {n: ad.Tensor(p, requires_grad=True) for n, p in case.meta_params.items()}
-        loss = maml_pp.multi_step_objective(task_loss, leaves, tasks, steps, case.spec["step_weights"],
-                                            second_order=not first_order)
-        grads = ad.grad(loss, list(leaves.values()))
-        return float(loss.data) * case.scale, {n: g.data * case.scale for n, g in zip(leaves, grads)}
+        options = {"lam": inner["lambda"], "cg_steps": inner["cg_steps"],
+                   "lambda_damping": NO_HESSIAN if first_order else 0.0,
+                   "tolerance": STATIONARY[str(case.dtype)] if inner_solution else numpy.inf}
+    algorithm = algorithms.make(name, lr, steps, **options)
     with numpy.errstate(over="ignore", invalid="ignore"):
-        loss, grads, metrics = algorithm.meta_gradient(task_loss, case.meta_params, tasks, 0)
+        loss, grads, metrics = algorithm.meta_gradient(case.task_loss(), case.meta_params, tasks, 0)
     if metrics.get("failure"):  # an algorithm that says its numerics failed
         raise NoExactReference(f"doctor: {case.name}: {metrics['failure']}")
-    if case.algorithm == "imaml" and metrics["cg_residual"] > CG_TOLERANCE[str(case.dtype)]:
+    if case.algorithm == "imaml" and metrics["cg_residual"] > STATIONARY[str(case.dtype)]:
         raise NoExactReference(f"doctor: {case.name}: iMAML's conjugate gradient stopped at a relative residual "
                                f"of {metrics['cg_residual']:.1e}, so there is no exact reference: raise "
                                f"inner.cg_steps, or make I + H / lambda better conditioned (a larger lambda)")
