@@ -2,15 +2,14 @@
 
 The reference comes from minimaml's algorithms, each checked against finite differences and
 independent references (``python -m minimaml.verify``); ``reference`` is the one place the doctor calls
-them. A mistake is the same meta-objective with one thing changed on purpose (``MISTAKES``), computed
+them. A mistake is the same meta-objective with one thing changed on purpose (``mistakes``), computed
 exactly by ``unrolled``: the inner loop written out once,
 
     theta_i^{k+1} = theta_i^k - rate_k (.) grad L_{S_i}(theta_i^k),    L = c sum_k w_k sum_i L_{Q_i}(theta_i^k),
 
 with each mistake a switch of it (the inner gradient a constant, batch-norm statistics constants or
 running ones, K +- 1 steps, the rate squared or 1, support and query swapped, fewer parameters adapted,
-the rates constants).
-``unrolled`` with no switch is the reference itself (tests/test_doctor.py checks it to ~1e-12): the
+the rates constants). ``unrolled`` with no switch is the reference itself (tests/test_doctor.py checks it to ~1e-12): the
 mistakes differ from the exact gradient by their switch alone. iMAML's mistakes that keep its implicit
 gradient (the rate, swapped sets) go through ``reference`` on the changed case; its first-order
 mistake is the system without the Hessian, A = I.
@@ -33,7 +32,8 @@ NO_HESSIAN = 1e200  # iMAML's lambda_damping that makes its system A = I + H / (
 
 
 class NoExactReference(ValueError):
-    """An iterative solve (iMAML's conjugate gradient) did not converge: no exact gradient to give."""
+    """No exact gradient to give: an iterative solve (iMAML's) did not converge, an algorithm reported a
+    failure, or the meta-gradient is not finite."""
 
 
 def reference(case, tasks=None, inner_lr=None, inner_steps=None, first_order: bool = False,
