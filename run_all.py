@@ -175,7 +175,8 @@ def main(argv=None) -> int:
         try:
             table, folders = run_experiment(name, args.profile, args.resume, not args.no_progress, options)
         except KeyboardInterrupt:
-            interrupted = f"Interrupted (Ctrl-C) in the run of {datetime.date.today().isoformat()}; --resume continues it"
+            interrupted = (f"Interrupted (Ctrl-C) in the run of {datetime.date.today().isoformat()}; --resume "
+                           f"continues it")
             print(f"\n{name}: interrupted", flush=True)
             outcomes.append((name, "interrupted", "Ctrl-C; python run_all.py --resume continues it"))
             for path in (report,) + ((published,) if args.publish else ()):

@@ -205,7 +205,8 @@ def run(
     Either way the failures are counted in ``TrainResult.failures`` (iterations, first and last message).
     """
     _check_counts(n_iterations=(n_iterations, 0), checkpoint_every=(checkpoint_every, 1),
-                  log_every=(log_every, 1), failure_patience=(failure_patience, 1), **({"validation.every": (validation.every, 1)} if validation else {}))
+                  log_every=(log_every, 1), failure_patience=(failure_patience, 1),
+                  **({"validation.every": (validation.every, 1)} if validation else {}))
     if max_train_seconds is not None and not max_train_seconds > 0:
         raise ValueError(f"train.run: max_train_seconds must be positive or None, got {max_train_seconds}")
     config = None if config is None else json.loads(json.dumps(config))  # what the checkpoint will hold
@@ -246,13 +247,13 @@ def run(
                 _check_finite_record(record, iteration)
                 failing_in_a_row = failing_in_a_row + 1 if failure else 0
                 if failure:
-                    failures = {"iterations": failures["iterations"] + 1, "first": failures["first"] or
-                                f"iteration {iteration}: {failure}", "last": f"iteration {iteration}: {failure}"}
-                if failing_in_a_row >= failure_patience and not allow_failures:
-                    raise SolverError(f"iteration {iteration}: {failure} ({failing_in_a_row} iterations in a row)")
-                if failing_in_a_row == failure_patience:
-                    say(f"{desc} warning: iteration {iteration}: {failure} ({failing_in_a_row} iterations in a "
-                        f"row; going on, as failures are allowed)")
+                    failures = _counted(failures, f"iteration {iteration}: {failure}")
+                    in_a_row = f"{failing_in_a_row} iterations in a row"
+                    if failing_in_a_row >= failure_patience and not allow_failures:
+                        raise SolverError(f"iteration {iteration}: {failure} ({in_a_row})")
+                    if failing_in_a_row == failure_patience:
+                        say(f"{desc} warning: iteration {iteration}: {failure} ({in_a_row}; going on, as failures "
+                            f"are allowed)")
             except (NonFiniteError, SolverError) as err:
                 if good is not None and saved_at == iteration:  # the checkpoint holds the failing parameters
                     save(checkpoint_path, good.iteration, good.params, good.state, history[:good.n_history],
@@ -300,6 +301,11 @@ def run(
             f"{max_train_seconds / 60:g} minutes is spent ({seconds() / 60:.1f})")
     return TrainResult(params, state, history, seconds(), iteration, curve, best_params, best_iteration, changes,
                        failures)
+
+
+def _counted(failures: dict, line: str) -> dict:
+    """``TrainResult.failures`` with one more failing iteration, ``line`` saying which and why."""
+    return {"iterations": failures["iterations"] + 1, "first": failures["first"] or line, "last": line}
 
 
 def _best_score(curve: list, best_iteration: int) -> float:

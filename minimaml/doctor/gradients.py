@@ -9,8 +9,8 @@ exactly by ``unrolled``: the inner loop written out once,
 
 with each mistake a switch of it (the inner gradient a constant, batch-norm statistics constants or
 running ones, K +- 1 steps, the rate squared or 1, support and query swapped, fewer parameters adapted,
-the rates constants). ``unrolled`` with no switch is the reference itself (tests/test_doctor.py checks it to ~1e-12): the
-mistakes differ from the exact gradient by their switch alone. iMAML's mistakes that keep its implicit
+the rates constants). ``unrolled`` with no switch is the reference itself (tests/test_doctor.py checks
+it to ~1e-12): the mistakes differ from the exact gradient by their switch alone. iMAML's mistakes that keep its implicit
 gradient (the rate, swapped sets) go through ``reference`` on the changed case; its first-order
 mistake is the system without the Hessian, A = I.
 """

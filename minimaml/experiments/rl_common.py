@@ -399,7 +399,8 @@ def plot_training(results: dict, path: str) -> None:
         ax.plot(it, [r["return"] for r in history], color=COLORS[name], alpha=0.6,
                 label=f"{LABELS[name]}" + (" (pre-update)" if name == "maml" else ""))
         if "adapted_return" in history[0]:
-            ax.plot(it, [r["adapted_return"] for r in history], color=COLORS[name], label=f"{LABELS[name]} (post-update)")
+            ax.plot(it, [r["adapted_return"] for r in history], color=COLORS[name],
+                    label=f"{LABELS[name]} (post-update)")
     ax.set_xlabel("iteration")
     ax.set_ylabel("average return (training tasks)")
     ax.legend(fontsize=7)
