@@ -182,14 +182,14 @@ def main(argv=None) -> int:
             for path in (report,) + ((published,) if args.publish else ()):
                 write_report(path, args.profile, key, None, interrupted)
             break
-        except (ImportError, DataError, *common.COMMAND_ERRORS, MemoryError, OSError) as err:
+        except (ImportError, *common.COMMAND_ERRORS) as err:
             # an optional extra (MuJoCo) or a data set not supplied: skipped; anything else: failed
-            skipped = isinstance(err, (ImportError, DataError))
-            outcome = "skipped" if skipped else "failed"
+            outcome = "skipped" if isinstance(err, (ImportError, DataError)) else "failed"
+            line = common.error_line(err)
             note = (f"{outcome.capitalize()} in the run of {datetime.date.today().isoformat()} (commit {commit()}): "
-                    f"{common.error_line(err)}")
-            print(f"{name}: {outcome}: {common.error_line(err)}", flush=True)
-            outcomes.append((name, outcome, common.error_line(err)))
+                    f"{line}")
+            print(f"{name}: {outcome}: {line}", flush=True)
+            outcomes.append((name, outcome, line))
             for path in (report,) + ((published,) if args.publish else ()):
                 write_report(path, args.profile, key, None, note)
             continue

@@ -82,6 +82,11 @@ class Checkpoint:
     best_iteration: int | None = None
 
 
+def _no_failures() -> dict:
+    """``TrainResult.failures`` before any: how many iterations failed, the first and the last message."""
+    return {"iterations": 0, "first": None, "last": None}
+
+
 @dataclass
 class TrainResult:
     params: dict  # after the last iteration
@@ -93,7 +98,7 @@ class TrainResult:
     best_params: dict | None = None  # the best-scoring parameters (with validation), else None
     best_iteration: int | None = None
     changes: list = field(default_factory=list)
-    failures: dict = field(default_factory=lambda: {"iterations": 0, "first": None, "last": None})
+    failures: dict = field(default_factory=_no_failures)
 
 
 def iteration_rng(seed: int, iteration: int) -> numpy.random.Generator:
@@ -235,7 +240,7 @@ def run(
     # The state before the last step whose loss was finite: what the checkpoint falls back to.
     good = None
     saved_at = start
-    failures, failing_in_a_row = {"iterations": 0, "first": None, "last": None}, 0
+    failures, failing_in_a_row = _no_failures(), 0
     iteration = start
     progress = progress and distributed.is_root()  # under MPI, rank 0 shows the bar and writes the checkpoints
     with tqdm(total=n_iterations, initial=min(start, n_iterations), disable=not progress, desc=desc) as bar:
@@ -259,14 +264,14 @@ def run(
                     save(checkpoint_path, good.iteration, good.params, good.state, history[:good.n_history],
                          curve[:good.n_curve], good.best_params, good.best_iteration, good.seconds)
                     saved_at = good.iteration
-                raise _non_finite(err, saved_at, iteration, checkpoint_path, resumed_bad=good is None) from None
+                raise _stop_error(err, saved_at, iteration, checkpoint_path, resumed_bad=good is None) from None
             if checkpoint_path is not None:
                 good = LastGood(iteration, params, state, len(history), len(curve), best_params, best_iteration,
                                 seconds())
             try:
                 _check_finite_arrays("parameter", new_params, iteration)
             except NonFiniteError as err:
-                raise _non_finite(err, saved_at, iteration, checkpoint_path, resumed_bad=False) from None
+                raise _stop_error(err, saved_at, iteration, checkpoint_path, resumed_bad=False) from None
             step_time = time.perf_counter() - clock
             step_seconds += step_time
             params, state = new_params, new_state
@@ -304,7 +309,7 @@ def run(
 
 
 def _counted(failures: dict, line: str) -> dict:
-    """``TrainResult.failures`` with one more failing iteration, ``line`` saying which and why."""
+    """``failures`` with one more failing iteration, ``line`` saying which and why."""
     return {"iterations": failures["iterations"] + 1, "first": failures["first"] or line, "last": line}
 
 
@@ -312,7 +317,7 @@ def _best_score(curve: list, best_iteration: int) -> float:
     return next(r["score"] for r in reversed(curve) if r["iteration"] == best_iteration)
 
 
-def _non_finite(err, saved_at: int, iteration: int, checkpoint_path, resumed_bad: bool):
+def _stop_error(err, saved_at: int, iteration: int, checkpoint_path, resumed_bad: bool):
     """The error to raise (``NonFiniteError`` or ``SolverError``, as ``err``): what failed, what the
     checkpoint on disk holds and how to go on. ``resumed_bad``: the failing parameters are the ones this
     session resumed from."""
