@@ -178,7 +178,8 @@ def failure(metrics: dict, tolerance: float):
     worst = metrics["imaml_stationarity"]
     if not worst <= tolerance:
         return (f"iMAML's inner solve did not converge (stationarity {worst:.2g} on the worst task, tolerance "
-                f"{tolerance:g}): lower --imaml-inner-lr, raise --imaml-inner-steps or set --imaml-backtracking")
+                f"{tolerance:g}): lower --imaml-inner-lr, raise --imaml-inner-steps or --imaml-lambda, or set "
+                f"--imaml-backtracking (a ReLU network's kinks can stall it: docs/followups.md)")
     residual = metrics["cg_residual"]
     if not residual <= tolerance:
         return (f"iMAML's conjugate gradient did not converge (residual {residual:.2g} on the worst task, "
