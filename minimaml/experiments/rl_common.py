@@ -312,9 +312,8 @@ def _cells(means, cis) -> list:
 
 
 def _test_lrs(cfg: dict) -> str:
-    """The test step sizes of a results file's config: one number, or one per method when they differ."""
-    lrs = {"MAML": cfg["inner_lr"], "pretrained": cfg.get("pretrained_lr", cfg["inner_lr"]),
-           "random init": cfg.get("random_lr", cfg["inner_lr"])}  # older results lack the baselines' own
+    """The test step sizes of a run's config: one number, or one per method when they differ."""
+    lrs = {"MAML": cfg["inner_lr"], "pretrained": cfg["pretrained_lr"], "random init": cfg["random_lr"]}
     if len(set(lrs.values())) == 1:
         return f"{cfg['inner_lr']}"
     return ", ".join(f"{lr} {name}" for name, lr in lrs.items())
@@ -336,7 +335,7 @@ def results_markdown(results: dict) -> str:
     timing = ", ".join(f"{name} {results['history'][name][-1]['iteration'] + 1 if results['history'][name] else 0} "
                        f"iterations at {results['seconds_per_iteration'][name] or 0:.1f} s"
                        for name in results["history"])
-    test_batch = cfg.get("test_batch_steps", 0)  # results written before this setting existed lack it
+    test_batch = cfg["test_batch_steps"]
     tested_on = (f"whole trajectories adding up to {test_batch} time steps per task and step"
                  if test_batch else f"{cfg['n_traj']} trajectories per task and step")
     return (f"### {cfg['env']} ({cfg['profile']} profile)\n\n"
