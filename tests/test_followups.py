@@ -166,7 +166,8 @@ def test_each_follow_up_runs_in_the_classification_experiment(tmp_path, monkeypa
                              meta_batch_size=2, q_train=2, q_eval=2, val_every=2, n_val_tasks=2, n_test_tasks=2,
                              eval_batch=2, maml_pp_inner_steps=2, imaml_inner_steps=2, reptile_inner_steps=2)
     results = classification.run(config, progress=False)
-    assert results["key"].endswith(f"-{name}") and len(results["test_accuracy"]) == config.eval_steps + 1
+    scored = 1 if name == "meta_sgd" else config.eval_steps  # Meta-SGD: only the step its alpha is learned for
+    assert results["key"].endswith(f"-{name}") and len(results["test_accuracy"]) == scored + 1
     assert all(0.0 <= row["mean"] <= 1.0 for row in results["test_accuracy"])
 
 
@@ -328,3 +329,8 @@ def test_mlp_takes_an_activation():
     x = numpy.linspace(-1, 1, 5)[None, :, None]
     expected = numpy.tanh(x @ params["layer0.w"] + params["layer0.b"]) @ params["layer1.w"] + params["layer1.b"]
     numpy.testing.assert_allclose(mlp.apply(params, x, activation=ad.tanh).data, expected, rtol=1e-14)
+
+
+def test_meta_sgd_is_scored_after_the_steps_it_trains_with():
+    assert MetaSGD(0.01, 1).test_steps(10) == 1 and MetaSGD(0.01, 3).test_steps(2) == 2
+    assert all(algorithms.make(name, 0.01, 1).test_steps(10) == 10 for name in ALGORITHMS if name != "meta_sgd")

@@ -14,7 +14,9 @@ meta-batch on the task axis:
   returns this structure (``metrics`` is ``{}`` for MAML);
 - ``optimizer(meta_lr, n_iterations, clip_value)``: the outer optimizer (Adam for MAML);
 - ``adaptation_steps(task_loss, meta_params, support, steps)``: the model's parameters after 0, 1,
-  ..., steps inner steps on each support set, for evaluation.
+  ..., steps inner steps on each support set, for evaluation;
+- ``test_steps(requested)``: how many of those steps an evaluation scores: ``requested``, except for an
+  algorithm whose step sizes are learned for the steps it trains with (Meta-SGD: only those).
 """
 
 from __future__ import annotations
@@ -65,3 +67,6 @@ class MAML:
     def adaptation_steps(self, task_loss, meta_params: dict, support, steps: int):
         return maml.adaptation_steps(task_loss, meta_params, support, self.inner_lr, steps,
                                      self.adapted_names(meta_params))
+
+    def test_steps(self, requested: int) -> int:
+        return requested

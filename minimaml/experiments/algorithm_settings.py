@@ -41,6 +41,8 @@ class Settings:
                                                  positive=True)
     meta_sgd_alpha_high: float = algorithm_setting(0.1, "Meta-SGD: the high end of alpha's initial interval",
                                                   positive=True)
+    maml_pp_inner_lr: float = algorithm_setting(0.0, "MAML++: the per-step rates' initial value (fixed value with "
+                                               "--maml-pp-learned-rates false); 0: --inner-lr", least=0.0)
     maml_pp_inner_steps: int = algorithm_setting(5, "MAML++: inner steps in training (the rates are per step)",
                                                 least=1)
     maml_pp_msl_epochs: float = algorithm_setting(10.0, "MAML++: epochs of the multi-step loss annealing",
@@ -54,6 +56,9 @@ class Settings:
                                                    "else fixed at alpha")
     maml_pp_per_step_bn: bool = algorithm_setting(True, "MAML++: batch-norm scale and shift per inner step (BNWB; "
                                                  "nets with batch norm)")
+    anil_inner_lr: float = algorithm_setting(0.0, "ANIL: the head's inner step size (training and test); 0: "
+                                            "--inner-lr (the ANIL paper keeps MAML's)", least=0.0)
+    anil_inner_steps: int = algorithm_setting(0, "ANIL: inner steps in training; 0: --inner-steps", least=0)
     imaml_inner_lr: float = algorithm_setting(0.01, "iMAML: the step size of the inner steps (training and test)",
                                              positive=True)
     imaml_backtracking: bool = algorithm_setting(False, "iMAML: halve a task's inner step size (and skip the step) "
@@ -85,12 +90,14 @@ def make_algorithm(config, inner_param_names=None):
         return make(name, (config.meta_sgd_alpha_low, config.meta_sgd_alpha_high), config.inner_steps,
                     inner_param_names=inner_param_names)
     if name == "maml_pp":
-        return make(name, config.inner_lr, config.maml_pp_inner_steps, msl_epochs=config.maml_pp_msl_epochs,
+        return make(name, config.maml_pp_inner_lr or config.inner_lr, config.maml_pp_inner_steps,
+                    msl_epochs=config.maml_pp_msl_epochs,
                     learned_rates=config.maml_pp_learned_rates, per_step_bn=config.maml_pp_per_step_bn,
                     first_order_epochs=config.maml_pp_first_order_epochs, min_meta_lr=config.maml_pp_min_meta_lr,
                     iterations_per_epoch=config.maml_pp_iterations_per_epoch, inner_param_names=inner_param_names)
     if name == "anil":
-        return make(name, config.inner_lr, config.inner_steps, mode=config.mode)
+        return make(name, config.anil_inner_lr or config.inner_lr, config.anil_inner_steps or config.inner_steps,
+                    mode=config.mode)
     if name == "imaml":
         return make(name, config.imaml_inner_lr, config.imaml_inner_steps, lam=config.imaml_lambda,
                     cg_steps=config.imaml_cg_steps, cg_damping=config.imaml_cg_damping,

@@ -187,14 +187,15 @@ def one_query_at_a_time(model, theta: dict, params: dict, tasks, chunk: int = 16
 
 
 def evaluate(model, params, images, task_index, config: ClassificationConfig, algorithm) -> numpy.ndarray:
-    """Query accuracy of every task after 0..eval_steps fine-tuning steps: ``(eval_steps + 1, n_tasks)``.
+    """Query accuracy of every task after 0..n fine-tuning steps, n = ``algorithm.test_steps(eval_steps)``:
+    ``(n + 1, n_tasks)``.
     Under MPI each rank scores its share of the tasks and every rank gets all of them."""
     loss = task_loss(model, config.n_way)
-    columns = []
+    columns, steps = [], algorithm.test_steps(config.eval_steps)
     my_tasks = task_index[distributed.share(len(task_index))]  # under MPI, this rank's share
     for tasks in episodes.iterate_batches(images, my_tasks, config.eval_batch):
         per_step = []
-        for theta in algorithm.adaptation_steps(loss, params, tasks.support, config.eval_steps):
+        for theta in algorithm.adaptation_steps(loss, params, tasks.support, steps):
             with ad.no_grad():
                 logits = (model.apply(theta, tasks.query.x) if config.transductive
                           else one_query_at_a_time(model, theta, params, tasks))

@@ -32,7 +32,8 @@ def run_profile(profile: str, resume: bool = False, progress: bool = True, overw
             rows.append([name, f"{what} ({str(err).split('. ')[0]})", "-", "-", "-"])
             continue
         curve = results["mse"][f"{name}/k5"]
-        rows.append([name, *[cell(curve[s]) for s in (1, 5, 10)], f"{results['train_seconds']:.0f}"])
+        cells = [cell(curve[s]) if s < len(curve) else "- (scored at its training steps)" for s in (1, 5, 10)]
+        rows.append([name, *cells, f"{results['train_seconds']:.0f}"])
     header = ["algorithm", "1 step", "5 steps", "10 steps", "train seconds (with evaluation)"]
     return (f"### Sinusoid 5-shot, MAML's follow-ups ({profile} profile)\n\n"
             f"MSE on the test tasks (mean ± 95% CI):\n\n" + markdown_table(header, rows)), folders

@@ -29,6 +29,9 @@ PAPER = {"omniglot-5way-1shot": "98.7 ± 0.4", "omniglot-5way-5shot": "99.9 ± 0
 # itself used K query images per class).
 QUICK = dict(n_iterations=4_000, meta_batch_size=8, q_train=5, val_every=500, n_val_tasks=100,
              n_test_tasks=600)
+# MAML++'s learned rates start at 0.1 in its authors' Omniglot configs (``init_inner_loop_learning_rate``;
+# HowToTrainYourMAMLPytorch), not at MAML's 0.4
+MAML_PP_INNER_LR = 0.1
 SELECTORS = ("n_way", "k_shot", "model")  # flags that pick the paper's settings, not overrides
 SMOKE = dict(QUICK, n_iterations=300, val_every=100, n_val_tasks=20, n_test_tasks=100)  # everything runs
 PROFILES = ("quick", "smoke", "full")
@@ -41,6 +44,7 @@ def config(n_way: int = 5, k_shot: int = 1, model: str = "conv", profile: str = 
     """The paper's hyper-parameters for one setting, at a profile, with overrides."""
     paper = (dict(inner_lr=0.4, inner_steps=1, meta_batch_size=32, eval_steps=3) if n_way <= 5 else
              dict(inner_lr=0.1, inner_steps=5, meta_batch_size=16, eval_steps=5))
+    paper.update(maml_pp_inner_lr=MAML_PP_INNER_LR)
     settings = dict(dataset="omniglot", model=model, n_way=n_way, k_shot=k_shot, profile=profile,
                     n_iterations=60_000, **paper)
     if profile not in PROFILES:

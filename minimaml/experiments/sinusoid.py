@@ -19,6 +19,7 @@ on three seeds, and with 0.01 it does not (docs/results.md); the pretrained row 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from .. import algorithms, allocator, backend, distributed, maml, optim, train
 from ..nn import mlp
 from ..tasks import sinusoid
 from . import sinusoid_figures as figures
-from .algorithm_settings import Settings, make_algorithm
+from .algorithm_settings import Settings, algorithm_setting, make_algorithm
 from .common import (COMMAND_ERRORS, allowed_changes, cell, check_config, config_parser, exit_with_error,
                      failures_note, log, markdown_table, overrides_from_args, run_folder, setting, summary,
                      training_settings, write_text, write_json)
@@ -54,6 +55,8 @@ class Config(Settings):
     inner_steps: int = setting(1, "inner steps in training", least=0)
     meta_lr: float = setting(1e-3, "Adam's step size", positive=True)
     mode: str = setting("second_order", "meta-gradient", choices=maml.MODES)
+    activation: str = setting("relu", "the MLP's nonlinearity: the paper's ReLU, or tanh (smooth; iMAML's inner "
+                              "problem needs it: docs/followups.md)", choices=("relu", "tanh"))
     init: str = setting("paper", "initialisation: truncated normal std 0.01 (the authors' code) or PyTorch's "
                         "uniform", choices=("paper", "uniform"))
     pretrained_lr: float = setting(0.01, "the pretrained baseline's fine-tuning step size at test", positive=True,
@@ -62,6 +65,15 @@ class Config(Settings):
     eval_steps: int = setting(10, "fine-tuning steps at test time (scored after each)", least=10, most=1000,
                              training=False)
     seed: int = setting(0, "initialisation and training; the test tasks use seed + 1", least=0, most=2**32 - 1)
+    # the follow-ups' defaults that differ here (docs/followups.md)
+    anil_inner_lr: float = algorithm_setting(0.1, "ANIL: the head's inner step size (training and test); 0: "
+                                             "--inner-lr. 0.1 and 5 steps, as learn2learn's ANIL examples: at "
+                                             "alpha 0.001 a head-only step moves nothing", least=0.0)
+    anil_inner_steps: int = algorithm_setting(5, "ANIL: inner steps in training; 0: --inner-steps", least=0)
+    maml_pp_learned_rates: bool = algorithm_setting(False, "MAML++: learn the per-layer per-step rates (LSLR), "
+                                                    "else fixed at alpha. Off here: Adam moves a rate by about "
+                                                    "--meta-lr per iteration, alpha's own size, and the learned "
+                                                    "rates crossed zero within 100 iterations")
     out_dir: str = setting("runs/quick/sinusoid", "output folder (checkpoints, results, figures)", training=False)
     checkpoint_every: int = setting(2_000, "iterations between checkpoints", least=1, training=False)
 
@@ -85,7 +97,20 @@ def _mse_loss(prediction, target):
     return ad.mse(prediction, target)
 
 
-TASK_LOSS = maml.supervised_loss(mlp.apply, _mse_loss)  # L_i: the MSE of task i's predictions
+ACTIVATIONS = {"relu": ad.relu, "tanh": ad.tanh}
+
+
+def model_apply(activation: str = "relu"):
+    """The 1-40-40-1 MLP's ``apply`` with ``activation`` (``Config.activation``)."""
+    return functools.partial(mlp.apply, activation=ACTIVATIONS[activation])
+
+
+def task_loss(activation: str = "relu"):
+    """L_i: the MSE of task i's predictions, a ``task_loss(params, data) -> (T,)``."""
+    return maml.supervised_loss(model_apply(activation), _mse_loss)
+
+
+TASK_LOSS = task_loss()  # the paper's ReLU MLP
 
 
 def meta_step(config: Config, algorithm):
@@ -94,7 +119,8 @@ def meta_step(config: Config, algorithm):
     (MAML's: Adam)."""
     def loss_and_grads(params, rng, iteration):
         tasks = sinusoid.sample_batch(rng, config.meta_batch_size, config.k_shot)  # the same on every rank
-        loss, grads, metrics = algorithm.meta_gradient(TASK_LOSS, params, distributed.share_tasks(tasks), iteration)
+        loss, grads, metrics = algorithm.meta_gradient(task_loss(config.activation), params,
+                                                       distributed.share_tasks(tasks), iteration)
         loss, grads = distributed.sum_over_ranks(loss, grads)  # the whole meta-batch's sums, on every rank
         scale = 1.0 / config.meta_batch_size
         return loss * scale, {n: g * scale for n, g in grads.items()}, metrics
@@ -109,7 +135,8 @@ def pretrain_step(config: Config):
         xp = backend.array_namespace(tasks.support.x)
         x = xp.concatenate([tasks.support.x, tasks.query.x], axis=1)
         y = xp.concatenate([tasks.support.y, tasks.query.y], axis=1)
-        loss, grads = ad.value_and_grad(lambda p: ad.mean(_mse_loss(mlp.apply(p, x), y)), params)
+        apply = model_apply(config.activation)
+        loss, grads = ad.value_and_grad(lambda p: ad.mean(_mse_loss(apply(p, x), y)), params)
         return loss, grads, {}
     return train.GradientStep(loss_and_grads, optim.Adam(config.meta_lr))
 
@@ -120,14 +147,14 @@ def fine_tuning(config: Config, algorithm) -> dict:
     return {config.algorithm: algorithm, "pretrained": algorithms.make("maml", config.pretrained_lr, 1)}
 
 
-def fine_tune_curve(params: dict, test_set, steps: int, algorithm) -> numpy.ndarray:
-    """MSE on each test task's evaluation grid (its query set) after 0..steps fine-tuning steps on its
-    K points (``algorithm.adaptation_steps``): an array ``(steps + 1, n_tasks)``."""
+def fine_tune_curve(params: dict, test_set, steps: int, algorithm, loss=TASK_LOSS) -> numpy.ndarray:
+    """MSE (``loss``) on each test task's evaluation grid (its query set) after 0..steps fine-tuning steps
+    on its K points (``algorithm.adaptation_steps``): an array ``(steps + 1, n_tasks)``."""
     curve = []
     tasks = test_set.tasks
-    for theta in algorithm.adaptation_steps(TASK_LOSS, params, tasks.support, steps):
+    for theta in algorithm.adaptation_steps(loss, params, tasks.support, steps):
         with ad.no_grad():
-            curve.append(backend.to_numpy(TASK_LOSS(theta, tasks.query).data))
+            curve.append(backend.to_numpy(loss(theta, tasks.query).data))
     return numpy.stack(curve)
 
 
@@ -165,7 +192,8 @@ def _run(config: Config, resume: bool, progress: bool, allow_changes) -> dict:
     for k in (5, 10, 20):
         test_set = sinusoid.fixed_test_tasks(config.n_test_tasks, k_shot=k, seed=config.seed + 1)
         for name, params in trained.items():
-            curve = fine_tune_curve(params, test_set, config.eval_steps, adaptation[name])
+            steps = adaptation[name].test_steps(config.eval_steps)
+            curve = fine_tune_curve(params, test_set, steps, adaptation[name], task_loss(config.activation))
             evaluation[f"{name}/k{k}"] = [summary(row) for row in curve]
     results = {"config": dataclasses.asdict(config), "train_seconds": train_seconds, "mse": evaluation,
                "training_loss": {name: [(h["iteration"], h["loss"]) for h in hist]
@@ -174,7 +202,8 @@ def _run(config: Config, resume: bool, progress: bool, allow_changes) -> dict:
     write_json(os.path.join(config.out_dir, "results.json"), results)
     write_text(os.path.join(config.out_dir, "results.md"), results_markdown(results))
     if distributed.is_root() and "pretrained" in trained:  # the paper's Fig. 2: MAML beside pretraining
-        figures.plot_fits(trained, adaptation, TASK_LOSS, config, os.path.join(config.out_dir, "sinusoid_fits.png"))
+        figures.plot_fits(trained, adaptation, model_apply(config.activation), config,
+                          os.path.join(config.out_dir, "sinusoid_fits.png"))
     if distributed.is_root():
         figures.plot_curves(results, os.path.join(config.out_dir, "sinusoid_steps.png"))
     return results
@@ -193,7 +222,8 @@ def results_markdown(results: dict) -> str:
     names = list(dict.fromkeys(key.split("/")[0] for key in results["mse"]))
     for k in (5, 10, 20):
         for name in names:
-            cells = [cell(results["mse"][f"{name}/k{k}"][s]) for s in (0, 1, 5, 10)]
+            curve = results["mse"][f"{name}/k{k}"]
+            cells = [cell(curve[s]) if s < len(curve) else "-" for s in (0, 1, 5, 10)]
             paper = (" / ".join(str(PAPER_MSE_5SHOT[name][s]) for s in (1, 5, 10))
                      if k == 5 and name in PAPER_MSE_5SHOT else "-")
             rows.append([name, k, *cells, paper])
@@ -202,7 +232,16 @@ def results_markdown(results: dict) -> str:
             f"meta-iterations, {_method(config)}, trained in {results['train_seconds']:.0f} s)\n\n"
             f"MSE on {config['n_test_tasks']} test tasks (mean ± 95% CI) after fine-tuning on K points "
             f"with {_step_sizes(config, names)}:\n\n" + markdown_table(header, rows)
-            + failures_note(results["solver_failures"]))
+            + _fewer_steps_note(results) + failures_note(results["solver_failures"]))
+
+
+def _fewer_steps_note(results: dict) -> str:
+    """A line for each method scored after fewer steps than ``eval_steps`` (``test_steps``: Meta-SGD)."""
+    requested = results["config"]["eval_steps"]
+    scored = {key.split("/")[0]: len(curve) - 1 for key, curve in results["mse"].items()}
+    return "".join(f"\n{name} is scored after {n} step{'s' if n > 1 else ''} only: its step sizes are learned "
+                   f"for the {n} it trains with, as its paper tests it (`test_steps`).\n"
+                   for name, n in scored.items() if n < requested)
 
 
 def _step_sizes(config: dict, names: list) -> str:
@@ -213,7 +252,11 @@ def _step_sizes(config: dict, names: list) -> str:
     if algorithm == "meta_sgd":
         return "Meta-SGD's learned alpha"
     if algorithm == "maml_pp":
-        return f"MAML++'s per-step rates (alpha = {config['inner_lr']} at the start of training)"
+        rate = config["maml_pp_inner_lr"] or config["inner_lr"]
+        return (f"MAML++'s learned per-step rates (from {rate})" if config["maml_pp_learned_rates"]
+                else f"MAML++'s fixed rate {rate}")
+    if algorithm == "anil":
+        return f"ANIL's head steps ({config['anil_inner_lr'] or config['inner_lr']})"
     if algorithm == "imaml":
         solver = ", backtracking" if config["imaml_backtracking"] else ""
         return f"iMAML's proximal steps ({config['imaml_inner_lr']}, lambda {config['imaml_lambda']}{solver})"

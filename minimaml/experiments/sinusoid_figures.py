@@ -5,14 +5,13 @@ from __future__ import annotations
 import numpy
 
 from .. import autodiff as ad
-from .. import backend
-from ..nn import mlp
+from .. import backend, maml
 from ..tasks import sinusoid
 
 
-def plot_fits(trained: dict, adaptation: dict, task_loss, config, path: str) -> None:
-    """Paper Fig. 2: a test task's true curve, its K points, and each model after 1 and 10 steps
-    (``adaptation[name].adaptation_steps`` on ``task_loss``)."""
+def plot_fits(trained: dict, adaptation: dict, apply, config, path: str) -> None:
+    """Paper Fig. 2: a test task's true curve, its K points, and each model (``apply``) after 1 and 10
+    steps (``adaptation[name].adaptation_steps`` on its MSE)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -27,11 +26,11 @@ def plot_fits(trained: dict, adaptation: dict, task_loss, config, path: str) -> 
             ax.plot(grid, sinusoid.true_function(grid, test_set.amplitude[0], test_set.phase[0]),
                     "r", label="ground truth")
             support = test_set.tasks.support
-            steps = adaptation[name].adaptation_steps(task_loss, params, support, 10)
+            steps = adaptation[name].adaptation_steps(maml.supervised_loss(apply, ad.mse), params, support, 10)
             for step, theta in enumerate(steps):
                 if step in (0, 1, 10):
                     with ad.no_grad():
-                        y = backend.to_numpy(mlp.apply(theta, x).data)[0, :, 0]
+                        y = backend.to_numpy(apply(theta, x).data)[0, :, 0]
                     ax.plot(grid, y, {0: ":", 1: "--", 10: "-"}[step], color="C0" if step else "C2",
                             label={0: "before update", 1: "after 1 grad step", 10: "after 10 grad steps"}[step])
             ax.scatter(backend.to_numpy(support.x)[0, :, 0], backend.to_numpy(support.y)[0, :, 0],
