@@ -27,7 +27,7 @@ from ..nn import conv4
 from ..tasks import episodes
 from . import classification_figures as figures
 from .algorithm_settings import Settings, algorithm_setting, make_algorithm
-from .common import (check_config, failures_note, log, markdown_table, run_folder, setting, summary,
+from .common import (check_config, failures_note, guarded_arithmetic, log, markdown_table, run_folder, setting, summary,
                      training_settings, write_json)
 
 
@@ -211,7 +211,7 @@ def run(config: ClassificationConfig, resume: bool = False, progress: bool = Tru
     ``overwrite``: start over in a folder that holds a run, its files moved aside (``common.run_folder``)."""
     distributed.check_ranks({"meta_batch_size": config.meta_batch_size, "n_val_tasks": config.n_val_tasks,
                              "n_test_tasks": config.n_test_tasks})
-    with run_folder(config.out_dir, config.dataset, training_settings(config), resume, overwrite):
+    with run_folder(config.out_dir, config.dataset, training_settings(config), resume, overwrite), guarded_arithmetic():
         if download and distributed.is_root():
             download_data(config)
         return _run(config, resume, progress, allow_changes)

@@ -110,6 +110,15 @@ RUN_RECORD = "run.json"  # what a run's folder holds: the experiment and the set
 RUN_FILES = (RUN_RECORD, "results.json", "results.md", "validation.json", "*.ckpt.npz", "*.png")  # what runs write
 
 
+@contextmanager
+def guarded_arithmetic():
+    """NumPy's overflow, invalid-value and divide-by-zero warnings off for a run: what they would say,
+    the run's guards say in one line each (``train.run`` stops on a non-finite loss or gradient, naming
+    the setting to change; an evaluation counts and reports the tasks whose fine-tuning diverged)."""
+    with numpy.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        yield
+
+
 class RunFolderError(ValueError):
     """The output folder cannot take this run: it holds another run (or files a run would overwrite), it is
     not a folder, or it cannot be written. The message names the folder and the way forward."""

@@ -45,8 +45,8 @@ from ..rl.reinforce import trajectories
 from ..rl.sampler import advantages, average_returns, rank_share, sample_trajectories
 from ..rl.trpo import TRPO
 from . import rl_figures as figures
-from .common import (cell, log, markdown_table, run_folder, setting, summary, training_settings, write_text,
-                     write_json)
+from .common import (cell, guarded_arithmetic, log, markdown_table, run_folder, setting, summary, training_settings,
+                     write_text, write_json)
 
 METHODS = ("maml", "pretrained", "random")
 LABELS = {"maml": "MAML", "pretrained": "pretrained", "random": "random init", "oracle": "oracle"}
@@ -271,7 +271,7 @@ def run(cfg: RLConfig, resume: bool = False, progress: bool = True, n_show: int 
     methods = cfg.method_list()
     check_ranks(cfg, distributed.size())
     env = build_env(cfg)
-    with run_folder(cfg.out_dir, cfg.env, training_settings(cfg), resume, overwrite):
+    with run_folder(cfg.out_dir, cfg.env, training_settings(cfg), resume, overwrite), guarded_arithmetic():
         return _run(cfg, env, methods, resume, progress, n_show, allow_changes)
 
 

@@ -33,8 +33,8 @@ from ..tasks import sinusoid
 from . import sinusoid_figures as figures
 from .algorithm_settings import Settings, algorithm_setting, make_algorithm
 from .common import (COMMAND_ERRORS, allowed_changes, cell, check_config, config_parser, exit_with_error,
-                     failures_note, log, markdown_table, overrides_from_args, run_folder, setting, summary,
-                     training_settings, write_text, write_json)
+                     failures_note, guarded_arithmetic, log, markdown_table, overrides_from_args, run_folder, setting,
+                     summary, training_settings, write_text, write_json)
 
 PAPER_MSE_5SHOT = {"maml": {1: 0.67, 5: 0.38, 10: 0.35}, "pretrained": {1: 2.41, 5: 2.23, 10: 2.19}}
 PROFILES = ("quick", "smoke", "full")
@@ -163,7 +163,7 @@ def run(config: Config, resume: bool = False, progress: bool = True, allow_chang
     start over in a folder that holds a run, its files moved aside (``common.run_folder``)."""
     check_config(config)
     distributed.check_ranks({"meta_batch_size": config.meta_batch_size})
-    with run_folder(config.out_dir, "sinusoid", training_settings(config), resume, overwrite):
+    with run_folder(config.out_dir, "sinusoid", training_settings(config), resume, overwrite), guarded_arithmetic():
         return _run(config, resume, progress, allow_changes)
 
 
