@@ -81,8 +81,8 @@ def meta_step(name: str):
     task_loss, params, tasks, inner_lr, inner_steps, mode = problem(name)
 
     def step():
-        loss, grads = maml.meta_gradient(task_loss, params, distributed.share_tasks(tasks), inner_lr,
-                                         inner_steps, mode=mode)
+        loss, grads, _ = maml.meta_gradient(task_loss, params, distributed.share_tasks(tasks), inner_lr,
+                                            inner_steps, mode=mode)
         return distributed.sum_over_ranks(loss, grads)
 
     return step

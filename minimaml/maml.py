@@ -157,8 +157,9 @@ def meta_gradient(task_loss, params: dict, tasks: TaskBatch, inner_lr, inner_ste
     ``task_loss(params, data) -> (T,)``: each task's loss on a set (``supervised_loss`` for regression
     and classification); ``query_loss``: the loss on the query sets, if not the same.
     ``params``: dict of arrays (no task axis). ``mode``: ``"second_order"``, ``"hvp"`` or
-    ``"first_order"`` (see the module docstring). Returns ``(meta_loss: float, grads: dict)`` with
-    ``grads`` named and shaped like ``params``.
+    ``"first_order"`` (see the module docstring). Returns ``(meta_loss: float, grads: dict, metrics: dict)``
+    with ``grads`` named and shaped like ``params``: the structure every algorithm's ``meta_gradient``
+    returns (``minimaml.algorithms``); ``metrics`` is ``{}``, MAML's steps have no solver that can fail.
     """
     if mode not in MODES:
         raise ValueError(f"meta_gradient: unknown mode {mode!r}: expected one of {MODES}")
@@ -185,7 +186,8 @@ def meta_gradient(task_loss, params: dict, tasks: TaskBatch, inner_lr, inner_ste
             adapted = {n: adapted[n] + ad.Tensor(final[n].data - params[n]) if n in names else adapted[n]
                        for n in params}
         return _summed_loss(query_loss, adapted, tasks.query)
-    return ad.value_and_grad(meta_objective, params)
+    meta_loss, grads = ad.value_and_grad(meta_objective, params)
+    return meta_loss, grads, {}
 
 
 def _meta_gradient_hvp(task_loss, query_loss, params, tasks, inner_lr, inner_steps, names):
@@ -229,4 +231,4 @@ def _meta_gradient_hvp(task_loss, query_loss, params, tasks, inner_lr, inner_ste
 
     grads = {n: v[n].sum(axis=0) for n in names}
     grads.update(phi_grad)
-    return float(meta_loss.data), {n: grads[n] for n in params}
+    return float(meta_loss.data), {n: grads[n] for n in params}, {}

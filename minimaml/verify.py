@@ -182,8 +182,8 @@ def meta_gradient_report(seed: int = 0, rtol: float = 1e-6, file=sys.stdout) -> 
     for name, task_loss, params, tasks, inner_lr, inner_steps, names in _meta_gradient_cases(rng):
         direction = {n: rng.standard_normal(p.shape) for n, p in params.items()}
         for mode in maml.MODES:
-            _, grads = maml.meta_gradient(task_loss, params, tasks, inner_lr, inner_steps, mode=mode,
-                                          inner_param_names=names)
+            _, grads, _ = maml.meta_gradient(task_loss, params, tasks, inner_lr, inner_steps, mode=mode,
+                                             inner_param_names=names)
             tape = float(sum(numpy.sum(grads[n] * direction[n]) for n in params))
             fd = _directional_fd(_meta_objective(task_loss, tasks, inner_lr, inner_steps, mode, params, names),
                                  params, direction)

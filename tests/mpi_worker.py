@@ -45,8 +45,8 @@ def in_float64(tasks: maml.TaskBatch) -> maml.TaskBatch:
 
 def split_meta_gradient(task_loss, params, tasks, inner_lr, inner_steps, mode, names=None):
     """What the experiments' ``loss_and_grads`` do: this rank's share, then the sum over ranks."""
-    loss, grads = maml.meta_gradient(task_loss, params, distributed.share_tasks(tasks), inner_lr, inner_steps,
-                                     mode=mode, inner_param_names=names)
+    loss, grads, _ = maml.meta_gradient(task_loss, params, distributed.share_tasks(tasks), inner_lr,
+                                        inner_steps, mode=mode, inner_param_names=names)
     return distributed.sum_over_ranks(loss, grads)
 
 

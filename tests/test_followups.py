@@ -61,7 +61,7 @@ def test_meta_sgd_with_uniform_alpha_is_maml():
     loss, params, tasks = checks._regression(rng)
     meta = MetaSGD(0.05, 2).init(params, rng)
     _, grads, _ = meta_sgd.meta_gradient(loss, meta, tasks, 2)
-    _, expected = maml.meta_gradient(loss, params, tasks, 0.05, 2)
+    _, expected, _ = maml.meta_gradient(loss, params, tasks, 0.05, 2)
     for n in params:
         numpy.testing.assert_allclose(grads[n], expected[n], rtol=1e-10, atol=1e-12)
 
@@ -72,7 +72,7 @@ def test_anil_adapts_only_the_head():
     assert anil.head_names(params) == ["layer2.w", "layer2.b"]
     algorithm = ANIL(0.1, 2)
     _, grads, _ = algorithm.meta_gradient(loss, algorithm.init(params, rng), tasks, 0)
-    _, expected = maml.meta_gradient(loss, params, tasks, 0.1, 2, inner_param_names=["layer2.w", "layer2.b"])
+    _, expected, _ = maml.meta_gradient(loss, params, tasks, 0.1, 2, inner_param_names=["layer2.w", "layer2.b"])
     for n in params:
         numpy.testing.assert_allclose(grads[n], expected[n], rtol=1e-12)
     *_, adapted = algorithm.adaptation_steps(loss, params, tasks.support, 3)
@@ -256,7 +256,11 @@ def test_every_algorithm_follows_the_one_convention(name):
 
 
 def test_the_module_meta_gradients_return_the_classes_structure():
+    """The core's and the modules' meta_gradient functions return (loss, grads, metrics) too."""
     loss, params, tasks = _sinusoid_problem(0)
+    for mode in maml.MODES:
+        value, grads, metrics = maml.meta_gradient(loss, params, tasks, 0.01, 2, mode=mode)
+        assert isinstance(value, float) and set(grads) == set(params) and metrics == {}
     meta = MetaSGD(0.01, 1).init(params, numpy.random.default_rng(1))
     assert len(meta_sgd.meta_gradient(loss, meta, tasks, 1)) == 3
     value, grads, metrics = imaml.implicit_meta_gradient(loss, params, tasks, 0.01, 3, 2.0, 3)

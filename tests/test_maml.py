@@ -75,7 +75,7 @@ def test_second_order_and_hvp_match_finite_differences(seed, hidden, n_tasks, st
     objective = _unrolled_objective(list(params), tasks, inner_lr, steps)
     rng = np.random.default_rng(seed + 1)
     for mode in ("second_order", "hvp"):
-        loss, grads = maml.meta_gradient(TANH_MSE, params, tasks, inner_lr, steps, mode=mode)
+        loss, grads, _ = maml.meta_gradient(TANH_MSE, params, tasks, inner_lr, steps, mode=mode)
         assert loss == pytest.approx(float(objective(*params.values()).data), rel=1e-12)
         tape, fd = _directional(grads, params, objective, rng)
         assert abs(tape - fd) <= 1e-7 * max(abs(tape), abs(fd), 1e-3), (mode, tape, fd)
@@ -96,7 +96,7 @@ def test_first_order_matches_finite_differences_of_its_objective(seed, hidden, n
         theta = {n: ad.as_tensor(a) + delta[n] for n, a in zip(names, arrays)}
         return ad.sum(ad.mse(_tanh_mlp(theta, tasks.query.x), tasks.query.y))
 
-    _, grads = maml.meta_gradient(TANH_MSE, params, tasks, inner_lr, steps, mode="first_order")
+    _, grads, _ = maml.meta_gradient(TANH_MSE, params, tasks, inner_lr, steps, mode="first_order")
     tape, fd = _directional(grads, params, objective, np.random.default_rng(seed))
     assert abs(tape - fd) <= 1e-7 * max(abs(tape), abs(fd), 1e-3)
 
@@ -106,8 +106,8 @@ def test_first_order_matches_finite_differences_of_its_objective(seed, hidden, n
        inner_lr=st.floats(0.001, 0.5))
 def test_second_order_and_hvp_agree(seed, n_tasks, steps, inner_lr):
     params, tasks = _problem(seed, 8, n_tasks, 6)
-    _, so = maml.meta_gradient(MLP_MSE, params, tasks, inner_lr, steps, mode="second_order")
-    _, hvp = maml.meta_gradient(MLP_MSE, params, tasks, inner_lr, steps, mode="hvp")
+    _, so, _ = maml.meta_gradient(MLP_MSE, params, tasks, inner_lr, steps, mode="second_order")
+    _, hvp, _ = maml.meta_gradient(MLP_MSE, params, tasks, inner_lr, steps, mode="hvp")
     for name in params:
         scale = np.max(np.abs(so[name])) + 1e-300
         assert np.max(np.abs(so[name] - hvp[name])) / scale < 1e-10, name
@@ -116,11 +116,11 @@ def test_second_order_and_hvp_agree(seed, n_tasks, steps, inner_lr):
 @pytest.mark.parametrize("mode", maml.MODES)
 def test_batched_tasks_equal_a_loop_over_tasks(mode):
     params, tasks = _problem(3, 7, 5, 4)
-    loss, grads = maml.meta_gradient(MLP_MSE, params, tasks, 0.1, 2, mode=mode)
+    loss, grads, _ = maml.meta_gradient(MLP_MSE, params, tasks, 0.1, 2, mode=mode)
     loop_loss, loop_grads = 0.0, {n: 0.0 for n in params}
     for i in range(tasks.n_tasks):
         one = maml.TaskBatch(*(maml.Examples(s.x[i:i + 1], s.y[i:i + 1]) for s in (tasks.support, tasks.query)))
-        task_loss, task_grads = maml.meta_gradient(MLP_MSE, params, one, 0.1, 2, mode=mode)
+        task_loss, task_grads, _ = maml.meta_gradient(MLP_MSE, params, one, 0.1, 2, mode=mode)
         loop_loss += task_loss
         loop_grads = {n: loop_grads[n] + task_grads[n] for n in params}
     assert loss == pytest.approx(loop_loss, rel=1e-12)
@@ -154,7 +154,7 @@ def test_quadratic_loss_meta_gradient_has_the_closed_form(steps):
     tasks = _tasks(xs, ys, xq, yq)
     linear_mse = maml.supervised_loss(_linear_model, ad.mse)
     for mode in ("second_order", "hvp"):
-        loss, grads = maml.meta_gradient(linear_mse, {"w": w}, tasks, alpha, steps, mode=mode)
+        loss, grads, _ = maml.meta_gradient(linear_mse, {"w": w}, tasks, alpha, steps, mode=mode)
         assert loss == pytest.approx(expected_loss, rel=1e-13)
         np.testing.assert_allclose(grads["w"], expected_grad, rtol=1e-12)
 
@@ -183,8 +183,8 @@ def test_float32_in_float32_out():
     double = ({n: p.astype(np.float32).astype(np.float64) for n, p in params.items()},
               _tasks(*(a.astype(np.float64) for a in arrays)))
     for mode in maml.MODES:
-        loss32, grads32 = maml.meta_gradient(MLP_MSE, *single, 0.1, 2, mode=mode)
-        loss64, grads64 = maml.meta_gradient(MLP_MSE, *double, 0.1, 2, mode=mode)
+        loss32, grads32, _ = maml.meta_gradient(MLP_MSE, *single, 0.1, 2, mode=mode)
+        loss64, grads64, _ = maml.meta_gradient(MLP_MSE, *double, 0.1, 2, mode=mode)
         assert abs(loss32 - loss64) <= 1e-6 * abs(loss64)
         for name, g in grads32.items():
             assert g.dtype == np.float32, name
@@ -354,8 +354,8 @@ def test_a_non_supervised_task_loss_matches_finite_differences(mode, steps, inne
                 return float(np.sum(_anchor_numpy(*_anchor_inner_loop(w, s, tasks.support, inner_lr, steps,
                                                                       adapt_s), tasks.query)[0]))
 
-        loss, grads = maml.meta_gradient(anchor_loss, params, tasks, inner_lr, steps, mode=mode,
-                                         inner_param_names=inner_param_names)
+        loss, grads, _ = maml.meta_gradient(anchor_loss, params, tasks, inner_lr, steps, mode=mode,
+                                            inner_param_names=inner_param_names)
         assert set(grads) == {"w", "s"} and all(grads[n].shape == params[n].shape for n in params)
         assert loss == pytest.approx(float(np.sum(_anchor_numpy(w_k, s_k, tasks.query)[0])), rel=1e-12)
         tape, fd = _directional(grads, params, objective, np.random.default_rng(seed + 10))
@@ -409,14 +409,14 @@ def test_query_loss_scores_the_query_sets(mode):
     else:
         objective = _unrolled_objective(list(params), tasks, inner_lr, steps, task_loss=TANH_MSE,
                                         query_loss=TANH_CAUCHY)
-    loss, grads = maml.meta_gradient(TANH_MSE, params, tasks, inner_lr, steps, mode=mode,
-                                     query_loss=TANH_CAUCHY)
+    loss, grads, _ = maml.meta_gradient(TANH_MSE, params, tasks, inner_lr, steps, mode=mode,
+                                        query_loss=TANH_CAUCHY)
     assert loss == pytest.approx(float(objective(*params.values()).data), rel=1e-12)
     tape, fd = _directional(grads, params, objective, np.random.default_rng(0))
     assert abs(tape - fd) <= 1e-7 * max(abs(tape), abs(fd), 1e-3), (tape, fd)
 
     for task_loss, query_loss in ((TANH_MSE, None), (TANH_CAUCHY, None), (TANH_CAUCHY, TANH_CAUCHY)):
-        other_loss, other = maml.meta_gradient(task_loss, params, tasks, inner_lr, steps, mode=mode,
-                                               query_loss=query_loss)
+        other_loss, other, _ = maml.meta_gradient(task_loss, params, tasks, inner_lr, steps, mode=mode,
+                                                  query_loss=query_loss)
         assert other_loss != pytest.approx(loss, rel=1e-6)
         assert any(not np.allclose(other[n], grads[n], rtol=1e-6) for n in params)

@@ -120,10 +120,10 @@ def test_meta_gradient_in_each_mode(strict, case, mode):
     """The MLP, the conv + batch-norm classifier and the RL loss (``verify``'s three settings)."""
     _, task_loss, params, tasks, inner_lr, inner_steps, names = on_cpu(verify._meta_gradient_cases,
                                                                        np.random.default_rng(0))[case]
-    cpu_loss, cpu_grads = on_cpu(maml.meta_gradient, task_loss, params, tasks, inner_lr, inner_steps, mode=mode,
-                                 inner_param_names=names)
-    loss, grads = maml.meta_gradient(task_loss, to_device(params), to_device(tasks), inner_lr, inner_steps,
-                                     mode=mode, inner_param_names=names)
+    cpu_loss, cpu_grads, _ = on_cpu(maml.meta_gradient, task_loss, params, tasks, inner_lr, inner_steps, mode=mode,
+                                    inner_param_names=names)
+    loss, grads, _ = maml.meta_gradient(task_loss, to_device(params), to_device(tasks), inner_lr, inner_steps,
+                                        mode=mode, inner_param_names=names)
     assert loss == pytest.approx(cpu_loss, rel=1e-12)
     assert_same_on_device(grads, cpu_grads)
 
@@ -248,8 +248,7 @@ def test_a_training_step_stays_on_the_device(strict):
 
     def loss_and_grads(at, rng, iteration):
         tasks = sinusoid_tasks.sample_batch(rng, 2, 5)
-        loss, grads = maml.meta_gradient(sinusoid.TASK_LOSS, at, tasks, 0.01, 1)
-        return loss, grads, {}
+        return maml.meta_gradient(sinusoid.TASK_LOSS, at, tasks, 0.01, 1)
     step = train.GradientStep(loss_and_grads, optim.Adam(1e-3))
     new, state, record = step(params, step.init(params), np.random.default_rng(1), 0)
     assert all(backend.is_gpu_array(a) for name, a in [*new.items(), *state.items()] if name != "step")

@@ -20,8 +20,8 @@ def test_a_wrong_meta_gradient_fails_its_rows(monkeypatch):
     real = maml._meta_gradient_hvp
 
     def off_by_a_bit(*args):
-        loss, grads = real(*args)
-        return loss, {n: g * 1.001 for n, g in grads.items()}
+        loss, grads, metrics = real(*args)
+        return loss, {n: g * 1.001 for n, g in grads.items()}, metrics
 
     monkeypatch.setattr(maml, "_meta_gradient_hvp", off_by_a_bit)
     out = io.StringIO()

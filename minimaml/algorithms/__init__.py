@@ -15,8 +15,9 @@ One door: ``make(name, inner_lr, inner_steps, **options)`` builds any of them; e
 two leading arguments, ``inner_lr`` (the inner step size; Meta-SGD's and MAML++'s learned rates start
 from it) and ``inner_steps``, and its own options by keyword. Every algorithm has the interface of
 ``maml.MAML`` (``init``, ``model_params``, ``meta_gradient``, ``optimizer``, ``adaptation_steps``);
-``meta_gradient`` returns ``(loss, grads, metrics)``, ``metrics`` a dict of floats (solver diagnostics)
-plus ``metrics["failure"]``, a one-line message, when the step's numerics failed.
+every ``meta_gradient``, ``minimaml.maml``'s and the modules' functions included, returns
+``(loss, grads, metrics)``, ``metrics`` a dict of floats (solver diagnostics; ``{}`` for MAML) plus
+``metrics["failure"]``, a one-line message, when the step's numerics failed.
 
     >>> from minimaml import algorithms
     >>> algorithms.make("imaml", 0.05, 16, lam=2.0).name

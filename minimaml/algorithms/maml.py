@@ -10,7 +10,8 @@ meta-batch on the task axis:
   meta-loss summed over the tasks and its gradient (what an outer optimizer steps on; an experiment
   divides both by the number of tasks), and ``metrics``, a dict of floats (solver diagnostics) with one
   more entry, ``metrics["failure"]``, a one-line message naming the setting to change, when this step's
-  numerics failed (absent when they did not);
+  numerics failed (absent when they did not). Every ``meta_gradient``, ``minimaml.maml``'s included,
+  returns this structure (``metrics`` is ``{}`` for MAML);
 - ``optimizer(meta_lr, n_iterations, clip_value)``: the outer optimizer (Adam for MAML);
 - ``adaptation_steps(task_loss, meta_params, support, steps)``: the model's parameters after 0, 1,
   ..., steps inner steps on each support set, for evaluation;
@@ -57,9 +58,8 @@ class MAML:
         return list(params) if self.inner_param_names is None else list(self.inner_param_names)
 
     def meta_gradient(self, task_loss, meta_params: dict, tasks, iteration: int) -> tuple:
-        loss, grads = maml.meta_gradient(task_loss, meta_params, tasks, self.inner_lr, self.inner_steps,
-                                         mode=self.mode, inner_param_names=self.adapted_names(meta_params))
-        return loss, grads, {}
+        return maml.meta_gradient(task_loss, meta_params, tasks, self.inner_lr, self.inner_steps,
+                                  mode=self.mode, inner_param_names=self.adapted_names(meta_params))
 
     def optimizer(self, meta_lr: float, n_iterations: int, clip_value=None):
         return optim.Adam(meta_lr, clip_value=clip_value)

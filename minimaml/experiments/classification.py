@@ -264,9 +264,8 @@ def results_row(results: dict, paper: dict) -> list:
     final = results["test_accuracy"][-1]
     steps = len(results["test_accuracy"]) - 1
     paper_value = paper.get(results["key"], "-")
-    iterations_run = results.get("iterations", results["validation"][-1]["iteration"] if results["validation"] else 0)
     return [results["key"], f"{100 * final['mean']:.2f} ± {100 * final['ci95']:.2f}", steps,
-            paper_value, iterations_run, results["best_iteration"],
+            paper_value, results["iterations"], results["best_iteration"],
             f"{results['train_seconds'] / 60:.1f}", config["mode"]]
 
 
@@ -274,7 +273,7 @@ def results_table(all_results: list, paper: dict, title: str) -> str:
     header = ["setting", "test accuracy % (95% CI)", "eval steps", "paper", "meta-iterations",
               "best (val) at", "train minutes", "mode"]
     return (f"### {title}\n\n" + markdown_table(header, [results_row(r, paper) for r in all_results])
-            + failures_note({r["key"]: r.get("solver_failures") for r in all_results}))
+            + failures_note({r["key"]: r["solver_failures"] for r in all_results}))
 
 
 if __name__ == "__main__":

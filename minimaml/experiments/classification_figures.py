@@ -18,7 +18,7 @@ def plot_training(results: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     accuracy = [numpy.nan if r["val_accuracy"] is None else 100 * r["val_accuracy"] for r in curve]
     ax.plot([r["iteration"] for r in curve], accuracy, "o-")
-    if curve and results.get("best_iteration"):
+    if curve and results["best_iteration"]:
         ax.axvline(results["best_iteration"], color="grey", linestyle=":", label="best, tested")
         ax.legend(fontsize=7)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))

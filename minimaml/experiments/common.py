@@ -100,7 +100,7 @@ def summary(values) -> dict:
 
 def cell(entry: dict, scale: float = 1.0, digits: int = 3) -> str:
     """A table cell for a ``summary``: ``mean ± ci95``, or ``diverged on k of n tasks``."""
-    if entry.get("n_diverged"):
+    if entry["n_diverged"]:
         return f"diverged on {entry['n_diverged']} of {entry['n']} tasks"
     return f"{scale * entry['mean']:.{digits}f} ± {scale * entry['ci95']:.{digits}f}"
 
@@ -215,7 +215,7 @@ def failures_note(by_run: dict) -> str:
     """What a results table says under it when solver failures were allowed (``train.TrainResult.failures``
     by method or setting): how many iterations failed, and the first failure. Empty when none did."""
     lines = [f"- {name}: {f['iterations']} iteration(s); the first: {f['first']}"
-             for name, f in by_run.items() if f and f.get("iterations")]
+             for name, f in by_run.items() if f["iterations"]]
     if not lines:
         return ""
     return ("\n**Solver failures, allowed by --allow-solver-failures: the numbers above may be wrong.**\n\n"

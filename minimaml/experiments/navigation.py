@@ -25,6 +25,7 @@ import os
 
 from .. import allocator, distributed
 from . import rl_common
+from . import rl_figures as figures
 from .common import (COMMAND_ERRORS, allowed_changes, check_config, config_parser, exit_with_error, log,
                      overrides_from_args)
 from .rl_common import RLConfig
@@ -50,39 +51,6 @@ def config(profile: str = "quick", **overrides) -> RLConfig:
     return cfg
 
 
-def plot_trajectories(shown: dict, cfg: RLConfig, path: str) -> None:
-    """Paper Fig. 4 (left): for a few test tasks, one trajectory of each policy before and after 1..3
-    steps, the goal marked with a star. One row per method, one column per task (the first chunk of test
-    tasks, at most ``TRAJECTORY_TASKS``)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    methods = list(shown)
-    n_shown = min(len(paths["mask"]) for name in methods for paths in shown[name])  # the first chunk's tasks
-    goals = rl_common.test_tasks(_env(), cfg)[:min(TRAJECTORY_TASKS, n_shown)]
-    fig, axes = plt.subplots(len(methods), len(goals), figsize=(3.2 * len(goals), 3.2 * len(methods)),
-                             squeeze=False)
-    for row, name in enumerate(methods):
-        for col, goal in enumerate(goals):
-            ax = axes[row, col]
-            for step, paths in enumerate(shown[name]):
-                n_valid = int(paths["mask"][col].sum())
-                xy = paths["obs"][col, :n_valid]
-                ax.plot(xy[:, 0], xy[:, 1], "-", lw=1.2, color=f"C{step}",
-                        label="pre-update" if step == 0 else f"{step} grad step{'s' if step > 1 else ''}")
-            ax.plot(*goal, "*", color="k", ms=14, label="goal")
-            ax.plot(0, 0, "o", color="gray", ms=4)
-            ax.set_xlim(-0.6, 0.6)
-            ax.set_ylim(-0.6, 0.6)
-            ax.set_aspect("equal")
-            ax.set_title(f"{rl_common.LABELS[name]}, test task {col}", fontsize=9)
-    axes[0, 0].legend(fontsize=6, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
 def _env():
     from ..rl.envs import make_env
     return make_env("navigation")
@@ -94,7 +62,9 @@ def run(cfg: RLConfig, resume: bool = False, progress: bool = True, allow_change
     results, shown = rl_common.run(cfg, resume=resume, progress=progress, n_show=TRAJECTORY_TASKS,
                                    allow_changes=allow_changes, overwrite=overwrite)
     if distributed.is_root():
-        plot_trajectories(shown, cfg, os.path.join(cfg.out_dir, "navigation_trajectories.png"))
+        goals = rl_common.test_tasks(_env(), cfg)[:TRAJECTORY_TASKS]
+        figures.plot_trajectories(shown, goals, rl_common.LABELS,
+                                  os.path.join(cfg.out_dir, "navigation_trajectories.png"))
     return results
 
 

@@ -1,5 +1,5 @@
 """What the RL experiments (2D navigation, locomotion) share: the config, the two TRPO steps, evaluation,
-plots.
+the report (the figures: ``rl_figures``).
 
 Three policies are compared on the same fixed, seeded test tasks (paper Sec. 5.3, Figs. 4-5):
 
@@ -44,12 +44,12 @@ from ..rl import maml_rl
 from ..rl.reinforce import trajectories
 from ..rl.sampler import advantages, average_returns, rank_share, sample_trajectories
 from ..rl.trpo import TRPO
+from . import rl_figures as figures
 from .common import (cell, guarded_arithmetic, log, markdown_table, run_folder, setting, summary, training_settings,
                      write_text, write_json)
 
 METHODS = ("maml", "pretrained", "random")
 LABELS = {"maml": "MAML", "pretrained": "pretrained", "random": "random init", "oracle": "oracle"}
-COLORS = {"maml": "C0", "pretrained": "C1", "random": "C2", "oracle": "C3"}
 
 # Finn et al. (2017), Figs. 4-5, from the authors' result files (cbfinn/maml_rl): average return after 0, 1, 2, 3
 # steps and the 95% half-width, on 40 test tasks. The paper has no pretrained curve for 2D navigation.
@@ -302,8 +302,8 @@ def _run(cfg: RLConfig, env, methods, resume, progress, n_show, allow_changes) -
         write_json(os.path.join(cfg.out_dir, "results.json"), results)  # partial results survive a crash
     write_text(os.path.join(cfg.out_dir, "results.md"), results_markdown(results))
     if distributed.is_root():
-        plot_steps(results, os.path.join(cfg.out_dir, f"{cfg.env}_steps.png"))
-        plot_training(results, os.path.join(cfg.out_dir, f"{cfg.env}_training.png"))
+        figures.plot_steps(results, LABELS, os.path.join(cfg.out_dir, f"{cfg.env}_steps.png"))
+        figures.plot_training(results, LABELS, os.path.join(cfg.out_dir, f"{cfg.env}_training.png"))
     return results, shown
 
 
@@ -312,9 +312,8 @@ def _cells(means, cis) -> list:
 
 
 def _test_lrs(cfg: dict) -> str:
-    """The test step sizes of a results file's config: one number, or one per method when they differ."""
-    lrs = {"MAML": cfg["inner_lr"], "pretrained": cfg.get("pretrained_lr", cfg["inner_lr"]),
-           "random init": cfg.get("random_lr", cfg["inner_lr"])}  # older results lack the baselines' own
+    """The test step sizes of a run's config: one number, or one per method when they differ."""
+    lrs = {"MAML": cfg["inner_lr"], "pretrained": cfg["pretrained_lr"], "random init": cfg["random_lr"]}
     if len(set(lrs.values())) == 1:
         return f"{cfg['inner_lr']}"
     return ", ".join(f"{lr} {name}" for name, lr in lrs.items())
@@ -336,7 +335,7 @@ def results_markdown(results: dict) -> str:
     timing = ", ".join(f"{name} {results['history'][name][-1]['iteration'] + 1 if results['history'][name] else 0} "
                        f"iterations at {results['seconds_per_iteration'][name] or 0:.1f} s"
                        for name in results["history"])
-    test_batch = cfg.get("test_batch_steps", 0)  # results written before this setting existed lack it
+    test_batch = cfg["test_batch_steps"]
     tested_on = (f"whole trajectories adding up to {test_batch} time steps per task and step"
                  if test_batch else f"{cfg['n_traj']} trajectories per task and step")
     return (f"### {cfg['env']} ({cfg['profile']} profile)\n\n"
@@ -355,58 +354,6 @@ def _fragile_rows(cfg: dict, results: dict) -> str:
     return (f"\nThe pretrained baseline is training seed {cfg['seed']} alone: its returns after fine-tuning vary "
             f"with the seed and with the machine's floating-point arithmetic by more than their intervals "
             f"(docs/results.md reports them over seeds).\n")
-
-
-def plot_steps(results: dict, path: str) -> None:
-    """Paper Figs. 4-5: average return against the number of gradient steps; ours solid with a 95% CI
-    band, the paper's dashed, the oracle dotted."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for name, rows in results["returns"].items():
-        means = np.array([np.nan if r["mean"] is None else r["mean"] for r in rows])  # nan: diverged
-        cis = np.array([np.nan if r["ci95"] is None else r["ci95"] for r in rows])
-        x = np.arange(len(rows))
-        ax.plot(x, means, "o-", color=COLORS[name], label=f"{LABELS[name]} (ours)")
-        ax.fill_between(x, means - cis, means + cis, color=COLORS[name], alpha=0.2)
-    for name, paper in results["paper"].items():
-        x = np.arange(len(paper["mean"]))
-        style = ":" if name == "oracle" else "x--"
-        ax.plot(x, paper["mean"], style, color=COLORS[name], label=f"{LABELS[name]} (paper)")
-    ax.set_xlabel("number of gradient steps")
-    ax.set_ylabel("average return")
-    ax.set_title(f"{results['config']['env']} ({results['config']['profile']})")
-    ax.set_xticks(range(results["config"]["eval_steps"] + 1))
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
-def plot_training(results: dict, path: str) -> None:
-    """Average return during training: MAML before and after its inner step, the pretrained policy."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for name, history in results["history"].items():
-        if not history:
-            continue
-        it = [r["iteration"] for r in history]
-        ax.plot(it, [r["return"] for r in history], color=COLORS[name], alpha=0.6,
-                label=f"{LABELS[name]}" + (" (pre-update)" if name == "maml" else ""))
-        if "adapted_return" in history[0]:
-            ax.plot(it, [r["adapted_return"] for r in history], color=COLORS[name],
-                    label=f"{LABELS[name]} (post-update)")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("average return (training tasks)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -210,9 +210,8 @@ def _run(config: Config, resume: bool, progress: bool, allow_changes) -> dict:
 
 
 def _method(config: dict) -> str:
-    """What trained: MAML's meta-gradient mode, or the follow-up (results written before follow-ups
-    existed have no ``algorithm``)."""
-    algorithm = config.get("algorithm", "maml")
+    """What trained: MAML's meta-gradient mode, or the follow-up."""
+    algorithm = config["algorithm"]
     return f"mode {config['mode']}" if algorithm == "maml" else f"algorithm {algorithm}"
 
 
@@ -233,7 +232,7 @@ def results_markdown(results: dict) -> str:
             f"meta-iterations, {_method(config)}, trained in {results['train_seconds']:.0f} s)\n\n"
             f"MSE on {config['n_test_tasks']} test tasks (mean ± 95% CI) after fine-tuning on K points "
             f"with {_step_sizes(config, names)}:\n\n" + markdown_table(header, rows)
-            + _fewer_steps_note(results) + failures_note(results.get("solver_failures", {})))
+            + _fewer_steps_note(results) + failures_note(results["solver_failures"]))
 
 
 def _fewer_steps_note(results: dict) -> str:
@@ -246,9 +245,8 @@ def _fewer_steps_note(results: dict) -> str:
 
 
 def _step_sizes(config: dict, names: list) -> str:
-    """How a results file's methods were fine-tuned (files written before ``pretrained_lr`` existed
-    fine-tuned the baseline with alpha)."""
-    algorithm = config.get("algorithm", "maml")
+    """How the methods were fine-tuned at test."""
+    algorithm = config["algorithm"]
     if algorithm == "reptile":
         return f"Reptile's inner optimizer ({config['reptile_inner_optimizer']}, {config['reptile_inner_lr']})"
     if algorithm == "meta_sgd":
@@ -260,12 +258,10 @@ def _step_sizes(config: dict, names: list) -> str:
     if algorithm == "anil":
         return f"ANIL's head steps ({config['anil_inner_lr'] or config['inner_lr']})"
     if algorithm == "imaml":
-        step = config.get("imaml_inner_lr", config["inner_lr"])  # before imaml_inner_lr: alpha
-        solver = ", backtracking" if config.get("imaml_backtracking") else ""
-        return f"iMAML's proximal steps ({step}, lambda {config['imaml_lambda']}{solver})"
-    pretrained_lr = config.get("pretrained_lr", config["inner_lr"])
-    if "pretrained" in names and pretrained_lr != config["inner_lr"]:
-        return f"alpha = {config['inner_lr']} (the pretrained baseline: {pretrained_lr})"
+        solver = ", backtracking" if config["imaml_backtracking"] else ""
+        return f"iMAML's proximal steps ({config['imaml_inner_lr']}, lambda {config['imaml_lambda']}{solver})"
+    if "pretrained" in names and config["pretrained_lr"] != config["inner_lr"]:
+        return f"alpha = {config['inner_lr']} (the pretrained baseline: {config['pretrained_lr']})"
     return f"alpha = {config['inner_lr']}"
 
 
