@@ -21,9 +21,11 @@ multi-step loss's weights instead of annealing them.
 
 The learned rates are not clamped, as in the authors' code (``inner_loop_optimizers.py``,
 ``LSLRGradientDescentLearningRule``: the initial rate is asserted positive, the learned ones are used as
-they are). A rate that meta-training drives to zero or below turns its inner steps into ascent, so a step
-taken with one is reported as a failure (``metrics["failure"]``, with ``min_inner_lr`` among the
-metrics), which the training loop acts on.
+they are). A rate that drifts a little below zero on one layer stops that layer's adaptation (on
+Omniglot, with the authors' settings, conv1.w's crossed zero at iteration 258);
+rates that turn the inner loop into ascent are the failure: a step whose support loss after the K inner
+steps exceeds the loss before them is reported (``metrics["failure"]``, with ``support_descent`` and
+``min_inner_lr`` among the metrics), and the training loop acts on it.
 """
 
 from __future__ import annotations
@@ -69,30 +71,38 @@ def split(meta_params: dict) -> tuple:
 
 
 def inner_trajectory(task_loss, model: dict, rates: dict, support, inner_steps: int, per_step_names=(),
-                     second_order: bool = True):
+                     second_order: bool = True, support_losses=None):
     """theta_i^1 .. theta_i^K (dicts, adapted parameters on the task axis) by the LSLR steps
     theta^{k+1} = theta^k - rates[l][k] grad_l L_S(theta^k), the forward pass at step k using per-step
     row k. ``second_order=False``: the inner gradients enter as constants (first-order MAML, still
-    differentiable in theta and the rates)."""
+    differentiable in theta and the rates). ``support_losses``: a list that receives each task's support
+    loss L_{S_i}(theta_i^k) for k = 0..K (arrays ``(T,)``; the last one, after the final step, costs one
+    more forward pass)."""
     names = list(rates)
     theta = maml.per_task(model, support.n_tasks, names)
     trajectory = []
     for k in range(inner_steps):
         theta = maml.as_leaves(theta, names)
-        loss = ad.sum(task_loss(at_step(theta, k, per_step_names), support))
-        grads = ad.grad(loss, [theta[n] for n in names], create_graph=second_order)
+        losses = task_loss(at_step(theta, k, per_step_names), support)
+        grads = ad.grad(ad.sum(losses), [theta[n] for n in names], create_graph=second_order)
         theta = {**theta, **{n: theta[n] - rates[n][k] * (g if second_order else ad.Tensor(g.data))
                              for n, g in zip(names, grads)}}
         trajectory.append(theta)
+        if support_losses is not None:
+            support_losses.append(losses.data)
+    if support_losses is not None:
+        with ad.no_grad():
+            support_losses.append(task_loss(at_step(theta, inner_steps, per_step_names), support).data)
     return trajectory
 
 
 def multi_step_objective(task_loss, meta_params: dict, tasks, inner_steps: int, weights, per_step_names=(),
-                         second_order: bool = True):
-    """sum_k w_k sum_i L_{Q_i}(theta_i^k), the query loss at step k using per-step row k (a Tensor)."""
+                         second_order: bool = True, support_losses=None):
+    """sum_k w_k sum_i L_{Q_i}(theta_i^k), the query loss at step k using per-step row k (a Tensor);
+    ``support_losses``: as ``inner_trajectory``'s."""
     model, rates = split(meta_params)
     trajectory = inner_trajectory(task_loss, model, rates, tasks.support, inner_steps, per_step_names,
-                                  second_order)
+                                  second_order, support_losses)
     total = None
     for k, (w, theta) in enumerate(zip(weights, trajectory)):
         if w == 0:
@@ -162,21 +172,31 @@ class MAMLPlusPlus(MAML):
     def meta_gradient(self, task_loss, meta_params, tasks, iteration):
         second_order = iteration / self.iterations_per_epoch >= self.first_order_epochs
         weights, per_step = self.weights(iteration), self.per_step_names(meta_params)
+        support_losses = []
         loss, grads = ad.value_and_grad(lambda p: multi_step_objective(task_loss, p, tasks, self.inner_steps, weights,
-                                                                       per_step, second_order), meta_params)
+                                                                       per_step, second_order, support_losses),
+                                        meta_params)
         if not self.learned_rates:  # LSLR off: the rates stay at inner_lr
             grads = {n: g * 0 if n.startswith(LSLR) else g for n, g in grads.items()}
-        metrics = {"second_order": float(second_order)}
+        return loss, grads, self.inner_loop_metrics(meta_params, support_losses, second_order)
+
+    def inner_loop_metrics(self, meta_params: dict, support_losses: list, second_order: bool) -> dict:
+        """The smallest learned rate (``min_inner_lr``) and ``support_descent``, the meta-batch's support
+        loss after the K inner steps over its loss before them; above 1 the inner steps climbed, a failure
+        (a rate a little below zero on one layer alone is not: it stops adapting that layer, and the
+        steps still descend)."""
         _, rates = split(meta_params)
-        if rates:
-            lowest = {n: float(backend.to_numpy(r).min()) for n, r in rates.items()}
-            worst = min(lowest, key=lowest.get)
-            metrics["min_inner_lr"] = lowest[worst]
-            if not lowest[worst] > 0:
-                metrics["failure"] = (f"MAML++'s learned inner step size of {worst} went to {lowest[worst]:.3g} "
-                                      f"(not positive: its inner steps climb): lower --meta-lr, or set "
-                                      f"--maml-pp-learned-rates false")
-        return loss, grads, metrics
+        lowest = {n: float(backend.to_numpy(r).min()) for n, r in rates.items()}
+        worst = min(lowest, key=lowest.get)
+        before, after = (float(backend.to_numpy(support_losses[k]).sum()) for k in (0, -1))
+        metrics = {"second_order": float(second_order), "min_inner_lr": lowest[worst],
+                   "support_descent": after / before}
+        if not after <= before:
+            metrics["failure"] = (f"MAML++'s inner steps climbed: the support loss went from {before:.3g} to "
+                                  f"{after:.3g} over {self.inner_steps} steps (lowest learned rate "
+                                  f"{lowest[worst]:.3g}, {worst}): lower --meta-lr, or set "
+                                  f"--maml-pp-learned-rates false")
+        return metrics
 
     def optimizer(self, meta_lr, n_iterations, clip_value=None):
         if not self.cosine_annealing:
