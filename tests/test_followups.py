@@ -151,7 +151,7 @@ def test_each_follow_up_runs_in_the_sinusoid_experiment(tmp_path, name):
     table = experiment.results_markdown(results)
     assert f"| {name} | 5 |" in table
     says = {"reptile": "Reptile's inner optimizer (sgd, 0.01)", "meta_sgd": "Meta-SGD's learned alpha",
-            "maml_pp": "MAML++'s fixed rate 0.001", "anil": "ANIL's head steps (0.1)", "imaml": "iMAML's proximal steps (0.01"}
+            "maml_pp": "MAML++'s fixed rate 0.001", "anil": "ANIL's head steps (0.1)", "imaml": "iMAML's proximal steps (0.05, lambda 20.0, backtracking)"}
     assert f"fine-tuning on K points with {says[name]}" in table
 
 
@@ -340,3 +340,10 @@ def test_mlp_takes_an_activation():
 def test_meta_sgd_is_scored_after_the_steps_it_trains_with():
     assert MetaSGD(0.01, 1).test_steps(10) == 1 and MetaSGD(0.01, 3).test_steps(2) == 2
     assert all(algorithms.make(name, 0.01, 1).test_steps(10) == 10 for name in ALGORITHMS if name != "meta_sgd")
+
+
+def test_the_sinusoid_trains_imaml_on_a_smooth_mlp_unless_told_otherwise():
+    from minimaml.experiments import sinusoid as experiment
+    assert experiment.Config.for_profile("quick", algorithm="imaml").activation == "tanh"
+    assert experiment.Config.for_profile("quick", algorithm="imaml", activation="relu").activation == "relu"
+    assert experiment.Config.for_profile("quick").activation == "relu"  # the paper's MLP for the others

@@ -9,10 +9,6 @@ from .common import cell, markdown_table
 from ..train import NonFiniteError, SolverError
 
 FOLLOWUPS = ("reptile", "meta_sgd", "maml_pp", "anil", "imaml")
-# iMAML on the sinusoid (docs/followups.md): plain inner descent overshoots once meta-training sharpens
-# the support loss, and the ReLU MLP makes the paper's CG system indefinite, so its row solves the inner
-# problem with backtracking and CG on the authors' code's damped system
-SETTINGS = {"imaml": {"imaml_backtracking": True, "imaml_cg_damping": 1.0, "imaml_lambda_damping": 10.0}}
 
 
 def run_profile(profile: str, resume: bool = False, progress: bool = True, overwrite: bool = False) -> tuple:
@@ -23,7 +19,7 @@ def run_profile(profile: str, resume: bool = False, progress: bool = True, overw
     for name in ("maml",) + FOLLOWUPS:
         # MAML in a folder of its own: runs/<profile>/sinusoid is the sinusoid experiment's
         folder = {"out_dir": f"runs/{profile}/sinusoid-maml"} if name == "maml" else {}
-        config = sinusoid.Config.for_profile(profile, algorithm=name, **folder, **SETTINGS.get(name, {}))
+        config = sinusoid.Config.for_profile(profile, algorithm=name, **folder)
         folders.append(config.out_dir)
         try:
             results = sinusoid.run(config, resume=resume, progress=progress, overwrite=overwrite)

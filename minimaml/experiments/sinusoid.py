@@ -70,6 +70,16 @@ class Config(Settings):
                                              "--inner-lr. 0.1 and 5 steps, as learn2learn's ANIL examples: at "
                                              "alpha 0.001 a head-only step moves nothing", least=0.0)
     anil_inner_steps: int = algorithm_setting(5, "ANIL: inner steps in training; 0: --inner-steps", least=0)
+    imaml_inner_lr: float = algorithm_setting(0.05, "iMAML: the step size of the inner steps (training and test)",
+                                              positive=True)
+    imaml_backtracking: bool = algorithm_setting(True, "iMAML: halve a task's inner step size (and skip the step) "
+                                                 "whenever it would raise its proximal loss; false: plain gradient "
+                                                 "descent (the authors')")
+    imaml_inner_steps: int = algorithm_setting(32, "iMAML: inner steps on the proximal problem", least=1)
+    imaml_lambda: float = algorithm_setting(20.0, "iMAML: the proximal regularisation lambda. 20 here: with the "
+                                            "authors' 2, descent on the proximal problem needs hundreds of steps",
+                                            positive=True)
+    imaml_cg_steps: int = algorithm_setting(10, "iMAML: conjugate-gradient steps of the implicit gradient", least=1)
     maml_pp_learned_rates: bool = algorithm_setting(False, "MAML++: learn the per-layer per-step rates (LSLR), "
                                                     "else fixed at alpha. Off here: Adam moves a rate by about "
                                                     "--meta-lr per iteration, alpha's own size, and the learned "
@@ -84,6 +94,8 @@ class Config(Settings):
         algorithm = overrides.get("algorithm", "maml")
         settings = dict(profile=profile, out_dir=f"runs/{profile}/sinusoid" +
                         ("" if algorithm == "maml" else f"-{algorithm}"))
+        if algorithm == "imaml":  # a smooth MLP: on the paper's ReLU one the proximal problem's descent stalls at
+            settings.update(activation="tanh")  # the kinks, 0.2 of the gradient after 400 steps (docs/followups.md)
         if profile == "full":
             settings.update(n_iterations=70_000)
         elif profile == "smoke":  # a check that everything runs, not a result
@@ -210,9 +222,10 @@ def _run(config: Config, resume: bool, progress: bool, allow_changes) -> dict:
 
 
 def _method(config: dict) -> str:
-    """What trained: MAML's meta-gradient mode, or the follow-up."""
+    """What trained: MAML's meta-gradient mode, or the follow-up (and the MLP's activation if not ReLU)."""
     algorithm = config["algorithm"]
-    return f"mode {config['mode']}" if algorithm == "maml" else f"algorithm {algorithm}"
+    method = f"mode {config['mode']}" if algorithm == "maml" else f"algorithm {algorithm}"
+    return method if config["activation"] == "relu" else f"{method}, {config['activation']} MLP"
 
 
 def results_markdown(results: dict) -> str:
