@@ -72,6 +72,18 @@ class ClassificationConfig(Settings):
                                                               choices=("sgd", "adam"))
     imaml_inner_lr: float = algorithm_setting(0.1, "iMAML: the step size of the inner steps (the "
                                                        "authors' Omniglot command: 0.1)", positive=True)
+    imaml_backtracking: bool = algorithm_setting(True, "iMAML: halve a task's inner step size (and skip the step) "
+                                                 "whenever it would raise its proximal loss; false: plain gradient "
+                                                 "descent (the authors', which cycles here by iteration 206)")
+    imaml_cg_damping: float = algorithm_setting(1.0, "iMAML: CG solves ((1 + this) I + H / (lambda + "
+                                                "--imaml-lambda-damping)) x = g; 1 and 10: the authors' code (the "
+                                                "paper's system, 0 and 0, stalls CG at 0.04 here)", least=0.0)
+    imaml_lambda_damping: float = algorithm_setting(10.0, "iMAML: added to lambda in CG's system (see "
+                                                    "--imaml-cg-damping)", least=0.0)
+    imaml_tolerance: float = algorithm_setting(0.05, "iMAML: the largest inner-solve stationarity and CG residual a "
+                                               "step may end with. 0.05 here: the conv net's ReLU and max-pool "
+                                               "kinks stall the solve at 1-3 % of its start", positive=True,
+                                               training=False)
 
     @property
     def key(self) -> str:
