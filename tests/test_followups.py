@@ -151,7 +151,7 @@ def test_each_follow_up_runs_in_the_sinusoid_experiment(tmp_path, name):
     table = experiment.results_markdown(results)
     assert f"| {name} | 5 |" in table
     says = {"reptile": "Reptile's inner optimizer (sgd, 0.01)", "meta_sgd": "Meta-SGD's learned alpha",
-            "maml_pp": "MAML++'s fixed rate 0.001", "anil": "ANIL's head steps (0.1)", "imaml": "iMAML's proximal steps (0.05, lambda 20.0, backtracking)"}
+            "maml_pp": "MAML++'s fixed rate 0.001", "anil": "ANIL's head steps (0.1)", "imaml": "iMAML's proximal steps (0.02, lambda 50.0, backtracking)"}
     assert f"fine-tuning on K points with {says[name]}" in table
 
 

@@ -70,16 +70,15 @@ class Config(Settings):
                                              "--inner-lr. 0.1 and 5 steps, as learn2learn's ANIL examples: at "
                                              "alpha 0.001 a head-only step moves nothing", least=0.0)
     anil_inner_steps: int = algorithm_setting(5, "ANIL: inner steps in training; 0: --inner-steps", least=0)
-    imaml_inner_lr: float = algorithm_setting(0.05, "iMAML: the step size of the inner steps (training and test)",
+    imaml_inner_lr: float = algorithm_setting(0.02, "iMAML: the step size of the inner steps (training and test)",
                                               positive=True)
     imaml_backtracking: bool = algorithm_setting(True, "iMAML: halve a task's inner step size (and skip the step) "
                                                  "whenever it would raise its proximal loss; false: plain gradient "
                                                  "descent (the authors')")
     imaml_inner_steps: int = algorithm_setting(32, "iMAML: inner steps on the proximal problem", least=1)
-    imaml_lambda: float = algorithm_setting(20.0, "iMAML: the proximal regularisation lambda. 20 here: with the "
-                                            "authors' 2, descent on the proximal problem needs hundreds of steps",
-                                            positive=True)
-    imaml_cg_steps: int = algorithm_setting(10, "iMAML: conjugate-gradient steps of the implicit gradient", least=1)
+    imaml_lambda: float = algorithm_setting(50.0, "iMAML: the proximal regularisation lambda. 50 here: with the "
+                                            "authors' 2 (or 10, 20), 32 descent steps leave some tasks' proximal "
+                                            "problems unsolved early in training", positive=True)
     maml_pp_learned_rates: bool = algorithm_setting(False, "MAML++: learn the per-layer per-step rates (LSLR), "
                                                     "else fixed at alpha. Off here: Adam moves a rate by about "
                                                     "--meta-lr per iteration, alpha's own size, and the learned "
