@@ -32,6 +32,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -218,6 +219,15 @@ def main(argv=None) -> int:
     return 1 if any(outcome == "failed" for _, outcome, _ in outcomes) else 0
 
 
+def interrupt_on_sigterm() -> None:
+    """Take SIGTERM (``kill``, a job scheduler's stop) as Ctrl-C: the experiment's process is terminated
+    with run_all, not left running on its own, and the summary and report say "interrupted"."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 if __name__ == "__main__":
     allocator.keep_freed_memory()  # big arrays reused from step to step
+    interrupt_on_sigterm()
     sys.exit(main())

@@ -4,6 +4,7 @@ the summary says what ran and what was skipped."""
 
 import importlib.util
 import os
+import time
 
 import pytest
 
@@ -122,6 +123,20 @@ def test_ctrl_c_ends_with_a_summary_and_a_report_that_says_interrupted(run_all, 
     out = capsys.readouterr().out
     assert "sinusoid       interrupted" in out and "not run        omniglot" in out and "total" in out
     assert "**Interrupted (Ctrl-C)" in (tmp_path / "runs" / "quick" / "report.md").read_text()
+
+
+def test_sigterm_is_taken_as_ctrl_c(run_all):
+    """A killed run_all must not leave its experiment's process running on its own: SIGTERM becomes the
+    KeyboardInterrupt whose path terminates the pool (the test above)."""
+    import signal
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        run_all.interrupt_on_sigterm()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler runs at the next bytecode
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_resume_and_overwrite_together_are_refused(run_all, capsys):
