@@ -347,3 +347,11 @@ def test_the_sinusoid_trains_imaml_on_a_smooth_mlp_unless_told_otherwise():
     assert experiment.Config.for_profile("quick", algorithm="imaml").activation == "tanh"
     assert experiment.Config.for_profile("quick", algorithm="imaml", activation="relu").activation == "relu"
     assert experiment.Config.for_profile("quick").activation == "relu"  # the paper's MLP for the others
+
+
+def test_the_failures_note_says_why_training_went_on():
+    from minimaml.experiments.common import failures_note
+    failed = {"imaml": {"iterations": 2, "first": "iteration 5: not converged", "last": "iteration 9: not converged"}}
+    assert "never 3 iterations in a row" in failures_note(failed, allowed=False)
+    assert "allowed by --allow-solver-failures" in failures_note(failed, allowed=True)
+    assert failures_note({"imaml": {"iterations": 0, "first": None, "last": None}}, allowed=True) == ""

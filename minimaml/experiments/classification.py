@@ -285,7 +285,8 @@ def results_table(all_results: list, paper: dict, title: str) -> str:
     header = ["setting", "test accuracy % (95% CI)", "eval steps", "paper", "meta-iterations",
               "best (val) at", "train minutes", "mode"]
     return (f"### {title}\n\n" + markdown_table(header, [results_row(r, paper) for r in all_results])
-            + failures_note({r["key"]: r["solver_failures"] for r in all_results}))
+            + failures_note({r["key"]: r["solver_failures"] for r in all_results},
+                            any(r["config"]["allow_solver_failures"] for r in all_results)))
 
 
 if __name__ == "__main__":

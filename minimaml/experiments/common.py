@@ -211,15 +211,17 @@ def write_json(path, data) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
-def failures_note(by_run: dict) -> str:
-    """What a results table says under it when solver failures were allowed (``train.TrainResult.failures``
-    by method or setting): how many iterations failed, and the first failure. Empty when none did."""
+def failures_note(by_run: dict, allowed: bool) -> str:
+    """What a results table says under it when some iterations' solvers failed and training went on
+    (``train.TrainResult.failures`` by method or setting: fewer than 3 in a row, or any with
+    ``allowed``, ``--allow-solver-failures``): how many iterations failed, and the first failure. Empty
+    when none did."""
     lines = [f"- {name}: {f['iterations']} iteration(s); the first: {f['first']}"
              for name, f in by_run.items() if f["iterations"]]
     if not lines:
         return ""
-    return ("\n**Solver failures, allowed by --allow-solver-failures: the numbers above may be wrong.**\n\n"
-            + "\n".join(lines) + "\n")
+    why = "allowed by --allow-solver-failures" if allowed else "never 3 iterations in a row, where training stops"
+    return (f"\n**Solver failures ({why}): the numbers above may be wrong.**\n\n" + "\n".join(lines) + "\n")
 
 
 def markdown_table(header: list, rows: list) -> str:

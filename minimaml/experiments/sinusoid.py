@@ -244,7 +244,7 @@ def results_markdown(results: dict) -> str:
             f"meta-iterations, {_method(config)}, trained in {results['train_seconds']:.0f} s)\n\n"
             f"MSE on {config['n_test_tasks']} test tasks (mean ± 95% CI) after fine-tuning on K points "
             f"with {_step_sizes(config, names)}:\n\n" + markdown_table(header, rows)
-            + _fewer_steps_note(results) + failures_note(results["solver_failures"]))
+            + _fewer_steps_note(results) + failures_note(results["solver_failures"], config["allow_solver_failures"]))
 
 
 def _fewer_steps_note(results: dict) -> str:
