@@ -221,12 +221,15 @@ def test_the_followups_table_reports_a_diverged_run_and_goes_on(monkeypatch):
             raise SolverError("iteration 3: its solve did not converge: raise --x (3 iterations in a row); no "
                               "checkpoint was written before it")
         row = {"mean": 0.5, "ci95": 0.1, "n_diverged": 0}
-        return {"mse": {f"{config.algorithm}/k5": [row] * 11}, "train_seconds": 1.0}
+        failed = 2 if config.algorithm == "imaml" else 0
+        return {"mse": {f"{config.algorithm}/k5": [row] * 11}, "train_seconds": 1.0,
+                "solver_failures": {config.algorithm: {"iterations": failed, "first": None, "last": None}}}
 
     monkeypatch.setattr(experiment, "run", fake_run)
     table, folders = experiments.run_profile("smoke")
     assert [name for name, _ in ran] == ["maml", *experiments.FOLLOWUPS] and len(folders) == len(ran)
-    assert ("imaml", True) in ran  # backtracking (and the damped CG) for iMAML
+    assert ("imaml", True) in ran  # backtracking for iMAML
+    assert "| imaml | 0.500 ± 0.100 | 0.500 ± 0.100 | 0.500 ± 0.100 | 1 | 2 |" in table  # isolated failures counted
     assert "| maml_pp | training diverged (iteration 7: gradient 'layer0.w' has 40 non-finite value(s)) |" in table
     assert ("| reptile | its solver failed (iteration 3: its solve did not converge: raise --x (3 iterations in a row); "
             "no checkpoint was written before it) |") in table

@@ -25,11 +25,13 @@ def run_profile(profile: str, resume: bool = False, progress: bool = True, overw
             results = sinusoid.run(config, resume=resume, progress=progress, overwrite=overwrite)
         except (NonFiniteError, SolverError) as err:
             what = "training diverged" if isinstance(err, NonFiniteError) else "its solver failed"
-            rows.append([name, f"{what} ({str(err).split('. ')[0]})", "-", "-", "-"])
+            rows.append([name, f"{what} ({str(err).split('. ')[0]})", "-", "-", "-", "-"])
             continue
         curve = results["mse"][f"{name}/k5"]
         cells = [cell(curve[s]) if s < len(curve) else "- (scored at its training steps)" for s in (1, 5, 10)]
-        rows.append([name, *cells, f"{results['train_seconds']:.0f}"])
-    header = ["algorithm", "1 step", "5 steps", "10 steps", "train seconds (with evaluation)"]
+        failed = results["solver_failures"][name]["iterations"]
+        rows.append([name, *cells, f"{results['train_seconds']:.0f}", failed])
+    header = ["algorithm", "1 step", "5 steps", "10 steps", "train seconds (with evaluation)",
+              "iterations whose solver failed (never 3 in a row)"]
     return (f"### Sinusoid 5-shot, MAML's follow-ups ({profile} profile)\n\n"
             f"MSE on the test tasks (mean ± 95% CI):\n\n" + markdown_table(header, rows)), folders
