@@ -151,7 +151,8 @@ def test_each_follow_up_runs_in_the_sinusoid_experiment(tmp_path, name):
     table = experiment.results_markdown(results)
     assert f"| {name} | 5 |" in table
     says = {"reptile": "Reptile's inner optimizer (sgd, 0.01)", "meta_sgd": "Meta-SGD's learned alpha",
-            "maml_pp": "MAML++'s fixed rate 0.001", "anil": "ANIL's head steps (0.1)", "imaml": "iMAML's proximal steps (0.02, lambda 50.0, backtracking)"}
+            "maml_pp": "MAML++'s fixed rate 0.001", "anil": "ANIL's head steps (0.1)",
+            "imaml": "iMAML's proximal steps (0.02, lambda 50.0, backtracking)"}
     assert f"fine-tuning on K points with {says[name]}" in table
 
 
@@ -358,3 +359,17 @@ def test_the_failures_note_says_why_training_went_on():
     assert "never 3 iterations in a row" in failures_note(failed, allowed=False)
     assert "allowed by --allow-solver-failures" in failures_note(failed, allowed=True)
     assert failures_note({"imaml": {"iterations": 0, "first": None, "last": None}}, allowed=True) == ""
+
+
+def test_an_experiment_overrides_a_follow_up_default_keeping_its_help_and_checks():
+    import dataclasses
+    from minimaml.experiments import sinusoid as experiment
+    from minimaml.experiments.algorithm_settings import Settings
+    base, here = Settings.__dataclass_fields__["imaml_lambda"], experiment.Config.__dataclass_fields__["imaml_lambda"]
+    assert here.default == 50.0 and base.default == 2.0
+    assert here.metadata["help"].startswith(base.metadata["help"]) and "50 here" in here.metadata["help"]
+    checks = [{k: v for k, v in field.metadata.items() if k != "help"} for field in (base, here)]
+    assert checks[0] == checks[1]
+    with pytest.raises(ValueError, match="--imaml-lambda must be positive"):
+        experiment.Config.for_profile("quick", imaml_lambda=0.0)
+    assert [f.name for f in dataclasses.fields(experiment.Config)].count("imaml_lambda") == 1

@@ -8,6 +8,7 @@ builds the configured algorithm through ``algorithms.make``, MAML included: the 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from ..algorithms import ALGORITHMS, make
@@ -19,6 +20,14 @@ GROUP = "MAML's follow-ups (docs/followups.md)"
 def algorithm_setting(default, help: str, **checks):
     """A ``setting`` listed under the follow-ups' heading of ``--help``."""
     return setting(default, help, group=GROUP, **checks)
+
+
+def overridden(name: str, default, why: str = ""):
+    """``Settings``' field ``name`` with another default, for an experiment whose setting differs (its
+    help, checks and heading kept; ``why`` appended to its help)."""
+    base = Settings.__dataclass_fields__[name]
+    help_text = f"{base.metadata['help']}. {why}" if why else base.metadata["help"]
+    return dataclasses.field(default=default, metadata={**base.metadata, "help": help_text})
 
 
 @dataclass

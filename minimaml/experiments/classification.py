@@ -26,7 +26,7 @@ from .. import backend, distributed, maml, train
 from ..nn import conv4
 from ..tasks import episodes
 from . import classification_figures as figures
-from .algorithm_settings import Settings, algorithm_setting, make_algorithm
+from .algorithm_settings import Settings, make_algorithm, overridden
 from .common import (check_config, failures_note, guarded_arithmetic, log, markdown_table, run_folder, setting, summary,
                      training_settings, write_json)
 
@@ -66,24 +66,17 @@ class ClassificationConfig(Settings):
                                  "images only (Reptile's non-transductive evaluation)")
     max_train_minutes: float = setting(0.0, "stop at the first validation past this much training time; 0 = no "
                                        "limit", least=0.0, training=False)
-    reptile_inner_lr: float = algorithm_setting(1e-3, "Reptile: the inner optimizer's step size (the "
-                                                         "authors' Adam 1e-3)", positive=True)
-    reptile_inner_optimizer: str = algorithm_setting("adam", "Reptile: inner optimizer",
-                                                              choices=("sgd", "adam"))
-    imaml_inner_lr: float = algorithm_setting(0.1, "iMAML: the step size of the inner steps (the "
-                                                       "authors' Omniglot command: 0.1)", positive=True)
-    imaml_backtracking: bool = algorithm_setting(True, "iMAML: halve a task's inner step size (and skip the step) "
-                                                 "whenever it would raise its proximal loss; false: plain gradient "
-                                                 "descent (the authors', which cycles here by iteration 206)")
-    imaml_cg_damping: float = algorithm_setting(1.0, "iMAML: CG solves ((1 + this) I + H / (lambda + "
-                                                "--imaml-lambda-damping)) x = g; 1 and 10: the authors' code (the "
-                                                "paper's system, 0 and 0, stalls CG at 0.04 here)", least=0.0)
-    imaml_lambda_damping: float = algorithm_setting(10.0, "iMAML: added to lambda in CG's system (see "
-                                                    "--imaml-cg-damping)", least=0.0)
-    imaml_tolerance: float = algorithm_setting(0.05, "iMAML: the largest inner-solve stationarity and CG residual a "
-                                               "step may end with. 0.05 here: the conv net's ReLU and max-pool "
-                                               "kinks stall the solve at 1-3 % of its start", positive=True,
-                                               training=False)
+    # the follow-ups' defaults that differ here (docs/followups.md)
+    reptile_inner_lr: float = overridden("reptile_inner_lr", 1e-3, "The authors' Adam 1e-3 here")
+    reptile_inner_optimizer: str = overridden("reptile_inner_optimizer", "adam")
+    imaml_inner_lr: float = overridden("imaml_inner_lr", 0.1, "The authors' Omniglot command's 0.1 here")
+    imaml_backtracking: bool = overridden("imaml_backtracking", True, "On here: plain descent at 0.1 cycles by "
+                                          "iteration 206")
+    imaml_cg_damping: float = overridden("imaml_cg_damping", 1.0, "1 and 10 here (the authors' code): the paper's "
+                                         "system stalls CG at 0.04")
+    imaml_lambda_damping: float = overridden("imaml_lambda_damping", 10.0)
+    imaml_tolerance: float = overridden("imaml_tolerance", 0.05, "0.05 here: the conv net's ReLU and max-pool "
+                                        "kinks stall the solve at 1-3 % of its start")
 
     @property
     def key(self) -> str:

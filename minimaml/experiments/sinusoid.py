@@ -31,7 +31,7 @@ from .. import algorithms, allocator, backend, distributed, maml, optim, train
 from ..nn import mlp
 from ..tasks import sinusoid
 from . import sinusoid_figures as figures
-from .algorithm_settings import Settings, algorithm_setting, make_algorithm
+from .algorithm_settings import Settings, make_algorithm, overridden
 from .common import (COMMAND_ERRORS, allowed_changes, cell, check_config, config_parser, exit_with_error,
                      failures_note, guarded_arithmetic, log, markdown_table, overrides_from_args, run_folder, setting,
                      summary, training_settings, write_text, write_json)
@@ -66,23 +66,17 @@ class Config(Settings):
                              training=False)
     seed: int = setting(0, "initialisation and training; the test tasks use seed + 1", least=0, most=2**32 - 1)
     # the follow-ups' defaults that differ here (docs/followups.md)
-    anil_inner_lr: float = algorithm_setting(0.1, "ANIL: the head's inner step size (training and test); 0: "
-                                             "--inner-lr. 0.1 and 5 steps, as learn2learn's ANIL examples: at "
-                                             "alpha 0.001 a head-only step moves nothing", least=0.0)
-    anil_inner_steps: int = algorithm_setting(5, "ANIL: inner steps in training; 0: --inner-steps", least=0)
-    imaml_inner_lr: float = algorithm_setting(0.02, "iMAML: the step size of the inner steps (training and test)",
-                                              positive=True)
-    imaml_backtracking: bool = algorithm_setting(True, "iMAML: halve a task's inner step size (and skip the step) "
-                                                 "whenever it would raise its proximal loss; false: plain gradient "
-                                                 "descent (the authors')")
-    imaml_inner_steps: int = algorithm_setting(32, "iMAML: inner steps on the proximal problem", least=1)
-    imaml_lambda: float = algorithm_setting(50.0, "iMAML: the proximal regularisation lambda. 50 here: with the "
-                                            "authors' 2 (or 10, 20), 32 descent steps leave some tasks' proximal "
-                                            "problems unsolved early in training", positive=True)
-    maml_pp_learned_rates: bool = algorithm_setting(False, "MAML++: learn the per-layer per-step rates (LSLR), "
-                                                    "else fixed at alpha. Off here: Adam moves a rate by about "
-                                                    "--meta-lr per iteration, alpha's own size, and the learned "
-                                                    "rates crossed zero within 100 iterations")
+    anil_inner_lr: float = overridden("anil_inner_lr", 0.1, "0.1 and 5 steps here, as learn2learn's ANIL examples: "
+                                      "at alpha 0.001 a head-only step moves nothing")
+    anil_inner_steps: int = overridden("anil_inner_steps", 5)
+    imaml_inner_lr: float = overridden("imaml_inner_lr", 0.02)
+    imaml_backtracking: bool = overridden("imaml_backtracking", True)
+    imaml_inner_steps: int = overridden("imaml_inner_steps", 32)
+    imaml_lambda: float = overridden("imaml_lambda", 50.0, "50 here: with the authors' 2 (or 10, 20), 32 descent "
+                                     "steps leave some tasks' proximal problems unsolved early in training")
+    maml_pp_learned_rates: bool = overridden("maml_pp_learned_rates", False, "Off here: Adam moves a rate by about "
+                                             "--meta-lr per iteration, alpha's own size, and the learned rates "
+                                             "crossed zero within 100 iterations")
     out_dir: str = setting("runs/quick/sinusoid", "output folder (checkpoints, results, figures)", training=False)
     checkpoint_every: int = setting(2_000, "iterations between checkpoints", least=1, training=False)
 
