@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import os
 import statistics
 import subprocess
@@ -98,10 +99,15 @@ def measure(workload: str, repeats: int) -> None:
         env = build_env(cfg)
         params = init_policy(env, seed=0)
 
+        # the inner step: an algorithm from algorithms.make (a bare alpha in checkouts before it existed)
+        inner = cfg.inner_lr
+        if "algorithm" in inspect.signature(maml_rl.meta_iteration).parameters:
+            from minimaml import algorithms
+            inner = algorithms.make("maml", cfg.inner_lr, 1)
+
         def step():  # the same seed every call: the same iteration, so its result can be compared
             return maml_rl.meta_iteration(env, params, numpy.random.default_rng(26), cfg.trpo(),
-                                          cfg.meta_batch_size, cfg.n_traj, cfg.inner_lr, cfg.discount,
-                                          cfg.gae_lambda)
+                                          cfg.meta_batch_size, cfg.n_traj, inner, cfg.discount, cfg.gae_lambda)
         peak = _peak_mib(step)
     result = step()[1 if workload != "RL" else 0]
     digest = _digest([numpy.asarray(result[k]) for k in sorted(result)])

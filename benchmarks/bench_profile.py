@@ -184,6 +184,7 @@ def w2_step():
 
 
 def rl_step():
+    from minimaml import algorithms
     from minimaml.experiments import navigation
     from minimaml.experiments.rl_common import build_env, init_policy
     from minimaml.rl import maml_rl
@@ -191,9 +192,9 @@ def rl_step():
     env = build_env(cfg)
     params = init_policy(env, seed=0)
     seeds = iter(range(1000))
+    maml = algorithms.make("maml", cfg.inner_lr, 1)
     return lambda: maml_rl.meta_iteration(env, params, numpy.random.default_rng(next(seeds)), cfg.trpo(),
-                                          cfg.meta_batch_size, cfg.n_traj, cfg.inner_lr, cfg.discount,
-                                          cfg.gae_lambda)
+                                          cfg.meta_batch_size, cfg.n_traj, maml, cfg.discount, cfg.gae_lambda)
 
 
 STEPS = {"W1": (w1_step, "W1 sinusoid, 25 tasks, 1 inner step, second order"),
