@@ -88,7 +88,7 @@ class Config(Settings):
         settings = dict(profile=profile, out_dir=f"runs/{profile}/sinusoid" +
                         ("" if algorithm == "maml" else f"-{algorithm}"))
         if algorithm == "imaml":  # a smooth MLP: on the paper's ReLU one the proximal problem's descent stalls at
-            settings.update(activation="tanh")  # the kinks, 0.2 of the gradient after 400 steps (docs/followups.md)
+            settings.update(activation="tanh")  # the kinks, at 0.1-0.3 of the gradient (docs/followups.md)
         if profile == "full":
             settings.update(n_iterations=70_000)
         elif profile == "smoke":  # a check that everything runs, not a result
