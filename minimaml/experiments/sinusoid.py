@@ -122,10 +122,11 @@ def meta_step(config: Config, algorithm):
     """One meta-step: the algorithm's meta-gradient of the mean query MSE over a fresh meta-batch (mean
     over tasks, as the authors' code averages; the gradient is ``meta_gradient``'s / T), its optimizer
     (MAML's: Adam)."""
+    mse = task_loss(config.activation)
+
     def loss_and_grads(params, rng, iteration):
         tasks = sinusoid.sample_batch(rng, config.meta_batch_size, config.k_shot)  # the same on every rank
-        loss, grads, metrics = algorithm.meta_gradient(task_loss(config.activation), params,
-                                                       distributed.share_tasks(tasks), iteration)
+        loss, grads, metrics = algorithm.meta_gradient(mse, params, distributed.share_tasks(tasks), iteration)
         loss, grads = distributed.sum_over_ranks(loss, grads)  # the whole meta-batch's sums, on every rank
         scale = 1.0 / config.meta_batch_size
         return loss * scale, {n: g * scale for n, g in grads.items()}, metrics
@@ -135,12 +136,13 @@ def meta_step(config: Config, algorithm):
 def pretrain_step(config: Config):
     """One step of the baseline: regression on all tasks jointly, the mean MSE over a batch of
     tasks' points (support and query pooled: the same data the MAML step sees)."""
+    apply = model_apply(config.activation)
+
     def loss_and_grads(params, rng, iteration):
         tasks = sinusoid.sample_batch(rng, config.meta_batch_size, config.k_shot)
         xp = backend.array_namespace(tasks.support.x)
         x = xp.concatenate([tasks.support.x, tasks.query.x], axis=1)
         y = xp.concatenate([tasks.support.y, tasks.query.y], axis=1)
-        apply = model_apply(config.activation)
         loss, grads = ad.value_and_grad(lambda p: ad.mean(_mse_loss(apply(p, x), y)), params)
         return loss, grads, {}
     return train.GradientStep(loss_and_grads, optim.Adam(config.meta_lr))
@@ -193,12 +195,12 @@ def _run(config: Config, resume: bool, progress: bool, allow_changes) -> dict:
         failures[name] = result.failures
     train_seconds = time.time() - start
 
-    evaluation, adaptation = {}, fine_tuning(config, algorithm)
+    evaluation, adaptation, mse = {}, fine_tuning(config, algorithm), task_loss(config.activation)
     for k in (5, 10, 20):
         test_set = sinusoid.fixed_test_tasks(config.n_test_tasks, k_shot=k, seed=config.seed + 1)
         for name, params in trained.items():
             steps = adaptation[name].test_steps(config.eval_steps)
-            curve = fine_tune_curve(params, test_set, steps, adaptation[name], task_loss(config.activation))
+            curve = fine_tune_curve(params, test_set, steps, adaptation[name], mse)
             evaluation[f"{name}/k{k}"] = [summary(row) for row in curve]
     results = {"config": dataclasses.asdict(config), "train_seconds": train_seconds, "mse": evaluation,
                "training_loss": {name: [(h["iteration"], h["loss"]) for h in hist]
