@@ -252,70 +252,130 @@ def conv_filter_grad(x5, g5, geometry: Geometry):
 # --- batch norm -------------------------------------------------------------------------------------
 
 
+def slab_groups(pass_blocks: Blocks) -> list:
+    """The blocks of a pass grouped by their leading slice, each group's row ranges in order: one group
+    per slab split into row ranges, or per block of whole slabs."""
+    groups = []
+    for lead, rows in pass_blocks.pieces:
+        if groups and groups[-1][0][0] == lead:
+            groups[-1].append((lead, rows))
+        else:
+            groups.append([(lead, rows)])
+    return groups
+
+
+def for_each_group(work, pass_blocks: Blocks) -> None:
+    """``work(group)`` for every group of ``slab_groups``, the groups shared out over the CPU threads. A
+    kernel whose passes each need the sums of the one before (batch norm: mean, variance, y) runs them
+    all over one group before the next, so the group, a few MB, is still in the CPU's last cache for its
+    second and third pass; and each group's sums are its own, so they do not depend on the threads."""
+    parallel.map_shares(lambda share: [work(group) for group in share], slab_groups(pass_blocks),
+                        pass_blocks.threads)
+
+
+def row_chunks(x3, lead, rows: slice) -> list:
+    """Row ranges of about ``BLOCK_BYTES`` covering the block ``x3[lead, rows]`` (which may be several
+    whole slabs, or all of x3 when it is small), for the elementwise steps; one range on the GPU."""
+    start, stop, _ = rows.indices(x3.shape[1])
+    if backend.is_gpu_array(x3):
+        return [slice(start, stop)]
+    n_lead = len(range(*lead.indices(x3.shape[0])))
+    step = max(1, BLOCK_BYTES // (n_lead * x3.shape[2] * x3.itemsize))
+    return [slice(first, min(first + step, stop)) for first in range(start, stop, step)]
+
+
+def down_rows(values, x3, n_rows: int):
+    """Per-channel ``values: (l, 1, C)`` repeated down ``n_rows`` rows, ``(l, n_rows, C)`` (a chunk of r
+    rows uses ``[:, :r]``): NumPy's elementwise loops run about twice as fast over two whole arrays as
+    over an array and a broadcast row, whose inner loops are one row long. On the GPU the broadcast row
+    is kept."""
+    xp = backend.array_namespace(values)
+    if backend.is_gpu_array(x3):
+        return values
+    return xp.ascontiguousarray(xp.broadcast_to(values, (values.shape[0], n_rows, values.shape[2])))
+
+
+def _group_chunks(x3, group) -> tuple:
+    """The elementwise chunks ``(lead, rows)`` of a group's blocks, and the most rows of any of them."""
+    chunks = [(lead, chunk) for lead, rows in group for chunk in row_chunks(x3, lead, rows)]
+    return chunks, max(chunk.stop - chunk.start for _, chunk in chunks)
+
+
 def batch_norm(x3, scale3, shift3, eps: float, relu: bool) -> tuple:
     """Batch norm of ``x3: (L, P, C)`` over its P examples, per leading index and channel, with
     per-channel ``scale3, shift3: (L, 1, C)`` or None: ``(y3, mean, inv_std, a)`` where
     ``y3 = a x + b`` (then ``max(y3, 0)`` when ``relu``), a = scale / sqrt(var + eps), b = shift - a mean.
-    Three passes over x (mean; variance; y), a cache-sized block at a time, shared over the threads."""
+    Three passes over x (mean; variance; y), a cache-sized block at a time, the three over one group of
+    blocks before the next (``for_each_group``)."""
     xp = backend.array_namespace(x3)
-    n_rows, channels = x3.shape[1:]
-    pass_blocks = blocks(*x3.shape[:2], channels * x3.itemsize, BLOCK_BYTES, backend.is_gpu_array(x3))
-    stats = ((x3.shape[0], 1, channels),)  # (L, 1, C): per leading index and channel
-    (mean,) = sum_over_blocks(lambda lead, rows: (x3[lead, rows].sum(axis=1, keepdims=True),),
-                              pass_blocks, stats, xp, x3.dtype)
-    mean /= n_rows
-
-    def squares(lead, rows):
-        centred = x3[lead, rows] - mean[lead]
-        return (xp.einsum("lpc,lpc->lc", centred, centred)[:, None],)
-
-    (sum_squares,) = sum_over_blocks(squares, pass_blocks, stats, xp, x3.dtype)
-    inv_std = 1 / xp.sqrt(sum_squares / n_rows + eps)
-    a = inv_std if scale3 is None else inv_std * scale3
-    b = -mean * a if shift3 is None else shift3 - mean * a
+    n_tasks, n_rows, channels = x3.shape
+    pass_blocks = blocks(n_tasks, n_rows, channels * x3.itemsize, BLOCK_BYTES, backend.is_gpu_array(x3))
+    mean, sum_squares = (xp.zeros((n_tasks, 1, channels), dtype=x3.dtype) for _ in range(2))
+    inv_std, a = (xp.empty((n_tasks, 1, channels), dtype=x3.dtype) for _ in range(2))
     y3 = xp.empty_like(x3)
 
-    def normalize(lead, rows):
-        out = y3[lead, rows]
-        xp.multiply(x3[lead, rows], a[lead], out=out)
-        out += b[lead]
-        if relu:
-            xp.maximum(out, 0, out=out)
+    def normalize(group):
+        lead = group[0][0]
+        for _, rows in group:
+            mean[lead] += x3[lead, rows].sum(axis=1, keepdims=True)
+        mean[lead] /= n_rows
+        for _, rows in group:
+            centred = x3[lead, rows] - mean[lead]
+            sum_squares[lead] += xp.einsum("lpc,lpc->lc", centred, centred)[:, None]
+        inv_std[lead] = 1 / xp.sqrt(sum_squares[lead] / n_rows + eps)
+        a[lead] = inv_std[lead] if scale3 is None else inv_std[lead] * scale3[lead]
+        b = -mean[lead] * a[lead] if shift3 is None else shift3[lead] - mean[lead] * a[lead]
+        chunks, chunk_rows = _group_chunks(x3, group)
+        a_rows, b_rows = down_rows(a[lead], x3, chunk_rows), down_rows(b, x3, chunk_rows)
+        zeros = xp.zeros_like(a_rows)  # NumPy's maximum runs ~3x faster against an array than against 0
+        for _, chunk in chunks:
+            out, n = y3[lead, chunk], chunk.stop - chunk.start
+            xp.multiply(x3[lead, chunk], a_rows[:, :n], out=out)
+            out += b_rows[:, :n]
+            if relu:
+                xp.maximum(out, zeros[:, :n], out=out)
 
-    for_each_block(normalize, pass_blocks)
+    for_each_group(normalize, pass_blocks)
     return y3, mean, inv_std, a
 
 
 def batch_norm_vjp(g3, x3, relu_output, mean, inv_std, a) -> tuple:
     """``batch_norm``'s VJP on ``(L, P, C)`` arrays: ``(dx, d scale, d shift)``, the two per channel
-    ``(L, 1, C)``. Two passes over g and x, a block at a time (the sums, then dx), where
+    ``(L, 1, C)``. Two passes over g and x, a block at a time (the sums, then dx), both over one group
+    of blocks before the next (``for_each_group``), where
     dx = a g' - k (x - mean) - a (sum_p g') / P with k = a d_scale / (P std), and g' = g [y > 0] when
     ``relu_output`` y is given (else g' = g)."""
     xp = backend.array_namespace(x3)
-    n_rows, channels = x3.shape[1:]
-    pass_blocks = blocks(*x3.shape[:2], channels * x3.itemsize, BLOCK_BYTES, backend.is_gpu_array(x3))
+    n_tasks, n_rows, channels = x3.shape
+    pass_blocks = blocks(n_tasks, n_rows, channels * x3.itemsize, BLOCK_BYTES, backend.is_gpu_array(x3))
+    g_sum, g_dot = (xp.zeros(mean.shape, dtype=x3.dtype) for _ in range(2))
+    dscale = xp.empty(mean.shape, dtype=x3.dtype)
     dx = xp.empty_like(x3)  # after a ReLU, it holds g' until the second pass overwrites it with dx
     g_masked = g3 if relu_output is None else dx
 
-    def sums(lead, rows):  # sum_p g' and sum_p g' (x - mean)
-        if relu_output is not None:
-            xp.multiply(g3[lead, rows], relu_output[lead, rows] > 0, out=g_masked[lead, rows])
-        g_in = g_masked[lead, rows]
-        centred = x3[lead, rows] - mean[lead]
-        return g_in.sum(axis=1, keepdims=True), xp.einsum("lpc,lpc->lc", g_in, centred)[:, None]
+    def input_grad(group):
+        lead = group[0][0]
+        for _, rows in group:  # sum_p g' and sum_p g' (x - mean)
+            g_in = g_masked[lead, rows]
+            if relu_output is not None:  # g' = g [y > 0]: the mask written as 1.0 / 0.0, then times g
+                xp.greater(relu_output[lead, rows], 0, out=g_in)
+                g_in *= g3[lead, rows]
+            centred = x3[lead, rows] - mean[lead]
+            g_sum[lead] += g_in.sum(axis=1, keepdims=True)
+            g_dot[lead] += xp.einsum("lpc,lpc->lc", g_in, centred)[:, None]
+        dscale[lead] = g_dot[lead] * inv_std[lead]  # sum_p g' x_hat
+        k = a[lead] * inv_std[lead] * dscale[lead] / n_rows
+        offset = k * mean[lead] - a[lead] * g_sum[lead] / n_rows
+        chunks, chunk_rows = _group_chunks(x3, group)
+        a_rows, k_rows, offset_rows = (down_rows(v, x3, chunk_rows) for v in (a[lead], k, offset))
+        x_k = xp.empty_like(x3[lead, :chunk_rows])  # x (x) k, a chunk at a time
+        for _, chunk in chunks:
+            out, n = dx[lead, chunk], chunk.stop - chunk.start
+            xp.multiply(g_masked[lead, chunk], a_rows[:, :n], out=out)
+            out -= xp.multiply(x3[lead, chunk], k_rows[:, :n], out=x_k[:, :n])
+            out += offset_rows[:, :n]
 
-    g_sum, g_dot = sum_over_blocks(sums, pass_blocks, (mean.shape, mean.shape), xp, x3.dtype)
-    dscale = g_dot * inv_std  # sum_p g' x_hat
-    k = a * inv_std * dscale / n_rows
-    offset = k * mean - a * g_sum / n_rows
-
-    def input_grad(lead, rows):
-        out = dx[lead, rows]
-        xp.multiply(g_masked[lead, rows], a[lead], out=out)
-        out -= x3[lead, rows] * k[lead]
-        out += offset[lead]
-
-    for_each_block(input_grad, pass_blocks)
+    for_each_group(input_grad, pass_blocks)
     return dx, dscale, g_sum
 
 
