@@ -142,9 +142,11 @@ class Geometry:
                 target[border] = 0
         return out
 
-    def add_patches(self, patches, images):
-        """col2im: add ``patches: (..., Ho, Wo, kh, kw, C)`` onto ``images: (..., H, W, C)`` (entries that
-        read padding are dropped)."""
+    def fold_patches(self, patches, images):
+        """col2im: ``images: (..., H, W, C)`` set to zero, then ``patches: (..., Ho, Wo, kh, kw, C)`` added
+        onto them (entries that read padding are dropped). Zeroed here, a block at a time, the images are
+        still in the CPU's cache for the adds (a whole zero array written up front is read back from memory)."""
+        images[...] = 0
         for i, j, out_window, in_window, _ in self.windows:
             images[in_window] += patches[..., i, j, :][out_window]
         return images
@@ -169,15 +171,16 @@ def im2col(x, geometry: Geometry):
 
 def col2im(cols, image_shape: tuple, geometry: Geometry):
     """The adjoint of ``im2col``: patch rows ``(..., Ho, Wo, kh kw C)`` added back onto zero images of
-    ``image_shape`` (entries that read padding dropped), a cache-sized block of images at a time."""
+    ``image_shape`` (entries that read padding dropped), a cache-sized block of images at a time, each
+    block zeroed just before its adds."""
     xp = backend.array_namespace(cols)
     *lead, h, w, c = image_shape
-    image = xp.zeros((*lead, h, w, c), dtype=cols.dtype)
+    image = xp.empty((*lead, h, w, c), dtype=cols.dtype)
     images = image.reshape(-1, h, w, c)
     patches = cols.reshape(-1, geometry.ho, geometry.wo, geometry.kh, geometry.kw, c)
     on_gpu = backend.is_gpu_array(image)
     for _, rows in blocks(1, images.shape[0], patches[0].nbytes, BLOCK_BYTES_CONV, on_gpu).pieces:
-        geometry.add_patches(patches[rows], images[rows])
+        geometry.fold_patches(patches[rows], images[rows])
     return image
 
 
@@ -220,7 +223,7 @@ def conv_input_grad(g5, w3, geometry: Geometry, c_in: int):
     ``(L, n, H, W, c_in)``."""
     xp = backend.array_namespace(g5)
     n_tasks, n = g5.shape[:2]
-    dx = xp.zeros((n_tasks, n, geometry.h, geometry.w, c_in), dtype=g5.dtype)
+    dx = xp.empty((n_tasks, n, geometry.h, geometry.w, c_in), dtype=g5.dtype)  # zeroed a block at a time
     w_t = xp.swapaxes(w3, -1, -2)
 
     def multiply_and_add_back(lead, rows):
@@ -228,7 +231,7 @@ def conv_input_grad(g5, w3, geometry: Geometry, c_in: int):
         l, n_block = g_block.shape[:2]
         patches = matmul(g_block.reshape(l, -1, g_block.shape[-1]), w_t[lead])
         patches = patches.reshape(l, n_block, geometry.ho, geometry.wo, geometry.kh, geometry.kw, c_in)
-        geometry.add_patches(patches, dx[lead, rows])
+        geometry.fold_patches(patches, dx[lead, rows])
 
     for_each_block(multiply_and_add_back, conv_blocks(g5, c_in, geometry))
     return dx
