@@ -22,6 +22,7 @@ from .. import backend, parallel
 
 BLOCK_BYTES_CONV = 2 << 20  # a block of im2col / conv2d covers about this many bytes of patches
 BLOCK_BYTES = 256 << 10  # a block of batch_norm: its input, output and temporary stay in L2
+CHUNK_BYTES = 64 << 10  # an elementwise step of batch_norm: the per-channel factors repeated down its rows
 
 
 # --- blocks -----------------------------------------------------------------------------------------
@@ -277,13 +278,13 @@ def for_each_group(work, pass_blocks: Blocks) -> None:
 
 
 def row_chunks(x3, lead, rows: slice) -> list:
-    """Row ranges of about ``BLOCK_BYTES`` covering the block ``x3[lead, rows]`` (which may be several
+    """Row ranges of about ``CHUNK_BYTES`` covering the block ``x3[lead, rows]`` (which may be several
     whole slabs, or all of x3 when it is small), for the elementwise steps; one range on the GPU."""
     start, stop, _ = rows.indices(x3.shape[1])
     if backend.is_gpu_array(x3):
         return [slice(start, stop)]
     n_lead = len(range(*lead.indices(x3.shape[0])))
-    step = max(1, BLOCK_BYTES // (n_lead * x3.shape[2] * x3.itemsize))
+    step = max(1, CHUNK_BYTES // (n_lead * x3.shape[2] * x3.itemsize))
     return [slice(first, min(first + step, stop)) for first in range(start, stop, step)]
 
 
@@ -296,6 +297,14 @@ def down_rows(values, x3, n_rows: int):
     if backend.is_gpu_array(x3):
         return values
     return xp.ascontiguousarray(xp.broadcast_to(values, (values.shape[0], n_rows, values.shape[2])))
+
+
+def _centred_dot(x_block, mean, other=None):
+    """``sum_p other (x - mean)`` per channel, ``(l, 1, C)``, for a block ``x_block: (l, rows, C)``;
+    ``other`` None: ``sum_p (x - mean)^2``. The centred block is a temporary, gone on return."""
+    xp = backend.array_namespace(x_block)
+    centred = x_block - mean
+    return xp.einsum("lpc,lpc->lc", centred if other is None else other, centred)[:, None]
 
 
 def _group_chunks(x3, group) -> tuple:
@@ -323,8 +332,7 @@ def batch_norm(x3, scale3, shift3, eps: float, relu: bool) -> tuple:
             mean[lead] += x3[lead, rows].sum(axis=1, keepdims=True)
         mean[lead] /= n_rows
         for _, rows in group:
-            centred = x3[lead, rows] - mean[lead]
-            sum_squares[lead] += xp.einsum("lpc,lpc->lc", centred, centred)[:, None]
+            sum_squares[lead] += _centred_dot(x3[lead, rows], mean[lead])
         inv_std[lead] = 1 / xp.sqrt(sum_squares[lead] / n_rows + eps)
         a[lead] = inv_std[lead] if scale3 is None else inv_std[lead] * scale3[lead]
         b = -mean[lead] * a[lead] if shift3 is None else shift3[lead] - mean[lead] * a[lead]
@@ -363,9 +371,8 @@ def batch_norm_vjp(g3, x3, relu_output, mean, inv_std, a) -> tuple:
             if relu_output is not None:  # g' = g [y > 0]: the mask written as 1.0 / 0.0, then times g
                 xp.greater(relu_output[lead, rows], 0, out=g_in)
                 g_in *= g3[lead, rows]
-            centred = x3[lead, rows] - mean[lead]
             g_sum[lead] += g_in.sum(axis=1, keepdims=True)
-            g_dot[lead] += xp.einsum("lpc,lpc->lc", g_in, centred)[:, None]
+            g_dot[lead] += _centred_dot(x3[lead, rows], mean[lead], g_in)
         dscale[lead] = g_dot[lead] * inv_std[lead]  # sum_p g' x_hat
         k = a[lead] * inv_std[lead] * dscale[lead] / n_rows
         offset = k * mean[lead] - a[lead] * g_sum[lead] / n_rows
