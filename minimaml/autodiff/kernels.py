@@ -38,17 +38,20 @@ class Blocks:
 
 def blocks(n_lead: int, n_rows: int, row_bytes: int, block_bytes: int, on_gpu: bool) -> Blocks:
     """Cut an array ``(L, R, ...)`` into blocks of about ``block_bytes``: several whole ``(R, ...)`` slabs
-    when one slab is small, else equal row ranges of one slab. Passes over big arrays run a block at a
-    time so that a block's data and temporaries stay in the CPU cache, and the blocks are shared out
-    over ``parallel.threads_for`` threads (``for_each_block``, ``sum_over_blocks``); a shared pass
-    has at least two blocks per thread, of equal size, to keep the threads equally busy. On the GPU
-    one block covers everything (one kernel launch per pass)."""
+    when one slab is small, else equal row ranges of one slab. Passes run a block at a time so that a
+    block's data and temporaries stay in the CPU cache, and the blocks are shared out over
+    ``parallel.threads_for`` threads (``for_each_block``, ``sum_over_blocks``); a shared pass has at
+    least two blocks per thread, of equal size, to keep the threads equally busy. A pass on one thread
+    over less than ``parallel.SHARE_MIN_BYTES`` is cut into whole slabs only (at least one a block), so
+    that its per-slab sums come out as over the whole array. On the GPU one block covers everything
+    (one kernel launch per pass)."""
     if on_gpu:
         return Blocks([(slice(None), slice(None))], 1)
     n_bytes = n_lead * n_rows * row_bytes
     threads = parallel.threads_for(n_bytes)
-    if threads == 1 and n_bytes < parallel.SHARE_MIN_BYTES:
-        return Blocks([(slice(None), slice(None))], 1)  # small enough to stay in the CPU's last cache
+    if threads == 1 and n_bytes < parallel.SHARE_MIN_BYTES:  # a small pass: whole slabs, never cut
+        slabs = max(1, block_bytes // max(1, n_rows * row_bytes))
+        return Blocks([(slice(start, start + slabs), slice(None)) for start in range(0, n_lead, slabs)], 1)
     rows = max(1, block_bytes // max(1, row_bytes))
     if threads > 1:
         rows = min(rows, -(-n_lead * n_rows // (2 * threads)))
