@@ -23,11 +23,13 @@ GEOMETRIES = [  # (kh, kw, stride, padding, (h, w))
 
 @pytest.fixture(params=[("1", 1 << 20), ("1", 1), ("3", 700)], ids=["whole", "one_image_blocks", "shared_ranges"])
 def blocking(request, monkeypatch):
-    """Run a test's kernels whole, a single image per block, or in ranges shared over three threads."""
+    """Run a test's kernels whole, a single image per block, or in ranges shared over three threads
+    (batch norm's elementwise steps in chunks of one or two rows)."""
     threads, block_bytes = request.param
     monkeypatch.setenv("MINIMAML_THREADS", threads)
     monkeypatch.setattr(kernels, "BLOCK_BYTES_CONV", block_bytes)
     monkeypatch.setattr(kernels, "BLOCK_BYTES", max(8, block_bytes // 64))
+    monkeypatch.setattr(kernels, "CHUNK_BYTES", max(8, block_bytes // 5000))
     monkeypatch.setattr(parallel, "SHARE_MIN_BYTES", 0)  # share out even these small arrays
 
 
@@ -75,6 +77,36 @@ def test_batch_norm_and_its_vjp_match_the_formula(blocking, relu, with_scale, wi
                                    kernels.reference_batch_norm_vjp(g3, x3, relu_output, mean, inv_std, a)):
         assert d_fast.shape == d_reference.shape
         np.testing.assert_allclose(d_fast, d_reference, rtol=1e-11, atol=1e-12)
+
+
+def test_small_passes_give_the_same_bits_in_blocks_of_whole_slabs(monkeypatch):
+    """A pass on one thread under ``SHARE_MIN_BYTES`` is cut into blocks of whole slabs: each slab's sums
+    and products come out exactly as over the whole array in one block (float32, bit for bit)."""
+    monkeypatch.setenv("MINIMAML_THREADS", "1")
+    rng = np.random.default_rng(7)
+    geometry = kernels.Geometry(3, 3, 2, ((1, 1), (1, 1)), (6, 6))
+    x5 = rng.standard_normal((4, 3, 6, 6, 5)).astype(np.float32)
+    w3 = rng.standard_normal((4, 45, 6)).astype(np.float32)
+    g5 = rng.standard_normal((4, 3, 3, 3, 6)).astype(np.float32)
+    x3 = (rng.standard_normal((4, 50, 6)) * 3 + 1).astype(np.float32)
+    scale3, shift3 = rng.standard_normal((2, 4, 1, 6)).astype(np.float32)
+    g3 = rng.standard_normal(x3.shape).astype(np.float32)
+
+    def every_kernel():
+        y3, mean, inv_std, a = kernels.batch_norm(x3, scale3, shift3, 1e-5, True)
+        return (kernels.conv(x5, w3, geometry), kernels.conv_input_grad(g5, w3, geometry, 5),
+                kernels.conv_filter_grad(x5, g5, geometry), y3, mean, inv_std, a,
+                *kernels.batch_norm_vjp(g3, x3, y3, mean, inv_std, a))
+
+    monkeypatch.setattr(kernels, "BLOCK_BYTES_CONV", 1 << 30)
+    monkeypatch.setattr(kernels, "BLOCK_BYTES", 1 << 30)
+    assert len(kernels.blocks(4, 50, 24, kernels.BLOCK_BYTES, False).pieces) == 1
+    whole = every_kernel()
+    monkeypatch.setattr(kernels, "BLOCK_BYTES_CONV", 1)
+    monkeypatch.setattr(kernels, "BLOCK_BYTES", 1)
+    assert kernels.blocks(4, 50, 24, kernels.BLOCK_BYTES, False).pieces[1] == (slice(1, 2), slice(None))
+    for in_slabs, in_one_block in zip(every_kernel(), whole):
+        np.testing.assert_array_equal(in_slabs, in_one_block)
 
 
 @pytest.mark.parametrize("a_shape, b_shape, transpose_b", [
