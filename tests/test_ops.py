@@ -433,6 +433,48 @@ def test_matmul_broadcasting_batch_dims(sa, sb):
     assert_grads(ad.matmul, [a, b])
 
 
+def composed_affine(x, w, b):
+    """x @ w + b as the three primitives ``affine`` stands for: matmul, b reshaped to broadcast, add."""
+    lead = b.shape[:-1]
+    return ad.matmul(x, w) + ad.reshape(b, lead + (1,) * (x.ndim - 1 - len(lead)) + b.shape[-1:])
+
+
+@pytest.mark.parametrize("sx, sw, sb", [((3, 5, 2), (3, 2, 4), (3, 4)), ((3, 5, 2), (2, 4), (4,)),
+                                        ((3, 5, 1), (3, 1, 4), (3, 4)), ((2, 3, 5, 2), (2, 1, 2, 4), (2, 4)),
+                                        ((2, 3, 1, 2), (2, 4), (2, 4)), ((5, 2), (2, 3), (3,))])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_affine_is_its_composition_bit_for_bit(sx, sw, sb, dtype):
+    """``affine`` (one node) gives the same bits as matmul + reshape + add, its value and its first and
+    second derivatives (a double backward through both), and its gradients pass the finite-difference check."""
+    rng = np.random.default_rng(0)
+    x, w, b = (rng.standard_normal(s).astype(dtype) for s in (sx, sw, sb))
+
+    def derivatives(f):
+        leaves = [leaf(a) for a in (x, w, b)]
+        y = f(*leaves)
+        grads = ad.grad(ad.sum(ad.tanh(y) * y), leaves, create_graph=True)
+        second = ad.grad(sum(ad.sum(g * g) for g in grads), leaves)
+        return [t.data for t in [y, *grads, *second]]
+
+    for fused, composed in zip(derivatives(ad.affine), derivatives(composed_affine)):
+        assert fused.dtype == dtype
+        np.testing.assert_array_equal(fused, composed)
+    if dtype == np.float64:
+        assert_grads(lambda *t: ad.tanh(ad.affine(*t)), [x, w, b])
+
+
+def test_affine_bias_that_does_not_fit():
+    x, w = np.ones((3, 5, 2)), np.ones((3, 2, 4))
+    for bias in (np.ones((3, 5)), np.ones((2, 4)), np.ones((3, 5, 4)), np.ones(())):
+        with pytest.raises(ShapeError, match=r"affine: bias .* does not fit input \(3, 5, 2\)"):
+            ad.affine(x, w, bias)
+
+
+def test_swapaxes_out_of_range():
+    with pytest.raises(ShapeError, match=r"swapaxes: axes 0 and 2 are out of range for shape \(2, 3\)"):
+        ad.swapaxes(np.ones((2, 3)), 0, 2)
+
+
 # --- the adjoint identity <A x, y> = <x, A^T y> of every linear operation ------------------------------------
 
 

@@ -121,11 +121,15 @@ def _result(data, requires_grad: bool = False, parents: tuple = (), vjp=None) ->
 
 def record(data, parents: tuple, vjp) -> Tensor:
     """The result of an operation: a recorded node if any parent needs a gradient, else a constant."""
+    t = Tensor.__new__(Tensor)  # ``_result``, written out: this runs once per operation
+    t.data, t.index = data, next(_creation_order)
     if _recording:
         for parent in parents:
             if parent.requires_grad:
-                return _result(data, True, parents, vjp)
-    return _result(data)
+                t.requires_grad, t.parents, t.vjp = True, parents, vjp
+                return t
+    t.requires_grad, t.parents, t.vjp = False, (), None
+    return t
 
 
 def _nodes_between(output: Tensor, inputs) -> list:
