@@ -17,6 +17,9 @@ medians is compared; the ratio of the fastest calls is printed beside it, steadi
 - memory: the peak traced memory (``tracemalloc``, which sees NumPy's arrays) of one W2 step and of one
   RL iteration, this tree against the baseline: not worse.
 
+The header also prints the machine's float32 GEMM rate (two 2000 x 2000 matrices, NumPy's BLAS, at the
+run's threads), so that a reader can judge the times against the machine.
+
 ``python run_all.py``'s quick wall time (goal: 10 minutes on 2 quiet cores) takes too long to sit in a
 round; time it by itself (``time python run_all.py``).
 
@@ -69,6 +72,18 @@ def _peak_mib(fn) -> float:
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     return peak / 2**20
+
+
+def gemm_rate() -> None:
+    """Print the machine's float32 GEMM rate in GFLOP/s: the median of 5 products of two 2000 x 2000
+    matrices with NumPy's BLAS, at this process's thread settings (the floor a reader can judge the
+    meta-steps' times by)."""
+    import numpy
+
+    from common import summary, time_calls
+    a = numpy.random.default_rng(0).standard_normal((2000, 2000), dtype=numpy.float32)
+    median, _ = summary(time_calls(lambda: a @ a, 5, warmup=1))
+    print(f"{2 * 2000**3 / (median / 1e3) / 1e9:.1f}")
 
 
 def measure(workload: str, repeats: int) -> None:
@@ -143,9 +158,11 @@ def main() -> None:
     parser.add_argument("--w2-repeats", type=int, default=5)
     parser.add_argument("--rl-iterations", type=int, default=2)
     parser.add_argument("--threads", type=int, help="threads of BLAS, OpenMP and minimaml in every process")
-    parser.add_argument("--measure", choices=WORKLOADS, help=argparse.SUPPRESS)
+    parser.add_argument("--measure", choices=(*WORKLOADS, "GEMM"), help=argparse.SUPPRESS)
     parser.add_argument("--repeats", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.measure == "GEMM":
+        return gemm_rate()
     if args.measure:
         return measure(args.measure, args.repeats)
 
@@ -161,6 +178,9 @@ def main() -> None:
     print(f"# this tree {this_tree}" + (f", baseline {trees['baseline']}" if args.baseline else "")
           + f"; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}; threads "
           + ("as the environment sets them" if args.threads is None else str(args.threads)))
+    gemm = subprocess.run([sys.executable, os.path.abspath(__file__), "--measure", "GEMM"], capture_output=True,
+                          text=True, check=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join([this_tree, HERE])))
+    print(f"# float32 GEMM (2000 x 2000 x 2000, NumPy's BLAS, these threads): {gemm.stdout.split()[-1]} GFLOP/s")
     print("who workload median_ms min_ms peak_MiB hash")
     medians, minima, extras = {}, {}, {}
     for round_ in range(args.rounds):
