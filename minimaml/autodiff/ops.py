@@ -454,28 +454,59 @@ def stack(tensors, axis: int = 0) -> Tensor:
 def matmul(a, b) -> Tensor:
     """a @ b over the last two axes, leading (batch) axes broadcast.
 
-    VJP: (g @ b^T, a^T @ g), each summed back over broadcast batch axes.
+    VJP: (g @ b^T, a^T @ g) (``matmul_nt``, ``matmul_tn``), each summed back over broadcast batch axes.
     """
     a, b = _operands("matmul", a, b)
-    return record(_matmul_arrays("matmul", a, b), (a, b), lambda g: _matmul_vjp(g, a, b))
+    return record(_product("matmul", a.data, b.data), (a, b), lambda g: _matmul_vjp(g, a, b))
 
 
-def _matmul_arrays(op: str, a: Tensor, b: Tensor):
-    """``a.data @ b.data`` (``kernels.matmul``), or a clear error naming ``op`` and the shapes."""
+def _matmul_vjp(g: Tensor, a: Tensor, b: Tensor) -> tuple:
+    return (_unbroadcast(matmul_nt(g, b), a.shape) if _need(a) else None,
+            _unbroadcast(matmul_tn(a, g), b.shape) if _need(b) else None)
+
+
+def matmul_nt(a, b) -> Tensor:
+    """a @ b^T (b transposed over its last two axes): ``matmul``'s VJP without a transpose node.
+
+    VJP: (g @ b, (a^T @ g)^T), the second being the cotangent of b^T, transposed back.
+    """
+    a, b = _operands("matmul_nt", a, b)
+
+    def vjp(g):
+        return (_unbroadcast(matmul(g, b), a.shape) if _need(a) else None,
+                swapaxes(_unbroadcast(matmul_tn(a, g), _transposed(b.shape)), -1, -2) if _need(b) else None)
+
+    return record(_product("matmul_nt", a.data, b.data.swapaxes(-1, -2)), (a, b), vjp)
+
+
+def matmul_tn(a, b) -> Tensor:
+    """a^T @ b (a transposed over its last two axes): ``matmul``'s VJP without a transpose node.
+
+    VJP: ((g @ b^T)^T, a @ g), the first being the cotangent of a^T, transposed back.
+    """
+    a, b = _operands("matmul_tn", a, b)
+
+    def vjp(g):
+        return (swapaxes(_unbroadcast(matmul_nt(g, b), _transposed(a.shape)), -1, -2) if _need(a) else None,
+                _unbroadcast(matmul(a, g), b.shape) if _need(b) else None)
+
+    return record(_product("matmul_tn", a.data.swapaxes(-1, -2), b.data), (a, b), vjp)
+
+
+def _transposed(shape: tuple) -> tuple:
+    return shape[:-2] + (shape[-1], shape[-2])
+
+
+def _product(op: str, a, b):
+    """``a @ b`` on raw arrays (``kernels.matmul``), or a clear error naming ``op`` and the shapes."""
     if a.ndim < 2 or b.ndim < 2:
         raise ShapeError(f"{op}: both operands need at least 2 dimensions, got {a.shape} and {b.shape}")
     if a.shape[-1] != b.shape[-2]:
         raise ShapeError(f"{op}: inner dimensions differ: {a.shape} @ {b.shape}")
     try:
-        return kernels.matmul(a.data, b.data)
+        return kernels.matmul(a, b)
     except ValueError as err:
         raise ShapeError(f"{op}: batch dimensions do not broadcast: {a.shape} @ {b.shape}") from err
-
-
-def _matmul_vjp(g: Tensor, a: Tensor, b: Tensor) -> tuple:
-    """The cotangents of a @ b: (g @ b^T, a^T @ g), each summed back over broadcast batch axes."""
-    return (_unbroadcast(matmul(g, swapaxes(b, -1, -2)), a.shape) if _need(a) else None,
-            _unbroadcast(matmul(swapaxes(a, -1, -2), g), b.shape) if _need(b) else None)
 
 
 def affine(x, w, b) -> Tensor:
@@ -491,7 +522,7 @@ def affine(x, w, b) -> Tensor:
     if b.ndim < 1 or b.shape[-1] != w.shape[-1] or b.shape[:-1] != x.shape[:b.ndim - 1] or b.ndim > x.ndim - 1:
         raise ShapeError(f"affine: bias {b.shape} does not fit input {x.shape} and weight {w.shape} "
                          f"(expected (*lead, out) with lead leading axes of the input)")
-    out = _matmul_arrays("affine", x, w)
+    out = _product("affine", x.data, w.data)
     rows = tuple(range(b.ndim - 1, out.ndim - 1))  # the axes b is repeated along
     out += b.data.reshape(b.shape[:-1] + (1,) * len(rows) + b.shape[-1:])
 
