@@ -360,8 +360,7 @@ def transpose(x, axes=None) -> Tensor:
 
 
 def swapaxes(x, axis1: int, axis2: int) -> Tensor:
-    """Exchange two axes (a transpose that is its own inverse, e.g. ``matmul``'s ``b^T``). VJP: swap
-    them back."""
+    """Exchange two axes (a transpose that is its own inverse). VJP: swap them back."""
     x = as_tensor(x)
     if not (-x.ndim <= axis1 < x.ndim and -x.ndim <= axis2 < x.ndim):
         raise ShapeError(f"swapaxes: axes {axis1} and {axis2} are out of range for shape {x.shape}")
