@@ -32,8 +32,11 @@ sets ``OMP_NUM_THREADS``, ``OPENBLAS_NUM_THREADS``, ``MKL_NUM_THREADS`` and ``MI
 every process, peers included (on a machine shared with other jobs, ``--threads 1``: with their
 default threads the PyTorch peers thrash under load, see docs/results.md). Each line
 printed: ``who workload median_ms min_ms [peak_MiB] [hash]``. BLAS runs single-threaded in the RL
-measurement, as in training (``bench_rl.py``); W2 gets ``bench_w2.py``'s malloc settings. Numbers are
-printed, never asserted.
+measurement, as in training (``bench_rl.py``). W2 gets ``bench_w2.py``'s malloc settings, and W1 the same
+(the sinusoid experiment's meta-steps run with them: ``allocator.keep_freed_memory``; without them
+glibc hands W1's 160 KB weight gradients back to the kernel and page-faults them in again every step,
+~0.7 ms of a ~1.8 ms step on a 2-core machine); W1's peers get them too (they make no difference to
+them). Numbers are printed, never asserted.
 """
 
 from __future__ import annotations
@@ -134,11 +137,16 @@ def measure(workload: str, repeats: int) -> None:
 # --- the rounds ---------------------------------------------------------------------------------------
 
 
+def _malloc_env() -> dict:
+    """``MALLOC_ENV``, less what the environment already sets (the user's choice wins)."""
+    return {k: v for k, v in MALLOC_ENV.items() if k not in os.environ}
+
+
 def run_minimaml(tree: str, workload: str, repeats: int):
     """(median_ms, min_ms, peak_MiB, hash) of ``workload`` on the minimaml of checkout ``tree``."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([tree, HERE]))
-    if workload in ("W2", "W2fo"):
-        env.update({k: v for k, v in MALLOC_ENV.items() if k not in os.environ})
+    if workload in ("W1", "W1b", "W2", "W2fo"):
+        env.update(_malloc_env())
     if workload == "RL":
         env.update(ONE_BLAS_THREAD)
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--measure", workload, "--repeats",
@@ -195,7 +203,8 @@ def main() -> None:
                 extras[(who, workload)] = (peak, digest)
                 print(f"{who} {workload} {median:.2f} {best:.2f} {peak:.1f} {digest}", flush=True)
             for peer, _ in PEER_GOALS.get(workload, ()):
-                timing = run_peer(peer, workload, repeats[workload])
+                timing = run_peer(peer, workload, repeats[workload],
+                                  _malloc_env() if workload in ("W1", "W1b") else None)
                 if timing is not None:
                     medians.setdefault((peer, workload), []).append(timing[0])
                     minima.setdefault((peer, workload), []).append(timing[1])

@@ -23,7 +23,8 @@ the tape's fixed cost per recorded primitive (an ``add`` of two (1, 1) float32 T
 bare NumPy add, as ``bench_tape.py`` does) and estimates their bookkeeping as calls x that cost, the
 rest of their self time being inline array work; the reverse loop and the sort are bookkeeping. An
 estimate, stated as such in the output. The profile runs on one thread (``MINIMAML_THREADS=1`` and
-one BLAS thread, unless set), so that each kernel's time is its own. Timing wrappers add their
+one BLAS thread, unless set), so that each kernel's time is its own, and with glibc's malloc keeping
+freed blocks (``allocator.keep_freed_memory``, as the experiments' commands run). Timing wrappers add their
 own cost (~1 us a call), so the total here is somewhat above an unwrapped step. Numbers are printed,
 never asserted.
 """
@@ -45,13 +46,14 @@ from collections import defaultdict  # noqa: E402
 import numpy  # noqa: E402
 
 from bench_tape import per_call_us  # noqa: E402
+from minimaml import allocator  # noqa: E402
 from minimaml import autodiff as ad  # noqa: E402
 from minimaml.autodiff import kernels, nnops, ops, tensor  # noqa: E402
 
 PRIMITIVES = {
     ops: ("add", "subtract", "multiply", "divide", "negative", "power", "exp", "log", "sqrt", "tanh",
-          "sigmoid", "where", "sum", "max", "broadcast_to", "reshape", "transpose", "getitem",
-          "scatter_add", "concatenate", "matmul"),
+          "sigmoid", "where", "sum", "max", "broadcast_to", "reshape", "transpose", "swapaxes", "getitem",
+          "scatter_add", "concatenate", "matmul", "matmul_nt", "matmul_tn", "affine"),
     nnops: ("im2col", "col2im", "_conv", "_conv_input_grad", "_conv_filter_grad", "channel_dot",
             "channel_scale", "batch_normalize"),
     kernels: ("im2col", "col2im", "conv", "conv_input_grad", "conv_filter_grad", "batch_norm",
@@ -207,10 +209,11 @@ def main():
     parser.add_argument("--only", nargs="+", default=list(STEPS), choices=list(STEPS))
     parser.add_argument("--repeats", type=int, default=3, help="steps timed per workload (W1: x 100)")
     args = parser.parse_args()
+    kept = allocator.keep_freed_memory()  # as the experiments' commands do: freed arrays reused, no page faults
     cost_us = record_cost_us()
     print(f"# MINIMAML_THREADS={os.environ['MINIMAML_THREADS']} OPENBLAS_NUM_THREADS="
-          f"{os.environ['OPENBLAS_NUM_THREADS']}; tape cost per recorded primitive "
-          f"((1, 1) add less NumPy's): {cost_us:.2f} us")
+          f"{os.environ['OPENBLAS_NUM_THREADS']}; malloc keeps freed blocks: {kept}; tape cost per recorded "
+          f"primitive ((1, 1) add less NumPy's): {cost_us:.2f} us")
     for key in args.only:
         make, title = STEPS[key]
         repeats = args.repeats * (100 if key == "W1" else 1)

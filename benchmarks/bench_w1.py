@@ -8,6 +8,10 @@ rel_err is the max relative difference from the float64 reference; minimaml runs
 float32 (timed) and float64 (checked to ~1e-12). Peers run in their own processes, alternating with
 minimaml in the same run, and the last table gives each ratio peer / minimaml (of medians).
 Also prints the peak memory (tracemalloc) of each mode as the number of inner steps grows.
+
+Memory allocator: as the sinusoid experiment does, this script first makes glibc's malloc keep freed
+blocks (``allocator.keep_freed_memory``); otherwise the step's 160 KB arrays go back to the kernel and
+are page-faulted in again on every step. The peers run in their own processes, with their own settings.
 """
 
 from __future__ import annotations
@@ -18,8 +22,8 @@ import tracemalloc
 import numpy
 
 from common import load_reference, load_workload, max_rel_diff, run_peer, summary, time_calls
+from minimaml import allocator, maml
 from minimaml import autodiff as ad
-from minimaml import maml
 from minimaml.nn import mlp
 
 PEER_ORDER = ["w0", "b0", "w1", "b1", "w2", "b2"]
@@ -61,6 +65,7 @@ def main():
                         help="comma-separated peers.py implementations ('' for none)")
     args = parser.parse_args()
     peers = [p for p in args.peers.split(",") if p]
+    print(f"# malloc keeps freed blocks (allocator.keep_freed_memory): {allocator.keep_freed_memory()}")
 
     params32, tasks32 = workload_inputs(numpy.float32)
     params64, tasks64 = workload_inputs(numpy.float64)

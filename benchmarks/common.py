@@ -66,11 +66,12 @@ def time_calls(fn, repeats: int, warmup: int = 2) -> list:
     return times
 
 
-def run_peer(impl: str, workload: str, repeats: int):
-    """(median_ms, min_ms) of a peer from ``peers.py``, or None when the peers are not set up."""
+def run_peer(impl: str, workload: str, repeats: int, extra_env: dict | None = None):
+    """(median_ms, min_ms) of a peer from ``peers.py``, or None when the peers are not set up.
+    ``extra_env``: environment variables to add for the peer's process."""
     if not (os.path.exists(PEER_PYTHON) and os.path.exists(PEERS)):
         return None
-    env = dict(os.environ, BENCH_DATA=DATA)
+    env = dict(os.environ, BENCH_DATA=DATA, **(extra_env or {}))
     out = subprocess.run([PEER_PYTHON, PEERS, "--workload", workload, "--impl", impl,
                           "--repeats", str(repeats)], capture_output=True, text=True, env=env)
     if out.returncode != 0:

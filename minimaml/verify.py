@@ -85,6 +85,10 @@ def _cases(rng, to_device=lambda a: a) -> list:
         ("log_softmax", ad.log_softmax, [normal(3, 5)]),
         ("mse", ad.mse, [normal(2, 4, 3), normal(2, 4, 3)]),
         ("softmax_cross_entropy", lambda z: ad.softmax_cross_entropy(z, labels), [normal(2, 3, 4)]),
+        ("matmul_nt (a @ b^T)", lambda a, b: ad.tanh(ad.ops.matmul_nt(a, b)), [normal(3, 2, 4), normal(5, 4)]),
+        ("matmul_tn (a^T @ b)", lambda a, b: ad.tanh(ad.ops.matmul_tn(a, b)), [normal(4, 2), normal(3, 4, 5)]),
+        ("affine (dense layer)", lambda x, w, b: ad.tanh(ad.affine(x, w, b)),
+         [normal(3, 2, 4), normal(3, 4, 5), normal(3, 5)]),
     ]
 
 

@@ -433,6 +433,68 @@ def test_matmul_broadcasting_batch_dims(sa, sb):
     assert_grads(ad.matmul, [a, b])
 
 
+def third_order_derivatives(f, arrays):
+    """f's value, its gradients (recorded), theirs (recorded) and theirs, for a bit-for-bit comparison."""
+    leaves = [leaf(a) for a in arrays]
+    y = f(*leaves)
+    first = ad.grad(ad.sum(ad.tanh(y) * y), leaves, create_graph=True)
+    second = ad.grad(sum(ad.sum(g * g) for g in first), leaves, create_graph=True)
+    third = ad.grad(sum(ad.sum(g * ad.tanh(g)) for g in second), leaves)
+    return [t.data for t in [y, *first, *second, *third]]
+
+
+@pytest.mark.parametrize("sa, sb", [((3, 5, 2), (3, 4, 2)), ((3, 5, 2), (4, 2)), ((5, 1), (3, 4, 1)),
+                                    ((2, 1, 5, 2), (3, 4, 2))])
+def test_matmul_nt_is_matmul_by_a_transpose_bit_for_bit(sa, sb):
+    """matmul_nt(a, b) = a @ b^T, and matmul_tn(b', a') = b'^T @ a', as one node each: the same bits as
+    ``matmul`` with a ``swapaxes`` node, through three orders of derivatives; and finite differences agree."""
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal(sa).astype(np.float32), rng.standard_normal(sb).astype(np.float32)
+    pairs = [(ad.ops.matmul_nt, lambda x, y: ad.matmul(x, ad.swapaxes(y, -1, -2)), (a, b)),
+             (ad.ops.matmul_tn, lambda x, y: ad.matmul(ad.swapaxes(x, -1, -2), y),
+              (np.swapaxes(a, -1, -2).copy(), np.swapaxes(b, -1, -2).copy()))]
+    for fused, composed, arrays in pairs:
+        for one, other in zip(third_order_derivatives(fused, arrays), third_order_derivatives(composed, arrays)):
+            assert one.dtype == np.float32
+            np.testing.assert_array_equal(one, other)
+        assert_grads(lambda x, y: ad.tanh(fused(x, y)), [x.astype(np.float64) for x in arrays], order=3)
+
+
+def composed_affine(x, w, b):
+    """x @ w + b as the three primitives ``affine`` stands for: matmul, b reshaped to broadcast, add."""
+    lead = b.shape[:-1]
+    return ad.matmul(x, w) + ad.reshape(b, lead + (1,) * (x.ndim - 1 - len(lead)) + b.shape[-1:])
+
+
+@pytest.mark.parametrize("sx, sw, sb", [((3, 5, 2), (3, 2, 4), (3, 4)), ((3, 5, 2), (2, 4), (4,)),
+                                        ((3, 5, 1), (3, 1, 4), (3, 4)), ((2, 3, 5, 2), (2, 1, 2, 4), (2, 4)),
+                                        ((2, 3, 1, 2), (2, 4), (2, 4)), ((5, 2), (2, 3), (3,))])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_affine_is_its_composition_bit_for_bit(sx, sw, sb, dtype):
+    """``affine`` (one node) gives the same bits as matmul + reshape + add, its value and three orders of
+    derivatives, and its gradients pass the finite-difference check."""
+    rng = np.random.default_rng(0)
+    x, w, b = (rng.standard_normal(s).astype(dtype) for s in (sx, sw, sb))
+    for fused, composed in zip(third_order_derivatives(ad.affine, (x, w, b)),
+                               third_order_derivatives(composed_affine, (x, w, b))):
+        assert fused.dtype == dtype
+        np.testing.assert_array_equal(fused, composed)
+    if dtype == np.float64:
+        assert_grads(lambda *t: ad.tanh(ad.affine(*t)), [x, w, b])
+
+
+def test_affine_bias_that_does_not_fit():
+    x, w = np.ones((3, 5, 2)), np.ones((3, 2, 4))
+    for bias in (np.ones((3, 5)), np.ones((2, 4)), np.ones((3, 5, 4)), np.ones(())):
+        with pytest.raises(ShapeError, match=r"affine: bias .* does not fit input \(3, 5, 2\)"):
+            ad.affine(x, w, bias)
+
+
+def test_swapaxes_out_of_range():
+    with pytest.raises(ShapeError, match=r"swapaxes: axes 0 and 2 are out of range for shape \(2, 3\)"):
+        ad.swapaxes(np.ones((2, 3)), 0, 2)
+
+
 # --- the adjoint identity <A x, y> = <x, A^T y> of every linear operation ------------------------------------
 
 

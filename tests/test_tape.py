@@ -69,6 +69,25 @@ def test_gradient_of_an_intermediate_tensor():
     np.testing.assert_allclose(gx.data, 18 * x.data)
 
 
+def test_the_reverse_pass_stops_at_an_input_with_no_input_behind_it():
+    """grad w.r.t. an intermediate h = f(x) alone never calls f's VJP (MAML's inner gradient w.r.t. the
+    adapted parameters does no work for what they were computed from); with x among the inputs too, it does."""
+    x = leaf([1.0, -2.0])
+    calls = []
+
+    def vjp(g):
+        calls.append(1)
+        return (g * 3.0,)
+
+    h = ad.tensor.record(x.data * 3.0, (x,), vjp)
+    (gh,) = grad(ad.sum(h * h), [h], create_graph=True)
+    np.testing.assert_array_equal(gh.data, 2 * h.data)
+    assert not calls
+    gx, gh = grad(ad.sum(h * h), [x, h])
+    np.testing.assert_array_equal(gx.data, 6 * h.data)
+    assert calls == [1]
+
+
 def test_no_grad_records_nothing():
     x = leaf([1.0, 2.0])
     with no_grad():

@@ -47,7 +47,7 @@ def _operands(op: str, a, b) -> tuple:
             f"{op}: operands live on different devices (a NumPy and a CuPy array, shapes {a.shape} and "
             f"{b.shape}); move both to one device with minimaml.backend.asarray or to_numpy"
         )
-    if a.dtype != b.dtype:
+    if a.data.dtype != b.data.dtype:
         raise TypeError(
             f"{op}: operands have different dtypes {a.dtype} and {b.dtype} (shapes {a.shape} and "
             f"{b.shape}); minimaml never upcasts silently, so cast one explicitly"
@@ -61,7 +61,7 @@ def _need(x: Tensor) -> bool:
 
 def _unbroadcast(g: Tensor, shape: tuple) -> Tensor:
     """Sum ``g`` over the axes that broadcasting added or stretched, so it gets ``shape`` back."""
-    if g.shape == shape:
+    if g.data.shape == shape:
         return g
     lead = g.ndim - len(shape)
     stretched = tuple(lead + i for i, n in enumerate(shape) if n == 1 and g.shape[lead + i] != 1)
@@ -360,11 +360,11 @@ def transpose(x, axes=None) -> Tensor:
 
 
 def swapaxes(x, axis1: int, axis2: int) -> Tensor:
-    """Exchange two axes (a ``transpose``)."""
+    """Exchange two axes (a transpose that is its own inverse). VJP: swap them back."""
     x = as_tensor(x)
-    axes = list(range(x.ndim))
-    axes[axis1], axes[axis2] = axes[axis2], axes[axis1]
-    return transpose(x, axes)
+    if not (-x.ndim <= axis1 < x.ndim and -x.ndim <= axis2 < x.ndim):
+        raise ShapeError(f"swapaxes: axes {axis1} and {axis2} are out of range for shape {x.shape}")
+    return record(x.data.swapaxes(axis1, axis2), (x,), lambda g: (swapaxes(g, axis1, axis2),))
 
 
 def _is_basic_index(index) -> bool:
@@ -453,23 +453,82 @@ def stack(tensors, axis: int = 0) -> Tensor:
 def matmul(a, b) -> Tensor:
     """a @ b over the last two axes, leading (batch) axes broadcast.
 
-    VJP: (g @ b^T, a^T @ g), each summed back over broadcast batch axes.
+    VJP: (g @ b^T, a^T @ g) (``matmul_nt``, ``matmul_tn``), each summed back over broadcast batch axes.
     """
     a, b = _operands("matmul", a, b)
-    if a.ndim < 2 or b.ndim < 2:
-        raise ShapeError(f"matmul: both operands need at least 2 dimensions, got {a.shape} and {b.shape}")
-    if a.shape[-1] != b.shape[-2]:
-        raise ShapeError(f"matmul: inner dimensions differ: {a.shape} @ {b.shape}")
-    try:
-        out = kernels.matmul(a.data, b.data)
-    except ValueError as err:
-        raise ShapeError(f"matmul: batch dimensions do not broadcast: {a.shape} @ {b.shape}") from err
+    return record(_product("matmul", a.data, b.data), (a, b), lambda g: _matmul_vjp(g, a, b))
+
+
+def _matmul_vjp(g: Tensor, a: Tensor, b: Tensor) -> tuple:
+    return (_unbroadcast(matmul_nt(g, b), a.shape) if _need(a) else None,
+            _unbroadcast(matmul_tn(a, g), b.shape) if _need(b) else None)
+
+
+def matmul_nt(a, b) -> Tensor:
+    """a @ b^T (b transposed over its last two axes): ``matmul``'s VJP without a transpose node.
+
+    VJP: (g @ b, (a^T @ g)^T), the second being the cotangent of b^T, transposed back.
+    """
+    a, b = _operands("matmul_nt", a, b)
 
     def vjp(g):
-        return (_unbroadcast(matmul(g, swapaxes(b, -1, -2)), a.shape) if _need(a) else None,
-                _unbroadcast(matmul(swapaxes(a, -1, -2), g), b.shape) if _need(b) else None)
+        return (_unbroadcast(matmul(g, b), a.shape) if _need(a) else None,
+                swapaxes(_unbroadcast(matmul_tn(a, g), _transposed(b.shape)), -1, -2) if _need(b) else None)
 
-    return record(out, (a, b), vjp)
+    return record(_product("matmul_nt", a.data, b.data.swapaxes(-1, -2)), (a, b), vjp)
+
+
+def matmul_tn(a, b) -> Tensor:
+    """a^T @ b (a transposed over its last two axes): ``matmul``'s VJP without a transpose node.
+
+    VJP: ((g @ b^T)^T, a @ g), the first being the cotangent of a^T, transposed back.
+    """
+    a, b = _operands("matmul_tn", a, b)
+
+    def vjp(g):
+        return (swapaxes(_unbroadcast(matmul_nt(g, b), _transposed(a.shape)), -1, -2) if _need(a) else None,
+                _unbroadcast(matmul(a, g), b.shape) if _need(b) else None)
+
+    return record(_product("matmul_tn", a.data.swapaxes(-1, -2), b.data), (a, b), vjp)
+
+
+def _transposed(shape: tuple) -> tuple:
+    return shape[:-2] + (shape[-1], shape[-2])
+
+
+def _product(op: str, a, b):
+    """``a @ b`` on raw arrays (``kernels.matmul``), or a clear error naming ``op`` and the shapes."""
+    if a.ndim < 2 or b.ndim < 2:
+        raise ShapeError(f"{op}: both operands need at least 2 dimensions, got {a.shape} and {b.shape}")
+    if a.shape[-1] != b.shape[-2]:
+        raise ShapeError(f"{op}: inner dimensions differ: {a.shape} @ {b.shape}")
+    try:
+        return kernels.matmul(a, b)
+    except ValueError as err:
+        raise ShapeError(f"{op}: batch dimensions do not broadcast: {a.shape} @ {b.shape}") from err
+
+
+def affine(x, w, b) -> Tensor:
+    """x @ w + b, a dense layer as one node (instead of a matmul, a reshape of b and an add).
+
+    ``x: (*lead, ..., N, in)``; ``w: (..., in, out)``, its batch axes broadcasting against x's as in
+    ``matmul``; ``b: (*lead, out)``, ``lead`` being leading axes of x (the task axes, or none for a
+    shared bias), added to every row. VJP: ``matmul``'s for x and w, and g summed over the rows (and
+    the axes between ``lead`` and them) for b.
+    """
+    x, w = _operands("affine", x, w)
+    x, b = _operands("affine", x, b)
+    if b.ndim < 1 or b.shape[-1] != w.shape[-1] or b.shape[:-1] != x.shape[:b.ndim - 1] or b.ndim > x.ndim - 1:
+        raise ShapeError(f"affine: bias {b.shape} does not fit input {x.shape} and weight {w.shape} "
+                         f"(expected (*lead, out) with lead leading axes of the input)")
+    out = _product("affine", x.data, w.data)
+    rows = tuple(range(b.ndim - 1, out.ndim - 1))  # the axes b is repeated along
+    out += b.data.reshape(b.shape[:-1] + (1,) * len(rows) + b.shape[-1:])
+
+    def vjp(g):
+        return _matmul_vjp(g, x, w) + (sum(g, axis=rows) if _need(b) else None,)
+
+    return record(out, (x, w, b), vjp)
 
 
 # --- operators on Tensor --------------------------------------------------------------------------

@@ -121,11 +121,15 @@ def _result(data, requires_grad: bool = False, parents: tuple = (), vjp=None) ->
 
 def record(data, parents: tuple, vjp) -> Tensor:
     """The result of an operation: a recorded node if any parent needs a gradient, else a constant."""
+    t = Tensor.__new__(Tensor)  # ``_result``, written out: this runs once per operation
+    t.data, t.index = data, next(_creation_order)
     if _recording:
         for parent in parents:
             if parent.requires_grad:
-                return _result(data, True, parents, vjp)
-    return _result(data)
+                t.requires_grad, t.parents, t.vjp = True, parents, vjp
+                return t
+    t.requires_grad, t.parents, t.vjp = False, (), None
+    return t
 
 
 def _nodes_between(output: Tensor, inputs) -> list:
@@ -172,7 +176,8 @@ def grad(output: Tensor, inputs, create_graph: bool = False) -> list:
 
     Reverse accumulation: visit the recorded nodes from ``output`` back towards ``inputs``; each node
     hands its cotangent to its parents through its ``vjp``, and cotangents arriving at the same tensor
-    from several uses are summed. With ``create_graph=True`` that pass is recorded, so the returned
+    from several uses are summed. The walk stops at an input unless another input lies behind it (MAML's
+    inner gradient stops at the adapted parameters, not at what they were computed from). With ``create_graph=True`` that pass is recorded, so the returned
     gradients can be differentiated again; otherwise they are constants. An input that ``output``
     does not depend on gets a zero gradient.
     """
@@ -191,16 +196,18 @@ def grad(output: Tensor, inputs, create_graph: bool = False) -> list:
     cotangents = {id(output): Tensor(xp.ones_like(output.data))}
     input_ids = {id(x) for x in inputs}
     results = {}
+    order = _nodes_between(output, inputs)
+    on_a_path = {id(node) for node in order}
     with _recording_if(create_graph):
-        for node in reversed(_nodes_between(output, inputs)):
+        for node in reversed(order):
             key = id(node)
             g = cotangents.pop(key, None)
             if g is None:
                 continue
             if key in input_ids:
                 results[key] = g
-            if not node.parents:
-                continue
+                if not any(id(parent) in on_a_path for parent in node.parents):
+                    continue  # no input behind this one: its cotangent goes no further
             for parent, parent_g in zip(node.parents, node.vjp(g)):
                 if parent_g is None:
                     continue

@@ -47,13 +47,13 @@ def linear(x, w, b=None) -> Tensor:
     if w.ndim < 2 or x.ndim < 2 or x.shape[-1] != w.shape[-2]:
         raise ShapeError(f"linear: input {x.shape} does not fit weight {w.shape} "
                          f"(expected input (..., N, in) and weight (*task, in, out))")
-    y = ad.matmul(x, _align(w, 2, x, "linear"))
-    if b is not None:
-        b = ad.as_tensor(b)
-        if b.shape[-1:] != w.shape[-1:]:
-            raise ShapeError(f"linear: bias {b.shape} does not fit weight {w.shape}")
-        y = y + _align(b, 1, y, "linear")
-    return y
+    if b is None:
+        return ad.matmul(x, _align(w, 2, x, "linear"))
+    b = ad.as_tensor(b)
+    if b.shape[-1:] != w.shape[-1:]:
+        raise ShapeError(f"linear: bias {b.shape} does not fit weight {w.shape}")
+    _lead(b, 1, x, "linear")
+    return ad.affine(x, _align(w, 2, x, "linear"), b)
 
 
 def conv2d(x, w, b=None, stride: int = 1, padding="SAME") -> Tensor:
