@@ -32,7 +32,7 @@ sets ``OMP_NUM_THREADS``, ``OPENBLAS_NUM_THREADS``, ``MKL_NUM_THREADS`` and ``MI
 every process, peers included (on a machine shared with other jobs, ``--threads 1``: with their
 default threads the PyTorch peers thrash under load, see docs/results.md). Each line
 printed: ``who workload median_ms min_ms [peak_MiB] [hash]``. BLAS runs single-threaded in the RL
-measurement, as in training (``bench_rl.py``). W2 gets ``bench_w2.py``'s malloc settings, and W1 the same
+measurement (``bench_rl.py``). W2 and RL get ``bench_w2.py``'s malloc settings, and W1 the same
 (the sinusoid experiment's meta-steps run with them: ``allocator.keep_freed_memory``; without them
 glibc hands W1's 160 KB weight gradients back to the kernel and page-faults them in again every step,
 ~0.7 ms of a ~1.8 ms step on a 2-core machine); W1's peers get them too (they make no difference to
@@ -145,7 +145,7 @@ def _malloc_env() -> dict:
 def run_minimaml(tree: str, workload: str, repeats: int):
     """(median_ms, min_ms, peak_MiB, hash) of ``workload`` on the minimaml of checkout ``tree``."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([tree, HERE]))
-    if workload in ("W1", "W1b", "W2", "W2fo"):
+    if workload in ("W1", "W1b", "W2", "W2fo", "RL"):  # freed memory kept for reuse, as the training commands do
         env.update(_malloc_env())
     if workload == "RL":
         env.update(ONE_BLAS_THREAD)
