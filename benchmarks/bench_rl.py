@@ -25,7 +25,9 @@
    Fisher-vector products.
 
 BLAS runs single-threaded by default (``--blas-threads``; set before NumPy loads), as in the training
-runs, where two threads would compete with a second job or the simulator. MuJoCo envs need the
+runs, where two threads would compete with a second job or the simulator; freed memory is kept for
+reuse (``minimaml.allocator``), as the training commands do. ``MINIMAML_THREADS`` shares the
+meta-iteration's per-task matrix products and big elementwise passes over that many threads. MuJoCo envs need the
 optional extra (``pip install -e '.[mujoco]'``); without it they are skipped with a note.
 Numbers are printed, never asserted.
 """
@@ -61,7 +63,7 @@ from collections import defaultdict  # noqa: E402
 import numpy as np  # noqa: E402
 
 from minimaml import autodiff as ad  # noqa: E402
-from minimaml import algorithms, maml  # noqa: E402
+from minimaml import algorithms, allocator, maml  # noqa: E402
 from minimaml.experiments import locomotion, navigation  # noqa: E402
 from minimaml.experiments.rl_common import RLConfig, build_env, init_policy  # noqa: E402
 from minimaml.nn import policy as pol  # noqa: E402
@@ -216,8 +218,9 @@ def bench_fisher(env, params, cfg: RLConfig) -> dict:
 
 
 def main() -> None:
-    print(f"# BLAS threads {ARGS.blas_threads}; T = {ARGS.meta_batch} tasks x B = {ARGS.n_traj} trajectories; "
-          f"medians of {ARGS.iterations} meta-iterations")
+    kept = allocator.keep_freed_memory()  # as the training commands run
+    print(f"# BLAS threads {ARGS.blas_threads}; freed memory {'kept' if kept else 'as the environment sets it'}; "
+          f"T = {ARGS.meta_batch} tasks x B = {ARGS.n_traj} trajectories; medians of {ARGS.iterations} meta-iterations")
     rows, fisher_rows = [], []
     for name in ARGS.envs:
         cfg = config_for(name)
