@@ -26,9 +26,8 @@
 
 BLAS runs single-threaded by default (``--blas-threads``; set before NumPy loads), as in the training
 runs, where two threads would compete with a second job or the simulator; freed memory is kept for
-reuse (``minimaml.allocator``), as the training commands do. ``MINIMAML_THREADS`` shares the
-meta-iteration's per-task matrix products and big elementwise passes over that many threads. MuJoCo envs need the
-optional extra (``pip install -e '.[mujoco]'``); without it they are skipped with a note.
+reuse (``minimaml.allocator``), as the training commands do. MuJoCo envs need the optional extra
+(``pip install -e '.[mujoco]'``); without it they are skipped with a note.
 Numbers are printed, never asserted.
 """
 

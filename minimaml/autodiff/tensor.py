@@ -121,15 +121,11 @@ def _result(data, requires_grad: bool = False, parents: tuple = (), vjp=None) ->
 
 def record(data, parents: tuple, vjp) -> Tensor:
     """The result of an operation: a recorded node if any parent needs a gradient, else a constant."""
-    t = Tensor.__new__(Tensor)  # ``_result``, written out: this runs once per operation
-    t.data, t.index = data, next(_creation_order)
     if _recording:
         for parent in parents:
             if parent.requires_grad:
-                t.requires_grad, t.parents, t.vjp = True, parents, vjp
-                return t
-    t.requires_grad, t.parents, t.vjp = False, (), None
-    return t
+                return _result(data, True, parents, vjp)
+    return _result(data)
 
 
 def _nodes_between(output: Tensor, inputs) -> list:
@@ -177,9 +173,9 @@ def grad(output: Tensor, inputs, create_graph: bool = False) -> list:
     Reverse accumulation: visit the recorded nodes from ``output`` back towards ``inputs``; each node
     hands its cotangent to its parents through its ``vjp``, and cotangents arriving at the same tensor
     from several uses are summed. The walk stops at an input unless another input lies behind it (MAML's
-    inner gradient stops at the adapted parameters, not at what they were computed from). With ``create_graph=True`` that pass is recorded, so the returned
-    gradients can be differentiated again; otherwise they are constants. An input that ``output``
-    does not depend on gets a zero gradient.
+    inner gradient stops at the adapted parameters, not at what they were computed from). With
+    ``create_graph=True`` that pass is recorded, so the returned gradients can be differentiated again;
+    otherwise they are constants. An input that ``output`` does not depend on gets a zero gradient.
     """
     inputs = list(inputs)
     for i, x in enumerate(inputs):
