@@ -467,13 +467,14 @@ def _matmul_vjp(g: Tensor, a: Tensor, b: Tensor) -> tuple:
 def matmul_nt(a, b) -> Tensor:
     """a @ b^T (b transposed over its last two axes): ``matmul``'s VJP without a transpose node.
 
-    VJP: (g @ b, (a^T @ g)^T), the second being the cotangent of b^T, transposed back.
+    VJP: (g @ b, g^T @ a). (The second is (a^T @ g)^T, the cotangent of b^T transposed back, computed
+    the right way round: a contiguous result, each entry the same products summed in the same order.)
     """
     a, b = _operands("matmul_nt", a, b)
 
     def vjp(g):
         return (_unbroadcast(matmul(g, b), a.shape) if _need(a) else None,
-                swapaxes(_unbroadcast(matmul_tn(a, g), _transposed(b.shape)), -1, -2) if _need(b) else None)
+                _unbroadcast(matmul_tn(g, a), b.shape) if _need(b) else None)
 
     return record(_product("matmul_nt", a.data, b.data.swapaxes(-1, -2)), (a, b), vjp)
 
@@ -481,19 +482,17 @@ def matmul_nt(a, b) -> Tensor:
 def matmul_tn(a, b) -> Tensor:
     """a^T @ b (a transposed over its last two axes): ``matmul``'s VJP without a transpose node.
 
-    VJP: ((g @ b^T)^T, a @ g), the first being the cotangent of a^T, transposed back.
+    VJP: (b @ g^T, a @ g). (The first is (g @ b^T)^T, the cotangent of a^T transposed back, computed
+    the right way round: a contiguous result, each entry the same products summed in the same order,
+    where a transposed view would make every later pass over it a strided one.)
     """
     a, b = _operands("matmul_tn", a, b)
 
     def vjp(g):
-        return (swapaxes(_unbroadcast(matmul_nt(g, b), _transposed(a.shape)), -1, -2) if _need(a) else None,
+        return (_unbroadcast(matmul_nt(b, g), a.shape) if _need(a) else None,
                 _unbroadcast(matmul(a, g), b.shape) if _need(b) else None)
 
     return record(_product("matmul_tn", a.data.swapaxes(-1, -2), b.data), (a, b), vjp)
-
-
-def _transposed(shape: tuple) -> tuple:
-    return shape[:-2] + (shape[-1], shape[-2])
 
 
 def _product(op: str, a, b):
