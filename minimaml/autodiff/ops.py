@@ -467,8 +467,8 @@ def _matmul_vjp(g: Tensor, a: Tensor, b: Tensor) -> tuple:
 def matmul_nt(a, b) -> Tensor:
     """a @ b^T (b transposed over its last two axes): ``matmul``'s VJP without a transpose node.
 
-    VJP: (g @ b, g^T @ a). (The second is (a^T @ g)^T, the cotangent of b^T transposed back, computed
-    the right way round: a contiguous result, each entry the same products summed in the same order.)
+    VJP: (g @ b, g^T @ a). (The second is (a^T @ g)^T, the cotangent of b^T, computed the right way
+    round: a contiguous array rather than a transposed view; see ``matmul_tn``.)
     """
     a, b = _operands("matmul_nt", a, b)
 
@@ -482,9 +482,10 @@ def matmul_nt(a, b) -> Tensor:
 def matmul_tn(a, b) -> Tensor:
     """a^T @ b (a transposed over its last two axes): ``matmul``'s VJP without a transpose node.
 
-    VJP: (b @ g^T, a @ g). (The first is (g @ b^T)^T, the cotangent of a^T transposed back, computed
-    the right way round: a contiguous result, each entry the same products summed in the same order,
-    where a transposed view would make every later pass over it a strided one.)
+    VJP: (b @ g^T, a @ g). (The first is (g @ b^T)^T, the cotangent of a^T, computed the right way
+    round: a contiguous array, where a transposed view made every later pass over it, such as the sums
+    of a Hessian-vector product's cotangents, a strided one. Each entry is the same sum of products;
+    with NumPy's OpenBLAS the two forms give the same bits.)
     """
     a, b = _operands("matmul_tn", a, b)
 
