@@ -485,7 +485,8 @@ def matmul_tn(a, b) -> Tensor:
     VJP: (b @ g^T, a @ g). (The first is (g @ b^T)^T, the cotangent of a^T, computed the right way
     round: a contiguous array, where a transposed view made every later pass over it, such as the sums
     of a Hessian-vector product's cotangents, a strided one. Each entry is the same sum of products;
-    with NumPy's OpenBLAS the two forms give the same bits.)
+    NumPy's OpenBLAS gives the two forms the same bits in float32 at the experiments' shapes, not
+    always in float64.)
     """
     a, b = _operands("matmul_tn", a, b)
 
