@@ -138,3 +138,26 @@ def test_matmul_reads_operands_blas_cannot():
     b = _rng.standard_normal((2, 90, 3, 70))[:, :, 1, ::2]  # last axis stride 16: BLAS cannot read it
     assert not kernels._blas_readable(b)
     np.testing.assert_allclose(kernels.matmul(a, b), a @ b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("x_shape, shape", [
+    ((40,), (25, 40)),                 # a new leading (task) axis
+    ((25, 1, 1), (25, 10, 1)),         # stretched axes, a kept axis of length 1
+    ((1, 40), (3, 25, 1, 40)),
+    ((), (25,)),                       # a 0-d array
+    ((3, 4), (3, 4)),                  # nothing to repeat
+])
+def test_broadcast_to_is_numpys_view(x_shape, shape):
+    x = _rng.standard_normal(x_shape).astype(np.float32)
+    for operand in [x] + ([np.asfortranarray(x)] if x.ndim > 1 else []):  # C-contiguous or not
+        fast, reference = kernels.broadcast_to(operand, shape), kernels.reference_broadcast_to(operand, shape)
+        assert fast.shape == reference.shape and fast.strides == reference.strides
+        assert not fast.flags.writeable
+        np.testing.assert_array_equal(fast, reference)
+
+
+def test_broadcast_to_refuses_shapes_that_do_not_broadcast():
+    with pytest.raises(ValueError):
+        kernels.broadcast_to(np.zeros((3, 2)), (3, 4))
+    with pytest.raises(ValueError):
+        kernels.broadcast_to(np.zeros((3, 2)), (2,))

@@ -12,6 +12,7 @@ check the fast kernel.
     conv, conv_input_grad, conv_filter_grad  im2col + GEMM, blockwise
     batch_norm, batch_norm_vjp             batch-norm forward and its VJP, two passes over the data
     matmul                                 ``a @ b`` with NumPy's slow stacked paths avoided
+    broadcast_to                           a broadcast view, without NumPy's general machinery
 """
 
 from __future__ import annotations
@@ -439,6 +440,36 @@ def _blas_readable(x) -> bool:
     return x.strides[-1] == x.itemsize or x.strides[-2] == x.itemsize or x.shape[-1] == 1 or x.shape[-2] == 1
 
 
+# --- broadcast view -----------------------------------------------------------------------------------
+
+
+def broadcast_to(x, shape: tuple):
+    """``x`` repeated along broadcast axes to ``shape``: a read-only view with stride 0 along the new and
+    the stretched axes, exactly the view ``numpy.broadcast_to`` returns (same strides, so every later
+    operation reads it the same way).
+
+    NumPy's ``broadcast_to`` builds it through ``nditer``, at several times the cost of a small array
+    operation, and the tape's task-axis bookkeeping (``per_task``, the VJPs of sums) makes a dozen or more
+    per sinusoid meta-step; for a C-contiguous NumPy array the view is made here directly. Anything
+    else (CuPy, a strided array, shapes that do not broadcast) goes to the library's own.
+    """
+    lead = len(shape) - x.ndim
+    if backend.is_gpu_array(x) or not (isinstance(x, numpy.ndarray) and x.flags.c_contiguous and x.size) \
+            or lead < 0:
+        return backend.array_namespace(x).broadcast_to(x, shape)
+    strides = [0] * lead
+    for n_x, n, stride in zip(x.shape, shape[lead:], x.strides):
+        if n_x == 1:  # NumPy gives every axis of length 1 stride 0, stretched or not
+            strides.append(0)
+        elif n_x == n:
+            strides.append(stride)
+        else:
+            return numpy.broadcast_to(x, shape)  # raises NumPy's error
+    view = numpy.ndarray(shape, x.dtype, buffer=x, strides=strides)
+    view.flags.writeable = False
+    return view
+
+
 # --- reference kernels: the same results the obvious way (tests/test_kernels.py compares) ------------
 
 
@@ -515,3 +546,8 @@ def reference_batch_norm_vjp(g3, x3, relu_output, mean, inv_std, a) -> tuple:
 def reference_matmul(a, b):
     """``matmul``: the array library's own ``@``."""
     return a @ b
+
+
+def reference_broadcast_to(x, shape: tuple):
+    """``broadcast_to``: the array library's own."""
+    return backend.array_namespace(x).broadcast_to(x, shape)

@@ -328,9 +328,8 @@ def broadcast_to(x, shape: tuple) -> Tensor:
     """``x`` repeated along broadcast axes to ``shape``. VJP: sum back (``_unbroadcast``)."""
     x = as_tensor(x)
     shape = tuple(shape)
-    xp = backend.array_namespace(x.data)
     try:
-        out = xp.broadcast_to(x.data, shape)
+        out = kernels.broadcast_to(x.data, shape)
     except ValueError as err:
         raise ShapeError(f"broadcast_to: cannot broadcast shape {x.shape} to {shape}") from err
     return record(out, (x,), lambda g: (_unbroadcast(g, x.shape),))
