@@ -55,7 +55,7 @@ PRIMITIVES = {
           "sigmoid", "where", "sum", "max", "broadcast_to", "reshape", "transpose", "swapaxes", "getitem",
           "scatter_add", "concatenate", "matmul", "matmul_nt", "matmul_tn", "affine"),
     nnops: ("im2col", "col2im", "_conv", "_conv_input_grad", "_conv_filter_grad", "channel_dot",
-            "channel_scale", "batch_normalize"),
+            "channel_scale", "batch_normalize", "mean_square"),
     kernels: ("im2col", "col2im", "conv", "conv_input_grad", "conv_filter_grad", "batch_norm",
               "batch_norm_vjp", "matmul"),
     tensor: ("grad", "_nodes_between"),
