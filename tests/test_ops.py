@@ -470,16 +470,21 @@ def composed_affine(x, w, b):
                                         ((3, 5, 1), (3, 1, 4), (3, 4)), ((2, 3, 5, 2), (2, 1, 2, 4), (2, 4)),
                                         ((2, 3, 1, 2), (2, 4), (2, 4)), ((5, 2), (2, 3), (3,))])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_affine_is_its_composition_bit_for_bit(sx, sw, sb, dtype):
-    """``affine`` (one node) gives the same bits as matmul + reshape + add, its value and three orders of
-    derivatives, and its gradients pass the finite-difference check."""
+@pytest.mark.parametrize("relu", [False, True])
+def test_affine_is_its_composition_bit_for_bit(sx, sw, sb, dtype, relu):
+    """``affine`` (one node) gives the same bits as matmul + reshape + add (then ``relu``, with
+    ``relu=True``), its value and three orders of derivatives, and its gradients pass the
+    finite-difference check."""
     rng = np.random.default_rng(0)
     x, w, b = (rng.standard_normal(s).astype(dtype) for s in (sx, sw, sb))
-    for fused, composed in zip(third_order_derivatives(ad.affine, (x, w, b)),
-                               third_order_derivatives(composed_affine, (x, w, b))):
-        assert fused.dtype == dtype
-        np.testing.assert_array_equal(fused, composed)
-    if dtype == np.float64:
+    composed = (lambda *t: ad.relu(composed_affine(*t))) if relu else composed_affine
+    for one, other in zip(third_order_derivatives(lambda *t: ad.affine(*t, relu=relu), (x, w, b)),
+                          third_order_derivatives(composed, (x, w, b))):
+        assert one.dtype == dtype
+        np.testing.assert_array_equal(one, other)
+    if relu:
+        assert (ad.affine(x, w, b, relu=True).data == 0).any()  # the mask cuts somewhere
+    if dtype == np.float64 and not relu:  # (finite differences across ReLU's kink would not agree)
         assert_grads(lambda *t: ad.tanh(ad.affine(*t)), [x, w, b])
 
 

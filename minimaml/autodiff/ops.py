@@ -507,13 +507,15 @@ def _product(op: str, a, b):
         raise ShapeError(f"{op}: batch dimensions do not broadcast: {a.shape} @ {b.shape}") from err
 
 
-def affine(x, w, b) -> Tensor:
-    """x @ w + b, a dense layer as one node (instead of a matmul, a reshape of b and an add).
+def affine(x, w, b, relu: bool = False) -> Tensor:
+    """x @ w + b, a dense layer as one node (instead of a matmul, a reshape of b and an add); with
+    ``relu=True`` its ReLU too, max(x @ w + b, 0) = (x @ w + b) * [x @ w + b > 0] as ``relu`` computes it.
 
     ``x: (*lead, ..., N, in)``; ``w: (..., in, out)``, its batch axes broadcasting against x's as in
     ``matmul``; ``b: (*lead, out)``, ``lead`` being leading axes of x (the task axes, or none for a
-    shared bias), added to every row. VJP: ``matmul``'s for x and w, and g summed over the rows (and
-    the axes between ``lead`` and them) for b.
+    shared bias), added to every row. VJP: g times the constant mask (``relu=True``), then ``matmul``'s
+    for x and w, and g summed over the rows (and the axes between ``lead`` and them) for b: the same
+    operations as the separate nodes would record.
     """
     x, w = _operands("affine", x, w)
     x, b = _operands("affine", x, b)
@@ -523,8 +525,13 @@ def affine(x, w, b) -> Tensor:
     out = _product("affine", x.data, w.data)
     rows = tuple(range(b.ndim - 1, out.ndim - 1))  # the axes b is repeated along
     out += b.data.reshape(b.shape[:-1] + (1,) * len(rows) + b.shape[-1:])
+    if relu:
+        mask = Tensor((out > 0).astype(out.dtype))
+        out = out * mask.data
 
     def vjp(g):
+        if relu:
+            g = multiply(g, mask)
         return _matmul_vjp(g, x, w) + (sum(g, axis=rows) if _need(b) else None,)
 
     return record(out, (x, w, b), vjp)
