@@ -488,6 +488,25 @@ def test_affine_is_its_composition_bit_for_bit(sx, sw, sb, dtype, relu):
         assert_grads(lambda *t: ad.tanh(ad.affine(*t)), [x, w, b])
 
 
+@pytest.mark.parametrize("s_theta, s_g, s_lr", [((2, 3, 4), (2, 3, 4), None), ((2, 3, 4), (2, 3, 4), (3, 4)),
+                                              ((3, 4), (2, 3, 4), (2, 1, 4)), ((2, 3), (2, 3), ())])
+def test_gradient_step_is_its_composition_bit_for_bit(s_theta, s_g, s_lr):
+    """``gradient_step`` (one node) gives the same bits as theta - lr * g, with lr a number (None here)
+    or a Tensor that broadcasts (Meta-SGD's step sizes), through three orders of derivatives."""
+    rng = np.random.default_rng(2)
+    shapes = (s_theta, s_g) if s_lr is None else (s_theta, s_g, s_lr)
+    arrays = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    if s_lr is None:
+        fused, composed = (lambda t, g: ad.gradient_step(t, g, 0.01)), (lambda t, g: t - 0.01 * g)
+    else:
+        fused, composed = ad.gradient_step, (lambda t, g, lr: t - lr * g)
+    for one, other in zip(third_order_derivatives(fused, arrays), third_order_derivatives(composed, arrays)):
+        assert one.dtype == np.float32
+        np.testing.assert_array_equal(one, other)
+    with pytest.raises(ShapeError, match=r"gradient_step: theta \(2, 3\), lr \(\) and g \(3, 2\) do not broadcast"):
+        ad.gradient_step(np.ones((2, 3)), np.ones((3, 2)), 0.1)
+
+
 def test_affine_bias_that_does_not_fit():
     x, w = np.ones((3, 5, 2)), np.ones((3, 2, 4))
     for bias in (np.ones((3, 5)), np.ones((2, 4)), np.ones((3, 5, 4)), np.ones(())):

@@ -124,6 +124,31 @@ def multiply(a, b) -> Tensor:
     return record(out, (a, b), vjp)
 
 
+def gradient_step(theta, g, lr) -> Tensor:
+    """theta - lr * g, a step of gradient descent, as one node instead of a product and a difference, with
+    the same arithmetic. ``lr``: a number, or a Tensor that broadcasts against ``g`` (Meta-SGD's learned
+    step sizes). VJP: (h, -h lr, -h g) for (theta, lr, g), each summed back to its shape: the product's
+    VJP applied to the difference's -h, as the two separate nodes would record it.
+    """
+    lr, g = _operands("gradient_step", lr, g)
+    theta, g = _operands("gradient_step", theta, g)
+    try:
+        step = lr.data * g.data
+        out = theta.data - step
+    except ValueError as err:
+        raise ShapeError(f"gradient_step: theta {theta.shape}, lr {lr.shape} and g {g.shape} do not "
+                         f"broadcast") from err
+    step_shape = step.shape  # lr * g's, where the product's cotangent is summed back to
+
+    def vjp(h):
+        minus_h = _unbroadcast(negative(h), step_shape) if _need(lr) or _need(g) else None
+        return (_unbroadcast(h, theta.shape) if _need(theta) else None,
+                _unbroadcast(multiply(minus_h, g), lr.shape) if _need(lr) else None,
+                _unbroadcast(multiply(minus_h, lr), g.shape) if _need(g) else None)
+
+    return record(out, (theta, lr, g), vjp)
+
+
 def divide(a, b) -> Tensor:
     """a / b. VJP: (g / b, -g * a / b^2)."""
     a, b = _operands("divide", a, b)
