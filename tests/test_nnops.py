@@ -378,6 +378,10 @@ def test_conv2d_kernel_larger_than_valid_image():
 def test_other_nnops_errors():
     with pytest.raises(ShapeError, match=r"mse.*\(2, 3\).*\(3, 2\)"):
         ad.mse(np.ones((2, 3)), np.ones((3, 2)))
+    with pytest.raises(ShapeError, match=r"mse: expected prediction and target \(\.\.\., N, D\), got shape \(3,"):
+        ad.mse(np.ones(3), np.ones(3))
+    with pytest.raises(ShapeError, match=r"mean_square: expected \(\.\.\., N, D\)"):
+        nnops.mean_square(np.ones(3))
     with pytest.raises(ShapeError, match="softmax_cross_entropy"):
         ad.softmax_cross_entropy(np.ones((2, 3)), np.zeros(3, dtype=np.int64))
     with pytest.raises(TypeError, match=r"expected integer class labels of shape \(2,\), got float64"):

@@ -503,7 +503,7 @@ def test_gradient_step_is_its_composition_bit_for_bit(s_theta, s_g, s_lr):
     for one, other in zip(third_order_derivatives(fused, arrays), third_order_derivatives(composed, arrays)):
         assert one.dtype == np.float32
         np.testing.assert_array_equal(one, other)
-    with pytest.raises(ShapeError, match=r"gradient_step: theta \(2, 3\), lr \(\) and g \(3, 2\) do not broadcast"):
+    with pytest.raises(ShapeError, match=r"gradient_step: theta \(2, 3\), lr \(\) and g \(3, 2\) do not"):
         ad.gradient_step(np.ones((2, 3)), np.ones((3, 2)), 0.1)
 
 

@@ -3,9 +3,10 @@
 Images are channel-last, as in the paper's TensorFlow code: ``x: (..., H, W, C)``; filters are
 ``(kh, kw, C_in, C_out)``. The primitives here: ``im2col`` and ``col2im`` (each the other's adjoint,
 so each is the other's VJP); the convolution with its input and filter gradients (closed under VJPs);
-``channel_dot``, ``channel_scale``, ``batch_normalize`` and ``mean_square`` (MSE's mean of squares). Everything else is built from ``ops`` and
-inherits their derivatives. The rules here are the math; how the convolution, im2col / col2im and
-batch norm run on the arrays (in cache-sized blocks shared out over the CPU cores) is in ``kernels``.
+``channel_dot``, ``channel_scale``, ``batch_normalize`` and ``mean_square`` (MSE's mean of squares).
+Everything else is built from ``ops`` and inherits their derivatives. The rules here are the math; how
+the convolution, im2col / col2im and batch norm run on the arrays (in cache-sized blocks shared out over
+the CPU cores) is in ``kernels``.
 """
 
 from __future__ import annotations
@@ -329,6 +330,8 @@ def mse(prediction, target) -> Tensor:
     prediction, target = ops._operands("mse", prediction, target)
     if prediction.shape != target.shape:
         raise ShapeError(f"mse: prediction {prediction.shape} and target {target.shape} differ in shape")
+    if prediction.ndim < 2:
+        raise ShapeError(f"mse: expected prediction and target (..., N, D), got shape {prediction.shape}")
     return mean_square(prediction - target)
 
 
@@ -343,7 +346,7 @@ def mean_square(d) -> Tensor:
     """
     d = ops.as_tensor(d)
     if d.ndim < 2:
-        raise ShapeError(f"mse: expected (..., N, D) with at least 2 axes, got shape {d.shape}")
+        raise ShapeError(f"mean_square: expected (..., N, D) with at least 2 axes, got shape {d.shape}")
     inverse_count = ops.as_tensor(1.0 / (d.shape[-2] * d.shape[-1]), like=d)
     out = (d.data * d.data).sum(axis=(d.ndim - 2, d.ndim - 1)) * inverse_count.data
 
