@@ -129,6 +129,17 @@ def test_matmul_matches_the_stacked_product(a_shape, b_shape, transpose_b):
     if a.shape[-1] == 1:  # one product per entry: exactly what the GEMM computes
         np.testing.assert_array_equal(fast, kernels.reference_matmul(a, b))
     assert fast.shape == np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1])
+    out = np.empty(fast.shape)
+    assert kernels.matmul(a, b, out=out) is out  # written in place, the same numbers
+    np.testing.assert_array_equal(out, fast)
+
+
+def test_matmul_and_conv_refuse_an_output_they_cannot_write_in_place():
+    a, b = _rng.standard_normal((2, 3, 600, 300)), _rng.standard_normal((3, 300, 20))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        kernels.matmul(a, b, out=np.empty((2, 3, 20, 600)).swapaxes(-1, -2))
+    with pytest.raises(ValueError, match="not contiguous"):
+        kernels._matrix_view(np.empty((2, 4, 3, 3, 5))[:, ::2])
 
 
 def test_matmul_reads_operands_blas_cannot():
