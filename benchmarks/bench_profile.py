@@ -53,9 +53,9 @@ from minimaml.autodiff import kernels, nnops, ops, tensor  # noqa: E402
 PRIMITIVES = {
     ops: ("add", "subtract", "multiply", "divide", "negative", "power", "exp", "log", "sqrt", "tanh",
           "sigmoid", "where", "sum", "max", "broadcast_to", "reshape", "transpose", "swapaxes", "getitem",
-          "scatter_add", "concatenate", "matmul", "matmul_nt", "matmul_tn", "affine"),
+          "scatter_add", "concatenate", "matmul", "matmul_nt", "matmul_tn", "affine", "gradient_step"),
     nnops: ("im2col", "col2im", "_conv", "_conv_input_grad", "_conv_filter_grad", "channel_dot",
-            "channel_scale", "batch_normalize"),
+            "channel_scale", "batch_normalize", "mean_square"),
     kernels: ("im2col", "col2im", "conv", "conv_input_grad", "conv_filter_grad", "batch_norm",
               "batch_norm_vjp", "matmul"),
     tensor: ("grad", "_nodes_between"),

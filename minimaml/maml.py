@@ -118,7 +118,7 @@ def inner_step(task_loss, params: dict, support, inner_lr, inner_param_names=Non
     adapted = dict(params)
     for name, g in zip(names, grads):
         lr = inner_lr[name] if isinstance(inner_lr, dict) else inner_lr
-        adapted[name] = params[name] - lr * g
+        adapted[name] = ad.gradient_step(params[name], g, lr)  # theta - lr * g, as one node
     if not create_graph:
         adapted = {n: p.detach() for n, p in adapted.items()}
     return adapted

@@ -129,6 +129,17 @@ def test_matmul_matches_the_stacked_product(a_shape, b_shape, transpose_b):
     if a.shape[-1] == 1:  # one product per entry: exactly what the GEMM computes
         np.testing.assert_array_equal(fast, kernels.reference_matmul(a, b))
     assert fast.shape == np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1])
+    out = np.empty(fast.shape)
+    assert kernels.matmul(a, b, out=out) is out  # written in place, the same numbers
+    np.testing.assert_array_equal(out, fast)
+
+
+def test_matmul_and_conv_refuse_an_output_they_cannot_write_in_place():
+    a, b = _rng.standard_normal((2, 3, 600, 300)), _rng.standard_normal((3, 300, 20))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        kernels.matmul(a, b, out=np.empty((2, 3, 20, 600)).swapaxes(-1, -2))
+    with pytest.raises(ValueError, match="not contiguous"):
+        kernels._matrix_view(np.empty((2, 4, 3, 3, 5))[:, ::2])
 
 
 def test_matmul_reads_operands_blas_cannot():
@@ -138,3 +149,26 @@ def test_matmul_reads_operands_blas_cannot():
     b = _rng.standard_normal((2, 90, 3, 70))[:, :, 1, ::2]  # last axis stride 16: BLAS cannot read it
     assert not kernels._blas_readable(b)
     np.testing.assert_allclose(kernels.matmul(a, b), a @ b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("x_shape, shape", [
+    ((40,), (25, 40)),                 # a new leading (task) axis
+    ((25, 1, 1), (25, 10, 1)),         # stretched axes, a kept axis of length 1
+    ((1, 40), (3, 25, 1, 40)),
+    ((), (25,)),                       # a 0-d array
+    ((3, 4), (3, 4)),                  # nothing to repeat
+])
+def test_broadcast_to_is_numpys_view(x_shape, shape):
+    x = _rng.standard_normal(x_shape).astype(np.float32)
+    for operand in [x] + ([np.asfortranarray(x)] if x.ndim > 1 else []):  # C-contiguous or not
+        fast, reference = kernels.broadcast_to(operand, shape), kernels.reference_broadcast_to(operand, shape)
+        assert fast.shape == reference.shape and fast.strides == reference.strides
+        assert not fast.flags.writeable
+        np.testing.assert_array_equal(fast, reference)
+
+
+def test_broadcast_to_refuses_shapes_that_do_not_broadcast():
+    with pytest.raises(ValueError):
+        kernels.broadcast_to(np.zeros((3, 2)), (3, 4))
+    with pytest.raises(ValueError):
+        kernels.broadcast_to(np.zeros((3, 2)), (2,))

@@ -23,6 +23,26 @@ def test_linear_task_axis_second_order():
     check_grads(lambda x, w, b: ad.tanh(layers.linear(x, w, b)), [x, w, b], order=2)
 
 
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_with_relu_is_relu_of_linear_bit_for_bit(with_bias):
+    """``relu=True`` (fused into ``affine`` when there is a bias) gives relu(linear(x)): the same float32
+    value, gradient and second derivative."""
+    x, w, b = (a.astype(numpy.float32) for a in (randn(T, 3, 4), randn(4, 5, seed=1), randn(T, 5, seed=2)))
+
+    def through(f):
+        leaves = [ad.Tensor(a, requires_grad=True) for a in (x, w, b)]
+        out = f(leaves[0], leaves[1], leaves[2] if with_bias else None)
+        first = ad.grad(ad.sum(out * out * ad.tanh(out)), leaves[:2 + with_bias], create_graph=True)
+        second = ad.grad(sum(ad.sum(g * g) for g in first), leaves[:2 + with_bias])
+        return [out.data] + [g.data for g in first + second]
+
+    fused = through(lambda x, w, b: layers.linear(x, w, b, relu=True))
+    separate = through(lambda x, w, b: ad.relu(layers.linear(x, w, b)))
+    assert (fused[0] == 0).any() and (fused[0] > 0).any()
+    for one, other in zip(fused, separate):
+        numpy.testing.assert_array_equal(one, other)
+
+
 def test_linear_shared_weight_second_order():
     x, w, b = randn(T, 3, 4), randn(4, 3, seed=1), randn(3, seed=2)
     check_grads(lambda x, w, b: ad.tanh(layers.linear(x, w, b)), [x, w, b], order=2)

@@ -316,6 +316,30 @@ def test_mse(data, shape):
     assert_grads(lambda a, b: ad.mse(ad.tanh(a), b), [p, y])
 
 
+@fast(25)
+@given(st.data(), loss_shapes())
+def test_mean_square_is_the_recorded_mean_of_squares_bit_for_bit(data, shape):
+    """The fused primitive against mean(d * d) recorded op by op, in float32: the value, the gradient
+    and a second-order product (the gradient of <gradient, v>) are the same bits."""
+    a = data.draw(float_arrays(shape), label="a").astype(np.float32)
+    y = data.draw(float_arrays(shape), label="y").astype(np.float32)
+    v = data.draw(float_arrays(shape), label="v").astype(np.float32)
+
+    def through(mean_of_squares):
+        x = Tensor(a, requires_grad=True)
+        d = ad.tanh(x) - Tensor(y)
+        loss = ad.sum(mean_of_squares(d))
+        (g,) = ad.grad(loss, [x], create_graph=True)
+        (h,) = ad.grad(ad.sum(g * Tensor(v)), [x])
+        return loss.data, g.data, h.data
+
+    fused = through(nnops.mean_square)
+    recorded = through(lambda d: ad.mean(d * d, axis=(-2, -1)))
+    for one, other in zip(fused, recorded):
+        assert one.dtype == np.float32
+        np.testing.assert_array_equal(one, other)
+
+
 @fast(40)
 @given(st.data(), loss_shapes())
 def test_softmax_cross_entropy(data, shape):
@@ -354,6 +378,10 @@ def test_conv2d_kernel_larger_than_valid_image():
 def test_other_nnops_errors():
     with pytest.raises(ShapeError, match=r"mse.*\(2, 3\).*\(3, 2\)"):
         ad.mse(np.ones((2, 3)), np.ones((3, 2)))
+    with pytest.raises(ShapeError, match=r"mse: expected prediction and target \(\.\.\., N, D\), got shape \(3,"):
+        ad.mse(np.ones(3), np.ones(3))
+    with pytest.raises(ShapeError, match=r"mean_square: expected \(\.\.\., N, D\)"):
+        nnops.mean_square(np.ones(3))
     with pytest.raises(ShapeError, match="softmax_cross_entropy"):
         ad.softmax_cross_entropy(np.ones((2, 3)), np.zeros(3, dtype=np.int64))
     with pytest.raises(TypeError, match=r"expected integer class labels of shape \(2,\), got float64"):

@@ -470,17 +470,41 @@ def composed_affine(x, w, b):
                                         ((3, 5, 1), (3, 1, 4), (3, 4)), ((2, 3, 5, 2), (2, 1, 2, 4), (2, 4)),
                                         ((2, 3, 1, 2), (2, 4), (2, 4)), ((5, 2), (2, 3), (3,))])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_affine_is_its_composition_bit_for_bit(sx, sw, sb, dtype):
-    """``affine`` (one node) gives the same bits as matmul + reshape + add, its value and three orders of
-    derivatives, and its gradients pass the finite-difference check."""
+@pytest.mark.parametrize("relu", [False, True])
+def test_affine_is_its_composition_bit_for_bit(sx, sw, sb, dtype, relu):
+    """``affine`` (one node) gives the same bits as matmul + reshape + add (then ``relu``, with
+    ``relu=True``), its value and three orders of derivatives, and its gradients pass the
+    finite-difference check."""
     rng = np.random.default_rng(0)
     x, w, b = (rng.standard_normal(s).astype(dtype) for s in (sx, sw, sb))
-    for fused, composed in zip(third_order_derivatives(ad.affine, (x, w, b)),
-                               third_order_derivatives(composed_affine, (x, w, b))):
-        assert fused.dtype == dtype
-        np.testing.assert_array_equal(fused, composed)
-    if dtype == np.float64:
+    composed = (lambda *t: ad.relu(composed_affine(*t))) if relu else composed_affine
+    for one, other in zip(third_order_derivatives(lambda *t: ad.affine(*t, relu=relu), (x, w, b)),
+                          third_order_derivatives(composed, (x, w, b))):
+        assert one.dtype == dtype
+        np.testing.assert_array_equal(one, other)
+    if relu:
+        assert (ad.affine(x, w, b, relu=True).data == 0).any()  # the mask cuts somewhere
+    if dtype == np.float64 and not relu:  # (finite differences across ReLU's kink would not agree)
         assert_grads(lambda *t: ad.tanh(ad.affine(*t)), [x, w, b])
+
+
+@pytest.mark.parametrize("s_theta, s_g, s_lr", [((2, 3, 4), (2, 3, 4), None), ((2, 3, 4), (2, 3, 4), (3, 4)),
+                                              ((3, 4), (2, 3, 4), (2, 1, 4)), ((2, 3), (2, 3), ())])
+def test_gradient_step_is_its_composition_bit_for_bit(s_theta, s_g, s_lr):
+    """``gradient_step`` (one node) gives the same bits as theta - lr * g, with lr a number (None here)
+    or a Tensor that broadcasts (Meta-SGD's step sizes), through three orders of derivatives."""
+    rng = np.random.default_rng(2)
+    shapes = (s_theta, s_g) if s_lr is None else (s_theta, s_g, s_lr)
+    arrays = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    if s_lr is None:
+        fused, composed = (lambda t, g: ad.gradient_step(t, g, 0.01)), (lambda t, g: t - 0.01 * g)
+    else:
+        fused, composed = ad.gradient_step, (lambda t, g, lr: t - lr * g)
+    for one, other in zip(third_order_derivatives(fused, arrays), third_order_derivatives(composed, arrays)):
+        assert one.dtype == np.float32
+        np.testing.assert_array_equal(one, other)
+    with pytest.raises(ShapeError, match=r"gradient_step: theta \(2, 3\), lr \(\) and g \(3, 2\) do not"):
+        ad.gradient_step(np.ones((2, 3)), np.ones((3, 2)), 0.1)
 
 
 def test_affine_bias_that_does_not_fit():

@@ -10,7 +10,7 @@ from .check import GradCheckError, GradCheckReport, check_grads
 from .nnops import (batch_normalize, col2im, conv2d, im2col, log_softmax, logsumexp, max_pool2x2, mse,
                     one_hot, same_padding, softmax_cross_entropy)
 from .ops import (ShapeError, abs, add, affine, as_tensor, broadcast_to, concatenate, divide, exp, getitem,
-                  log, matmul, max, maximum, mean, multiply, negative, power, relu, reshape,
+                  gradient_step, log, matmul, max, maximum, mean, multiply, negative, power, relu, reshape,
                   scatter_add, sigmoid, sqrt, stack, subtract, sum, swapaxes, tanh, transpose, where)
 from .tensor import Tensor, grad, is_recording, no_grad
 

@@ -12,6 +12,7 @@ check the fast kernel.
     conv, conv_input_grad, conv_filter_grad  im2col + GEMM, blockwise
     batch_norm, batch_norm_vjp             batch-norm forward and its VJP, two passes over the data
     matmul                                 ``a @ b`` with NumPy's slow stacked paths avoided
+    broadcast_to                           a broadcast view, without NumPy's general machinery
 """
 
 from __future__ import annotations
@@ -207,16 +208,24 @@ def _block_patches(x5, lead, rows, geometry: Geometry):
     return geometry.patches(block, out).reshape(l, n * geometry.ho * geometry.wo, -1)
 
 
+def _matrix_view(block):
+    """A block ``(l, n, Ho, Wo, C)`` of a result as the matrices ``(l, n Ho Wo, C)`` that a product is
+    written into: a view (a block of ``blocks`` is contiguous; anything else is refused, since a
+    reshaped copy would lose the writes)."""
+    if not block.flags.c_contiguous:
+        raise ValueError(f"kernels: a block {block.shape} of a result is not contiguous")
+    return block.reshape(block.shape[0], -1, block.shape[-1])
+
+
 def conv(x5, w3, geometry: Geometry):
     """out[t] = im2col(x[t]) @ w[t] for ``x5: (L, n, H, W, C_in)``, ``w3: (L, K, C_out)``:
-    ``(L, n, Ho, Wo, C_out)``."""
+    ``(L, n, Ho, Wo, C_out)``, each block's product written straight into its part of the result."""
     xp = backend.array_namespace(x5)
     n_tasks, n = x5.shape[:2]
     out = xp.empty((n_tasks, n, geometry.ho, geometry.wo, w3.shape[-1]), dtype=x5.dtype)
 
     def multiply(lead, rows):
-        product = matmul(_block_patches(x5, lead, rows, geometry), w3[lead])
-        out[lead, rows] = product.reshape(out[lead, rows].shape)
+        matmul(_block_patches(x5, lead, rows, geometry), w3[lead], out=_matrix_view(out[lead, rows]))
 
     for_each_block(multiply, conv_blocks(x5, x5.shape[-1], geometry))
     return out
@@ -302,12 +311,21 @@ def down_rows(values, x3, n_rows: int):
     return xp.ascontiguousarray(xp.broadcast_to(values, (values.shape[0], n_rows, values.shape[2])))
 
 
-def _centred_dot(x_block, mean, other=None):
+def _centred_dot(x_block, mean_rows, centred, other=None):
     """``sum_p other (x - mean)`` per channel, ``(l, 1, C)``, for a block ``x_block: (l, rows, C)``;
-    ``other`` None: ``sum_p (x - mean)^2``. The centred block is a temporary, gone on return."""
+    ``other`` None: ``sum_p (x - mean)^2``. ``mean_rows``: the mean repeated down at least ``rows`` rows
+    (``down_rows``); ``centred``: a scratch buffer of at least the block's size, that x - mean is
+    written into (one contiguous ``(l, rows, C)`` array, as ``x_block - mean`` would make)."""
     xp = backend.array_namespace(x_block)
-    centred = x_block - mean
+    n = x_block.shape[1]
+    centred = centred.reshape(-1)[:x_block.size].reshape(x_block.shape)
+    xp.subtract(x_block, mean_rows if mean_rows.shape[1] == n else mean_rows[:, :n], out=centred)
     return xp.einsum("lpc,lpc->lc", centred if other is None else other, centred)[:, None]
+
+
+def _block_rows(x3, group) -> int:
+    """The most rows of any block of a group (a block ``(lead, rows)`` of ``x3``)."""
+    return max(len(range(*rows.indices(x3.shape[1]))) for _, rows in group)
 
 
 def _group_chunks(x3, group) -> tuple:
@@ -334,8 +352,11 @@ def batch_norm(x3, scale3, shift3, eps: float, relu: bool) -> tuple:
         for _, rows in group:
             mean[lead] += x3[lead, rows].sum(axis=1, keepdims=True)
         mean[lead] /= n_rows
+        block_rows = _block_rows(x3, group)
+        mean_rows = down_rows(mean[lead], x3, block_rows)
+        centred = xp.empty_like(x3[lead, :block_rows])
         for _, rows in group:
-            sum_squares[lead] += _centred_dot(x3[lead, rows], mean[lead])
+            sum_squares[lead] += _centred_dot(x3[lead, rows], mean_rows, centred)
         inv_std[lead] = 1 / xp.sqrt(sum_squares[lead] / n_rows + eps)
         a[lead] = inv_std[lead] if scale3 is None else inv_std[lead] * scale3[lead]
         b = -mean[lead] * a[lead] if shift3 is None else shift3[lead] - mean[lead] * a[lead]
@@ -369,13 +390,16 @@ def batch_norm_vjp(g3, x3, relu_output, mean, inv_std, a) -> tuple:
 
     def input_grad(group):
         lead = group[0][0]
+        block_rows = _block_rows(x3, group)
+        mean_rows = down_rows(mean[lead], x3, block_rows)
+        centred = xp.empty_like(x3[lead, :block_rows])
         for _, rows in group:  # sum_p g' and sum_p g' (x - mean)
             g_in = g_masked[lead, rows]
             if relu_output is not None:  # g' = g [y > 0]: the mask written as 1.0 / 0.0, then times g
                 xp.greater(relu_output[lead, rows], 0, out=g_in)
                 g_in *= g3[lead, rows]
             g_sum[lead] += g_in.sum(axis=1, keepdims=True)
-            g_dot[lead] += _centred_dot(x3[lead, rows], mean[lead], g_in)
+            g_dot[lead] += _centred_dot(x3[lead, rows], mean_rows, centred, g_in)
         dscale[lead] = g_dot[lead] * inv_std[lead]  # sum_p g' x_hat
         k = a[lead] * inv_std[lead] * dscale[lead] / n_rows
         offset = k * mean[lead] - a[lead] * g_sum[lead] / n_rows
@@ -395,8 +419,9 @@ def batch_norm_vjp(g3, x3, relu_output, mean, inv_std, a) -> tuple:
 # --- matrix product ---------------------------------------------------------------------------------
 
 
-def matmul(a, b):
-    """``a @ b`` on raw arrays, fast on NumPy too.
+def matmul(a, b, out=None):
+    """``a @ b`` on raw arrays, fast on NumPy too; written into ``out`` when it is given (a C-contiguous
+    array of the product's shape, e.g. a block of a bigger result: no copy of the product is made).
 
     CuPy's batched GEMM, and NumPy's own ``@`` on 2-D operands, are used as they are. On NumPy:
 
@@ -411,22 +436,33 @@ def matmul(a, b):
       2-D products, one BLAS call per batch entry (NumPy copies a non-BLAS 2-D operand once).
     """
     if backend.is_gpu_array(a) or b.ndim == 2 and a.ndim == 2:
-        return a @ b
+        return _written(a @ b, out)
     m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
     if k == 1:
-        return a * b
+        return _written(a * b, out)
     if m * k * n < LOOP_MIN_WORK and _blas_readable(a) and _blas_readable(b):
-        return a @ b
+        return _written(a @ b, out)
     batch = numpy.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     b_is_shared = all(stride == 0 for stride in b.strides[:-2])
     if b_is_shared and a.shape[:-2] == batch:
         b2 = b[(0,) * (b.ndim - 2)]
-        return (a.reshape(-1, k) @ b2).reshape(*a.shape[:-1], n)
+        return _written((a.reshape(-1, k) @ b2).reshape(*a.shape[:-1], n), out)
     a = numpy.broadcast_to(a, batch + a.shape[-2:])
     b = numpy.broadcast_to(b, batch + b.shape[-2:])
-    out = numpy.empty(batch + (m, n), dtype=numpy.result_type(a, b))
+    if out is None:
+        out = numpy.empty(batch + (m, n), dtype=numpy.result_type(a, b))
+    elif out.shape != batch + (m, n) or not out.flags.c_contiguous:
+        raise ValueError(f"matmul: out {out.shape} must be a C-contiguous array of the product's shape {batch + (m, n)}")
     for index in numpy.ndindex(*batch):
         numpy.matmul(a[index], b[index], out=out[index])
+    return out
+
+
+def _written(product, out):
+    """``product``, copied into ``out`` when one is given."""
+    if out is None:
+        return product
+    out[...] = product
     return out
 
 
@@ -437,6 +473,36 @@ def _blas_readable(x) -> bool:
     """Whether each matrix of ``x`` (its last two axes) has a unit stride along one of them, so that
     BLAS can read it in place (as stored or transposed)."""
     return x.strides[-1] == x.itemsize or x.strides[-2] == x.itemsize or x.shape[-1] == 1 or x.shape[-2] == 1
+
+
+# --- broadcast view -----------------------------------------------------------------------------------
+
+
+def broadcast_to(x, shape: tuple):
+    """``x`` repeated along broadcast axes to ``shape``: a read-only view with stride 0 along the new and
+    the stretched axes, exactly the view ``numpy.broadcast_to`` returns (same strides, so every later
+    operation reads it the same way).
+
+    NumPy's ``broadcast_to`` builds it through ``nditer``, at several times the cost of a small array
+    operation, and the tape's task-axis bookkeeping (``per_task``, the VJPs of sums) makes a dozen or more
+    per sinusoid meta-step; for a C-contiguous NumPy array the view is made here directly. Anything
+    else (CuPy, a strided array, shapes that do not broadcast) goes to the library's own.
+    """
+    lead = len(shape) - x.ndim
+    if backend.is_gpu_array(x) or not (isinstance(x, numpy.ndarray) and x.flags.c_contiguous and x.size) \
+            or lead < 0:
+        return backend.array_namespace(x).broadcast_to(x, shape)
+    strides = [0] * lead
+    for n_x, n, stride in zip(x.shape, shape[lead:], x.strides):
+        if n_x == 1:  # NumPy gives every axis of length 1 stride 0, stretched or not
+            strides.append(0)
+        elif n_x == n:
+            strides.append(stride)
+        else:
+            return numpy.broadcast_to(x, shape)  # raises NumPy's error
+    view = numpy.ndarray(shape, x.dtype, buffer=x, strides=strides)
+    view.flags.writeable = False
+    return view
 
 
 # --- reference kernels: the same results the obvious way (tests/test_kernels.py compares) ------------
@@ -515,3 +581,8 @@ def reference_batch_norm_vjp(g3, x3, relu_output, mean, inv_std, a) -> tuple:
 def reference_matmul(a, b):
     """``matmul``: the array library's own ``@``."""
     return a @ b
+
+
+def reference_broadcast_to(x, shape: tuple):
+    """``broadcast_to``: the array library's own."""
+    return backend.array_namespace(x).broadcast_to(x, shape)

@@ -3,9 +3,10 @@
 Images are channel-last, as in the paper's TensorFlow code: ``x: (..., H, W, C)``; filters are
 ``(kh, kw, C_in, C_out)``. The primitives here: ``im2col`` and ``col2im`` (each the other's adjoint,
 so each is the other's VJP); the convolution with its input and filter gradients (closed under VJPs);
-``channel_dot``, ``channel_scale`` and ``batch_normalize``. Everything else is built from ``ops`` and
-inherits their derivatives. The rules here are the math; how the convolution, im2col / col2im and
-batch norm run on the arrays (in cache-sized blocks shared out over the CPU cores) is in ``kernels``.
+``channel_dot``, ``channel_scale``, ``batch_normalize`` and ``mean_square`` (MSE's mean of squares).
+Everything else is built from ``ops`` and inherits their derivatives. The rules here are the math; how
+the convolution, im2col / col2im and batch norm run on the arrays (in cache-sized blocks shared out over
+the CPU cores) is in ``kernels``.
 """
 
 from __future__ import annotations
@@ -329,8 +330,32 @@ def mse(prediction, target) -> Tensor:
     prediction, target = ops._operands("mse", prediction, target)
     if prediction.shape != target.shape:
         raise ShapeError(f"mse: prediction {prediction.shape} and target {target.shape} differ in shape")
-    diff = prediction - target
-    return ops.mean(diff * diff, axis=(-2, -1))
+    if prediction.ndim < 2:
+        raise ShapeError(f"mse: expected prediction and target (..., N, D), got shape {prediction.shape}")
+    return mean_square(prediction - target)
+
+
+def mean_square(d) -> Tensor:
+    """mean(d * d) over the last two axes of ``d: (..., N, D)``, shape ``(...)``: MSE's mean of squared
+    differences as one primitive instead of three recorded nodes (a product, a sum, a scaling), with the
+    same arithmetic in the same order:
+
+        forward  sum_{n, j} d_nj d_nj  times  1 / (N D);
+        VJP      h d + h d  with  h = g / (N D)  repeated over (N, D): the product rule's two terms,
+                 as the reverse pass sums them when d * d is recorded.
+    """
+    d = ops.as_tensor(d)
+    if d.ndim < 2:
+        raise ShapeError(f"mean_square: expected (..., N, D) with at least 2 axes, got shape {d.shape}")
+    inverse_count = ops.as_tensor(1.0 / (d.shape[-2] * d.shape[-1]), like=d)
+    out = (d.data * d.data).sum(axis=(d.ndim - 2, d.ndim - 1)) * inverse_count.data
+
+    def vjp(g):
+        h = ops.multiply(g, inverse_count)
+        h = ops.broadcast_to(ops.reshape(h, h.shape + (1, 1)), d.shape)
+        return (ops.multiply(h, d) + ops.multiply(h, d),)
+
+    return record(out, (d,), vjp)
 
 
 def one_hot(labels, n_classes: int, dtype):

@@ -124,6 +124,31 @@ def multiply(a, b) -> Tensor:
     return record(out, (a, b), vjp)
 
 
+def gradient_step(theta, g, lr) -> Tensor:
+    """theta - lr * g, a step of gradient descent, as one node instead of a product and a difference, with
+    the same arithmetic. ``lr``: a number, or a Tensor that broadcasts against ``g`` (Meta-SGD's learned
+    step sizes). VJP: (h, -h lr, -h g) for (theta, lr, g), each summed back to its shape: the product's
+    VJP applied to the difference's -h, as the two separate nodes would record it.
+    """
+    lr, g = _operands("gradient_step", lr, g)
+    theta, g = _operands("gradient_step", theta, g)
+    try:
+        step = lr.data * g.data
+        out = theta.data - step
+    except ValueError as err:
+        raise ShapeError(f"gradient_step: theta {theta.shape}, lr {lr.shape} and g {g.shape} do not "
+                         f"broadcast") from err
+    step_shape = step.shape  # lr * g's, where the product's cotangent is summed back to
+
+    def vjp(h):
+        minus_h = _unbroadcast(negative(h), step_shape) if _need(lr) or _need(g) else None
+        return (_unbroadcast(h, theta.shape) if _need(theta) else None,
+                _unbroadcast(multiply(minus_h, g), lr.shape) if _need(lr) else None,
+                _unbroadcast(multiply(minus_h, lr), g.shape) if _need(g) else None)
+
+    return record(out, (theta, lr, g), vjp)
+
+
 def divide(a, b) -> Tensor:
     """a / b. VJP: (g / b, -g * a / b^2)."""
     a, b = _operands("divide", a, b)
@@ -328,9 +353,8 @@ def broadcast_to(x, shape: tuple) -> Tensor:
     """``x`` repeated along broadcast axes to ``shape``. VJP: sum back (``_unbroadcast``)."""
     x = as_tensor(x)
     shape = tuple(shape)
-    xp = backend.array_namespace(x.data)
     try:
-        out = xp.broadcast_to(x.data, shape)
+        out = kernels.broadcast_to(x.data, shape)
     except ValueError as err:
         raise ShapeError(f"broadcast_to: cannot broadcast shape {x.shape} to {shape}") from err
     return record(out, (x,), lambda g: (_unbroadcast(g, x.shape),))
@@ -509,13 +533,15 @@ def _product(op: str, a, b):
         raise ShapeError(f"{op}: batch dimensions do not broadcast: {a.shape} @ {b.shape}") from err
 
 
-def affine(x, w, b) -> Tensor:
-    """x @ w + b, a dense layer as one node (instead of a matmul, a reshape of b and an add).
+def affine(x, w, b, relu: bool = False) -> Tensor:
+    """x @ w + b, a dense layer as one node (instead of a matmul, a reshape of b and an add); with
+    ``relu=True`` its ReLU too, max(x @ w + b, 0) = (x @ w + b) * [x @ w + b > 0] as ``relu`` computes it.
 
     ``x: (*lead, ..., N, in)``; ``w: (..., in, out)``, its batch axes broadcasting against x's as in
     ``matmul``; ``b: (*lead, out)``, ``lead`` being leading axes of x (the task axes, or none for a
-    shared bias), added to every row. VJP: ``matmul``'s for x and w, and g summed over the rows (and
-    the axes between ``lead`` and them) for b.
+    shared bias), added to every row. VJP: g times the constant mask (``relu=True``), then ``matmul``'s
+    for x and w, and g summed over the rows (and the axes between ``lead`` and them) for b: the same
+    operations as the separate nodes would record.
     """
     x, w = _operands("affine", x, w)
     x, b = _operands("affine", x, b)
@@ -525,8 +551,13 @@ def affine(x, w, b) -> Tensor:
     out = _product("affine", x.data, w.data)
     rows = tuple(range(b.ndim - 1, out.ndim - 1))  # the axes b is repeated along
     out += b.data.reshape(b.shape[:-1] + (1,) * len(rows) + b.shape[-1:])
+    if relu:
+        mask = Tensor((out > 0).astype(out.dtype))
+        out = out * mask.data
 
     def vjp(g):
+        if relu:
+            g = multiply(g, mask)
         return _matmul_vjp(g, x, w) + (sum(g, axis=rows) if _need(b) else None,)
 
     return record(out, (x, w, b), vjp)

@@ -135,33 +135,33 @@ def _nodes_between(output: Tensor, inputs) -> list:
     parents are, and kept when it is one of the inputs or one of its parents was kept. A node made
     before the oldest input cannot depend on any input, so the search never goes past it: the inner
     gradient of MAML's step k then visits step k's graph, not the k - 1 steps recorded before it.
+    (Tensors are dict keys and set members by identity: ``Tensor`` defines no ``==``.)
     """
-    input_ids = {id(x) for x in inputs}
+    inputs = set(inputs)
     oldest = min(x.index for x in inputs)
-    kept = {}  # id(node) -> whether it lies on a path from an input
+    kept = {}  # node -> whether it lies on a path from an input
     order = []
     stack = [output]
     while stack:
         node = stack[-1]
-        key = id(node)
-        if key in kept:
+        if node in kept:
             stack.pop()
             continue
         waiting = False
         for parent in node.parents:
-            if parent.requires_grad and parent.index >= oldest and id(parent) not in kept:
+            if parent.requires_grad and parent.index >= oldest and parent not in kept:
                 stack.append(parent)
                 waiting = True
         if waiting:
             continue
         stack.pop()
-        keep = key in input_ids
+        keep = node in inputs
         if not keep:
             for parent in node.parents:
-                if kept.get(id(parent)):
+                if kept.get(parent):
                     keep = True
                     break
-        kept[key] = keep
+        kept[node] = keep
         if keep:
             order.append(node)
     return order
@@ -189,29 +189,26 @@ def grad(output: Tensor, inputs, create_graph: bool = False) -> list:
         raise ValueError(f"grad: output must be a scalar, got shape {output.shape}")
 
     xp = backend.array_namespace(output.data)
-    cotangents = {id(output): Tensor(xp.ones_like(output.data))}
-    input_ids = {id(x) for x in inputs}
+    cotangents = {output: Tensor(xp.ones_like(output.data))}  # node -> the sum of the cotangents it received
+    wanted = set(inputs)
     results = {}
     order = _nodes_between(output, inputs)
-    on_a_path = {id(node) for node in order}
+    on_a_path = set(order)
     with _recording_if(create_graph):
         for node in reversed(order):
-            key = id(node)
-            g = cotangents.pop(key, None)
+            g = cotangents.pop(node, None)
             if g is None:
                 continue
-            if key in input_ids:
-                results[key] = g
-                if not any(id(parent) in on_a_path for parent in node.parents):
+            if node in wanted:
+                results[node] = g
+                if not any(parent in on_a_path for parent in node.parents):
                     continue  # no input behind this one: its cotangent goes no further
             for parent, parent_g in zip(node.parents, node.vjp(g)):
-                if parent_g is None:
-                    continue
-                parent_key = id(parent)
-                previous = cotangents.get(parent_key)
-                cotangents[parent_key] = parent_g if previous is None else previous + parent_g
+                if parent_g is not None:
+                    previous = cotangents.get(parent)
+                    cotangents[parent] = parent_g if previous is None else previous + parent_g
     out = []
     for x in inputs:
-        g = results.get(id(x))
+        g = results.get(x)
         out.append(g if g is not None else Tensor(backend.array_namespace(x.data).zeros_like(x.data)))
     return out

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import time
 from dataclasses import dataclass
 
 import numpy
@@ -175,9 +174,9 @@ def run(config: Config, resume: bool = False, progress: bool = True, allow_chang
 
 
 def _run(config: Config, resume: bool, progress: bool, allow_changes) -> dict:
-    start = time.time()
     init_params = mlp.init(numpy.random.default_rng(config.seed), scheme=config.init)
     trained, histories, changes, failures = {}, {}, {}, {}
+    train_seconds = 0.0  # every method's training clock, from its checkpoint: all sessions of a resumed run
     algorithm = make_algorithm(config)
     # the algorithm's own meta-parameters (step sizes, rates), if any, drawn after the network's
     meta_params = algorithm.init(init_params, numpy.random.default_rng([config.seed, 1]))
@@ -193,7 +192,7 @@ def _run(config: Config, resume: bool, progress: bool, allow_changes) -> dict:
                            logger=log, allow_failures=config.allow_solver_failures)
         trained[name], histories[name], changes[name] = result.params, result.history, result.changes
         failures[name] = result.failures
-    train_seconds = time.time() - start
+        train_seconds += result.seconds
 
     evaluation, adaptation, mse = {}, fine_tuning(config, algorithm), task_loss(config.activation)
     for k in (5, 10, 20):

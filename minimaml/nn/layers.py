@@ -37,8 +37,9 @@ def _align(param: Tensor, core_ndim: int, x: Tensor, op: str) -> Tensor:
     return param if not ones else ad.reshape(param, lead + ones + param.shape[len(lead):])
 
 
-def linear(x, w, b=None) -> Tensor:
-    """y = x w + b.
+def linear(x, w, b=None, relu: bool = False) -> Tensor:
+    """y = x w + b, or max(x w + b, 0) with ``relu=True`` (the layer and its ReLU as one node,
+    ``autodiff.affine``).
 
     ``x: (*task, ..., N, in)``, ``w: (*lead, in, out)``, ``b: (*lead, out)`` or None, where ``lead`` is
     ``task`` (per-task weights) or empty (shared). Returns ``(*task, ..., N, out)``.
@@ -48,12 +49,13 @@ def linear(x, w, b=None) -> Tensor:
         raise ShapeError(f"linear: input {x.shape} does not fit weight {w.shape} "
                          f"(expected input (..., N, in) and weight (*task, in, out))")
     if b is None:
-        return ad.matmul(x, _align(w, 2, x, "linear"))
+        y = ad.matmul(x, _align(w, 2, x, "linear"))
+        return ad.relu(y) if relu else y
     b = ad.as_tensor(b)
     if b.shape[-1:] != w.shape[-1:]:
         raise ShapeError(f"linear: bias {b.shape} does not fit weight {w.shape}")
     _lead(b, 1, x, "linear")
-    return ad.affine(x, _align(w, 2, x, "linear"), b)
+    return ad.affine(x, _align(w, 2, x, "linear"), b, relu=relu)
 
 
 def conv2d(x, w, b=None, stride: int = 1, padding="SAME") -> Tensor:

@@ -50,7 +50,11 @@ def apply(params: dict, x, activation=ad.relu) -> ad.Tensor:
     n_layers = sum(1 for name in params if name.startswith("layer") and name.endswith(".w"))
     h = x
     for i in range(n_layers):
-        h = linear(h, params[f"layer{i}.w"], params[f"layer{i}.b"])
-        if i < n_layers - 1:
-            h = activation(h)
+        w, b = params[f"layer{i}.w"], params[f"layer{i}.b"]
+        if i == n_layers - 1:
+            h = linear(h, w, b)
+        elif activation is ad.relu:
+            h = linear(h, w, b, relu=True)  # the layer and its ReLU as one node, the same arithmetic
+        else:
+            h = activation(linear(h, w, b))
     return h
