@@ -553,7 +553,7 @@ def affine(x, w, b, relu: bool = False) -> Tensor:
     out += b.data.reshape(b.shape[:-1] + (1,) * len(rows) + b.shape[-1:])
     if relu:
         mask = Tensor((out > 0).astype(out.dtype))
-        out = out * mask.data
+        out *= mask.data  # in place: the same product, no second array of the layer's size
 
     def vjp(g):
         if relu:
