@@ -182,3 +182,29 @@ def to_gpu_and_check(cupy, f, arrays, order: int = 2):
     out = f(*[Tensor(a) for a in gpu_arrays])
     assert backend.is_gpu_array(out.data), "the result of an op on CuPy arrays is not a CuPy array"
     return assert_grads(f, gpu_arrays, order=order)
+
+
+def ten_second_steps(monkeypatch, module, step_makers, stop_at=None):
+    """Fake the training clock of an experiment ``module``: every step that its functions named in
+    ``step_makers`` (e.g. ``"meta_step"``) build takes 10 s by ``train``'s clock; ``stop_at[0]``: the
+    iteration that raises KeyboardInterrupt (None: none does)."""
+    from minimaml import train
+    clock = [0.0]
+    monkeypatch.setattr(train.time, "perf_counter", lambda: clock[0])
+
+    class TenSeconds(train.Step):
+        def __init__(self, step):
+            self.step = step
+
+        def init(self, params):
+            return self.step.init(params)
+
+        def __call__(self, params, state, rng, iteration):
+            if stop_at is not None and iteration == stop_at[0]:
+                raise KeyboardInterrupt
+            clock[0] += 10.0
+            return self.step(params, state, rng, iteration)
+
+    for name in step_makers:
+        make = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *args, make=make: TenSeconds(make(*args)))

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from conftest import ten_second_steps
 from minimaml import train
 from minimaml.experiments import classification, omniglot
 
@@ -59,29 +60,9 @@ def test_a_stopped_run_resumes_where_it_stopped(tmp_path, fake_omniglot):
 
 
 def _ten_second_steps(monkeypatch, stop_at=None):
-    """Fake the training clock: each meta-step takes 10 s; ``stop_at[0]``: the iteration that raises
+    """Each meta-step takes 10 s by the training clock; ``stop_at[0]``: the iteration that raises
     KeyboardInterrupt (None: none does)."""
-    clock = [0.0]
-    monkeypatch.setattr(train.time, "perf_counter", lambda: clock[0])
-    real_meta_step = classification.meta_step
-
-    class TenSeconds(train.Step):
-        def __init__(self, step):
-            self.step = step
-
-        def init(self, params):
-            return self.step.init(params)
-
-        def __call__(self, params, state, rng, iteration):
-            if stop_at is not None and iteration == stop_at[0]:
-                raise KeyboardInterrupt
-            clock[0] += 10.0
-            return self.step(params, state, rng, iteration)
-
-    def timed_meta_step(*args):
-        return TenSeconds(real_meta_step(*args))
-
-    monkeypatch.setattr(classification, "meta_step", timed_meta_step)
+    ten_second_steps(monkeypatch, classification, ["meta_step"], stop_at)
 
 
 def test_a_run_stopped_before_its_first_validation_keeps_its_training_time(tmp_path, fake_omniglot, monkeypatch):
