@@ -89,6 +89,8 @@ def _cases(rng, to_device=lambda a: a) -> list:
         ("matmul_tn (a^T @ b)", lambda a, b: ad.tanh(ad.ops.matmul_tn(a, b)), [normal(4, 2), normal(3, 4, 5)]),
         ("affine (dense layer)", lambda x, w, b: ad.tanh(ad.affine(x, w, b)),
          [normal(3, 2, 4), normal(3, 4, 5), normal(3, 5)]),
+        ("gradient_step (theta - lr g)", lambda t, g, lr: ad.tanh(ad.gradient_step(t, g * g, lr)),
+         [normal(3, 4), normal(3, 4), normal(4)]),
     ]
 
 
