@@ -323,9 +323,12 @@ def _centred_dot(x_block, mean_rows, centred, other=None):
     return xp.einsum("lpc,lpc->lc", centred if other is None else other, centred)[:, None]
 
 
-def _block_rows(x3, group) -> int:
-    """The most rows of any block of a group (a block ``(lead, rows)`` of ``x3``)."""
-    return max(len(range(*rows.indices(x3.shape[1]))) for _, rows in group)
+def _centring_buffers(x3, group, mean) -> tuple:
+    """For ``_centred_dot`` over a group's blocks ``(lead, rows)`` of ``x3``: ``mean`` ``(l, 1, C)``
+    repeated down the most rows of any block, and a scratch buffer of that block's size."""
+    lead = group[0][0]
+    block_rows = max(len(range(*rows.indices(x3.shape[1]))) for _, rows in group)
+    return down_rows(mean, x3, block_rows), backend.array_namespace(x3).empty_like(x3[lead, :block_rows])
 
 
 def _group_chunks(x3, group) -> tuple:
@@ -352,9 +355,7 @@ def batch_norm(x3, scale3, shift3, eps: float, relu: bool) -> tuple:
         for _, rows in group:
             mean[lead] += x3[lead, rows].sum(axis=1, keepdims=True)
         mean[lead] /= n_rows
-        block_rows = _block_rows(x3, group)
-        mean_rows = down_rows(mean[lead], x3, block_rows)
-        centred = xp.empty_like(x3[lead, :block_rows])
+        mean_rows, centred = _centring_buffers(x3, group, mean[lead])
         for _, rows in group:
             sum_squares[lead] += _centred_dot(x3[lead, rows], mean_rows, centred)
         inv_std[lead] = 1 / xp.sqrt(sum_squares[lead] / n_rows + eps)
@@ -390,9 +391,7 @@ def batch_norm_vjp(g3, x3, relu_output, mean, inv_std, a) -> tuple:
 
     def input_grad(group):
         lead = group[0][0]
-        block_rows = _block_rows(x3, group)
-        mean_rows = down_rows(mean[lead], x3, block_rows)
-        centred = xp.empty_like(x3[lead, :block_rows])
+        mean_rows, centred = _centring_buffers(x3, group, mean[lead])
         for _, rows in group:  # sum_p g' and sum_p g' (x - mean)
             g_in = g_masked[lead, rows]
             if relu_output is not None:  # g' = g [y > 0]: the mask written as 1.0 / 0.0, then times g
