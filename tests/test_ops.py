@@ -507,6 +507,16 @@ def test_gradient_step_is_its_composition_bit_for_bit(s_theta, s_g, s_lr):
         ad.gradient_step(np.ones((2, 3)), np.ones((3, 2)), 0.1)
 
 
+def test_affine_with_relu_passes_the_finite_difference_check():
+    """``affine(relu=True)``'s first and second derivatives against finite differences, at a point whose
+    pre-activations all stay well away from ReLU's kink (so the differences do not cross it)."""
+    rng = np.random.default_rng(3)
+    x, w, b = rng.standard_normal((3, 2, 4)), rng.standard_normal((3, 4, 5)), rng.standard_normal((3, 5))
+    pre = ad.affine(x, w, b).data
+    assert (pre > 0).any() and (pre < 0).any() and np.abs(pre).min() > 1e-2
+    assert_grads(lambda *t: ad.tanh(ad.affine(*t, relu=True)), [x, w, b])
+
+
 def test_affine_bias_that_does_not_fit():
     x, w = np.ones((3, 5, 2)), np.ones((3, 2, 4))
     for bias in (np.ones((3, 5)), np.ones((2, 4)), np.ones((3, 5, 4)), np.ones(())):
