@@ -1,7 +1,8 @@
 """Where a meta-step's time goes, by tape primitive: W1 (sinusoid, 1 inner step, second order), W2
-(Omniglot Conv4, 32 tasks, second order) and one navigation MAML-TRPO iteration (quick settings).
+(Omniglot Conv4, 32 tasks, second order), W2fo (the same, first order) and one navigation MAML-TRPO
+iteration (quick settings).
 
-    BENCH_DATA=/tmp/bench-data python benchmarks/bench_profile.py [--only W1 W2 RL] [--repeats 3]
+    BENCH_DATA=/tmp/bench-data python benchmarks/bench_profile.py [--only W1 W2 W2fo RL] [--repeats 3]
 
 The library holds no timing code: for the timed calls this script replaces every tape primitive of
 ``ops`` and ``nnops``, every array kernel of ``kernels`` (``PRIMITIVES``), the tape's reverse pass
@@ -179,10 +180,10 @@ def w1_step():
     return lambda: meta_step(params, tasks, "W1", "second_order")
 
 
-def w2_step():
+def w2_step(mode="second_order"):
     from bench_w2 import meta_step, workload_inputs
     params, tasks = workload_inputs(numpy.float32)
-    return lambda: meta_step(params, tasks, "second_order")
+    return lambda: meta_step(params, tasks, mode)
 
 
 def rl_step():
@@ -201,6 +202,7 @@ def rl_step():
 
 STEPS = {"W1": (w1_step, "W1 sinusoid, 25 tasks, 1 inner step, second order"),
          "W2": (w2_step, "W2 Omniglot Conv4, 32 tasks 5-way 1-shot, second order"),
+         "W2fo": (lambda: w2_step("first_order"), "W2fo Omniglot Conv4, 32 tasks 5-way 1-shot, first order"),
          "RL": (rl_step, "navigation MAML-TRPO iteration, quick settings (20 tasks x 20 trajectories)")}
 
 
