@@ -109,6 +109,23 @@ def test_small_passes_give_the_same_bits_in_blocks_of_whole_slabs(monkeypatch):
         np.testing.assert_array_equal(in_slabs, in_one_block)
 
 
+@pytest.mark.parametrize("shape", [(1, 1024, 64), (3, 17, 5), (4, 300, 2), (1, 1, 8)])
+def test_channel_sums_add_the_rows_in_order(shape):
+    """``channel_sums`` (``einsum``) adds the rows one after the other as ``sum(axis=1)`` does: bit for
+    bit the same as a loop of row adds onto a zero total, -0.0 entries and every scale of number
+    included, and so the same bits as ``sum(axis=1)`` there."""
+    rng = np.random.default_rng(11)
+    block = (rng.standard_normal(shape) * 10.0 ** rng.uniform(-4, 4, shape)).astype(np.float32)
+    block[:, :2] = -0.0
+    in_order = np.zeros((shape[0], 1, shape[2]), dtype=np.float32)
+    for row in range(shape[1]):
+        in_order[:, 0] += block[:, row]
+    total, by_reduction = np.zeros_like(in_order), np.zeros_like(in_order)
+    total += kernels.channel_sums(block)
+    by_reduction += block.sum(axis=1, keepdims=True)
+    assert total.tobytes() == in_order.tobytes() == by_reduction.tobytes()
+
+
 @pytest.mark.parametrize("a_shape, b_shape, transpose_b", [
     ((4, 10, 40), (40, 40), False),              # small: NumPy's stacked @
     ((4, 10, 1), (4, 1, 40), False),             # inner dimension 1: an outer product

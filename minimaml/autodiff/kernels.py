@@ -311,6 +311,18 @@ def down_rows(values, x3, n_rows: int):
     return xp.ascontiguousarray(xp.broadcast_to(values, (values.shape[0], n_rows, values.shape[2])))
 
 
+def channel_sums(block):
+    """``sum_p block`` per channel, ``(l, 1, C)``, for a block ``(l, rows, C)`` of a NumPy array with
+    C > 1: the rows added one after the other, as ``block.sum(axis=1)`` adds them, but through
+    ``einsum``, whose loop over the rows runs ~1.4x faster than the reduction's on these shapes. Same
+    order, so the same bits once added onto a zero total (which turns a sum of -0.0 into 0.0 either
+    way). With one channel both sum a contiguous column in their own (different) orders, and on the
+    GPU the library's own sum is kept: there the reduction is used as it is."""
+    if backend.is_gpu_array(block) or block.shape[-1] == 1:
+        return block.sum(axis=1, keepdims=True)
+    return numpy.einsum("lpc->lc", block)[:, None]
+
+
 def _centred_dot(x_block, mean_rows, centred, other=None):
     """``sum_p other (x - mean)`` per channel, ``(l, 1, C)``, for a block ``x_block: (l, rows, C)``;
     ``other`` None: ``sum_p (x - mean)^2``. ``mean_rows``: the mean repeated down at least ``rows`` rows
@@ -353,7 +365,7 @@ def batch_norm(x3, scale3, shift3, eps: float, relu: bool) -> tuple:
     def normalize(group):
         lead = group[0][0]
         for _, rows in group:
-            mean[lead] += x3[lead, rows].sum(axis=1, keepdims=True)
+            mean[lead] += channel_sums(x3[lead, rows])
         mean[lead] /= n_rows
         mean_rows, centred = _centring_buffers(x3, group, mean[lead])
         for _, rows in group:
@@ -397,7 +409,7 @@ def batch_norm_vjp(g3, x3, relu_output, mean, inv_std, a) -> tuple:
             if relu_output is not None:  # g' = g [y > 0]: the mask written as 1.0 / 0.0, then times g
                 xp.greater(relu_output[lead, rows], 0, out=g_in)
                 g_in *= g3[lead, rows]
-            g_sum[lead] += g_in.sum(axis=1, keepdims=True)
+            g_sum[lead] += channel_sums(g_in)
             g_dot[lead] += _centred_dot(x3[lead, rows], mean_rows, centred, g_in)
         dscale[lead] = g_dot[lead] * inv_std[lead]  # sum_p g' x_hat
         k = a[lead] * inv_std[lead] * dscale[lead] / n_rows
