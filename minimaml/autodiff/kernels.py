@@ -23,7 +23,7 @@ from .. import backend, parallel
 
 BLOCK_BYTES_CONV = 2 << 20  # a block of im2col / conv2d covers about this many bytes of patches
 BLOCK_BYTES = 256 << 10  # a block of batch_norm: its input, output and temporary stay in L2
-CHUNK_BYTES = 64 << 10  # an elementwise step of batch_norm: the per-channel factors repeated down its rows
+CHUNK_BYTES = 128 << 10  # an elementwise step of batch_norm: the per-channel factors repeated down its rows
 
 
 # --- blocks -----------------------------------------------------------------------------------------
@@ -289,15 +289,17 @@ def for_each_group(work, pass_blocks: Blocks) -> None:
                         pass_blocks.threads)
 
 
-def row_chunks(x3, lead, rows: slice) -> list:
-    """Row ranges of about ``CHUNK_BYTES`` covering the block ``x3[lead, rows]`` (which may be several
-    whole slabs, or all of x3 when it is small), for the elementwise steps; one range on the GPU."""
-    start, stop, _ = rows.indices(x3.shape[1])
+def row_chunks(x3, lead: slice) -> tuple:
+    """Row ranges of about ``CHUNK_BYTES`` covering ``x3[lead]``, all the rows of a group's slabs (a
+    group of ``slab_groups`` covers every row of its leading slice), for the elementwise steps, and the
+    most rows of any range; one range on the GPU. Cut once per group, not per block: an elementwise
+    step does not care where the blocks of the sums end."""
+    n_rows = x3.shape[1]
     if backend.is_gpu_array(x3):
-        return [slice(start, stop)]
+        return [slice(0, n_rows)], n_rows
     n_lead = len(range(*lead.indices(x3.shape[0])))
     step = max(1, CHUNK_BYTES // (n_lead * x3.shape[2] * x3.itemsize))
-    return [slice(first, min(first + step, stop)) for first in range(start, stop, step)]
+    return [slice(first, min(first + step, n_rows)) for first in range(0, n_rows, step)], min(step, n_rows)
 
 
 def down_rows(values, x3, n_rows: int):
@@ -343,12 +345,6 @@ def _centring_buffers(x3, group, mean) -> tuple:
     return down_rows(mean, x3, block_rows), backend.array_namespace(x3).empty_like(x3[lead, :block_rows])
 
 
-def _group_chunks(x3, group) -> tuple:
-    """The elementwise chunks ``(lead, rows)`` of a group's blocks, and the most rows of any of them."""
-    chunks = [(lead, chunk) for lead, rows in group for chunk in row_chunks(x3, lead, rows)]
-    return chunks, max(chunk.stop - chunk.start for _, chunk in chunks)
-
-
 def batch_norm(x3, scale3, shift3, eps: float, relu: bool) -> tuple:
     """Batch norm of ``x3: (L, P, C)`` over its P examples, per leading index and channel, with
     per-channel ``scale3, shift3: (L, 1, C)`` or None: ``(y3, mean, inv_std, a)`` where
@@ -370,13 +366,14 @@ def batch_norm(x3, scale3, shift3, eps: float, relu: bool) -> tuple:
         mean_rows, centred = _centring_buffers(x3, group, mean[lead])
         for _, rows in group:
             sum_squares[lead] += _centred_dot(x3[lead, rows], mean_rows, centred)
+        del mean_rows, centred  # let go before the elementwise step's buffers are made
         inv_std[lead] = 1 / xp.sqrt(sum_squares[lead] / n_rows + eps)
         a[lead] = inv_std[lead] if scale3 is None else inv_std[lead] * scale3[lead]
         b = -mean[lead] * a[lead] if shift3 is None else shift3[lead] - mean[lead] * a[lead]
-        chunks, chunk_rows = _group_chunks(x3, group)
+        chunks, chunk_rows = row_chunks(x3, lead)
         a_rows, b_rows = down_rows(a[lead], x3, chunk_rows), down_rows(b, x3, chunk_rows)
         zeros = xp.zeros_like(a_rows)  # NumPy's maximum runs ~3x faster against an array than against 0
-        for _, chunk in chunks:
+        for chunk in chunks:
             out, n = y3[lead, chunk], chunk.stop - chunk.start
             xp.multiply(x3[lead, chunk], a_rows[:, :n], out=out)
             out += b_rows[:, :n]
@@ -411,13 +408,14 @@ def batch_norm_vjp(g3, x3, relu_output, mean, inv_std, a) -> tuple:
                 g_in *= g3[lead, rows]
             g_sum[lead] += channel_sums(g_in)
             g_dot[lead] += _centred_dot(x3[lead, rows], mean_rows, centred, g_in)
+        del mean_rows, centred  # let go before the elementwise step's buffers are made
         dscale[lead] = g_dot[lead] * inv_std[lead]  # sum_p g' x_hat
         k = a[lead] * inv_std[lead] * dscale[lead] / n_rows
         offset = k * mean[lead] - a[lead] * g_sum[lead] / n_rows
-        chunks, chunk_rows = _group_chunks(x3, group)
+        chunks, chunk_rows = row_chunks(x3, lead)
         a_rows, k_rows, offset_rows = (down_rows(v, x3, chunk_rows) for v in (a[lead], k, offset))
         x_k = xp.empty_like(x3[lead, :chunk_rows])  # x (x) k, a chunk at a time
-        for _, chunk in chunks:
+        for chunk in chunks:
             out, n = dx[lead, chunk], chunk.stop - chunk.start
             xp.multiply(g_masked[lead, chunk], a_rows[:, :n], out=out)
             out -= xp.multiply(x3[lead, chunk], k_rows[:, :n], out=x_k[:, :n])
