@@ -1,8 +1,8 @@
-"""Where a meta-step's time goes, by tape primitive: W1 (sinusoid, 1 inner step, second order), W2
-(Omniglot Conv4, 32 tasks, second order), W2fo (the same, first order) and one navigation MAML-TRPO
-iteration (quick settings).
+"""Where a meta-step's time goes, by tape primitive: W1 (sinusoid, 1 inner step, second order), W1b (5
+inner steps), W2 (Omniglot Conv4, 32 tasks, second order), W2fo (the same, first order) and one
+navigation MAML-TRPO iteration (quick settings).
 
-    BENCH_DATA=/tmp/bench-data python benchmarks/bench_profile.py [--only W1 W2 W2fo RL] [--repeats 3]
+    BENCH_DATA=/tmp/bench-data python benchmarks/bench_profile.py [--only W1 W1b W2 W2fo RL] [--repeats 3]
 
 The library holds no timing code: for the timed calls this script replaces every tape primitive of
 ``ops`` and ``nnops``, every array kernel of ``kernels`` (``PRIMITIVES``), the tape's reverse pass
@@ -192,10 +192,10 @@ def report(name: str, plain_ms: float, wrapped_ms: float, profile: Profile, repe
           f"{gflop / gemm_gflops * 1e3:.2f} ms, a floor for the step at this arithmetic")
 
 
-def w1_step():
+def w1_step(workload="W1"):
     from bench_w1 import meta_step, workload_inputs
     params, tasks = workload_inputs(numpy.float32)
-    return lambda: meta_step(params, tasks, "W1", "second_order")
+    return lambda: meta_step(params, tasks, workload, "second_order")
 
 
 def w2_step(mode="second_order"):
@@ -219,6 +219,7 @@ def rl_step():
 
 
 STEPS = {"W1": (w1_step, "W1 sinusoid, 25 tasks, 1 inner step, second order"),
+         "W1b": (lambda: w1_step("W1b"), "W1b sinusoid, 25 tasks, 5 inner steps, second order"),
          "W2": (w2_step, "W2 Omniglot Conv4, 32 tasks 5-way 1-shot, second order"),
          "W2fo": (lambda: w2_step("first_order"), "W2fo Omniglot Conv4, 32 tasks 5-way 1-shot, first order"),
          "RL": (rl_step, "navigation MAML-TRPO iteration, quick settings (20 tasks x 20 trajectories)")}
@@ -227,7 +228,7 @@ STEPS = {"W1": (w1_step, "W1 sinusoid, 25 tasks, 1 inner step, second order"),
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", default=list(STEPS), choices=list(STEPS))
-    parser.add_argument("--repeats", type=int, default=3, help="steps timed per workload (W1: x 100)")
+    parser.add_argument("--repeats", type=int, default=3, help="steps timed per workload (W1: x 100, W1b: x 20)")
     args = parser.parse_args()
     kept = allocator.keep_freed_memory()  # as the experiments' commands do: freed arrays reused, no page faults
     cost_us = record_cost_us()
@@ -238,7 +239,7 @@ def main():
           f"BLAS): {gemm_gflops:.1f} GFLOP/s")
     for key in args.only:
         make, title = STEPS[key]
-        repeats = args.repeats * (100 if key == "W1" else 1)
+        repeats = args.repeats * {"W1": 100, "W1b": 20}.get(key, 1)
         plain_ms, wrapped_ms, profile = profile_step(make(), repeats)
         report(title, plain_ms, wrapped_ms, profile, repeats, cost_us, gemm_gflops)
 
