@@ -78,15 +78,9 @@ def _peak_mib(fn) -> float:
 
 
 def gemm_rate() -> None:
-    """Print the machine's float32 GEMM rate in GFLOP/s: the median of 5 products of two 2000 x 2000
-    matrices with NumPy's BLAS, at this process's thread settings (the floor a reader can judge the
-    meta-steps' times by)."""
-    import numpy
-
-    from common import summary, time_calls
-    a = numpy.random.default_rng(0).standard_normal((2000, 2000), dtype=numpy.float32)
-    median, _ = summary(time_calls(lambda: a @ a, 5, warmup=1))
-    print(f"{2 * 2000**3 / (median / 1e3) / 1e9:.1f}")
+    """Print the machine's float32 GEMM rate in GFLOP/s (``common.square_gemm_gflops``)."""
+    from common import square_gemm_gflops
+    print(f"{square_gemm_gflops():.1f}")
 
 
 def measure(workload: str, repeats: int) -> None:

@@ -1,8 +1,8 @@
-"""Where a meta-step's time goes, by tape primitive: W1 (sinusoid, 1 inner step, second order), W2
-(Omniglot Conv4, 32 tasks, second order), W2fo (the same, first order) and one navigation MAML-TRPO
-iteration (quick settings).
+"""Where a meta-step's time goes, by tape primitive: W1 (sinusoid, 1 inner step, second order), W1b (5
+inner steps), W2 (Omniglot Conv4, 32 tasks, second order), W2fo (the same, first order) and one
+navigation MAML-TRPO iteration (quick settings).
 
-    BENCH_DATA=/tmp/bench-data python benchmarks/bench_profile.py [--only W1 W2 W2fo RL] [--repeats 3]
+    BENCH_DATA=/tmp/bench-data python benchmarks/bench_profile.py [--only W1 W1b W2 W2fo RL] [--repeats 3]
 
 The library holds no timing code: for the timed calls this script replaces every tape primitive of
 ``ops`` and ``nnops``, every array kernel of ``kernels`` (``PRIMITIVES``), the tape's reverse pass
@@ -18,6 +18,9 @@ copies and blocking, its GEMMs are counted under ``kernels.matmul``). Rows:
 - ``grad (reverse loop)``: the reverse pass less the functions its VJPs call (cotangent dicts, the
   VJP closures' own Python), and ``_nodes_between`` (the topological sort);
 - ``outside the tape``: everything else in the step (model code, ``maml``, the sampler, CG's NumPy).
+- ``matrix products``: the GFLOP of every ``kernels.matmul`` call (2 m k n per matrix), their rate, and
+  the time they would take at the machine's square float32 GEMM rate (printed in the header): a floor
+  for the step as long as its arithmetic is the same.
 
 Bookkeeping vs array work: the kernels' time is array work; for the primitives the script measures
 the tape's fixed cost per recorded primitive (an ``add`` of two (1, 1) float32 Tensors, minus the
@@ -47,6 +50,7 @@ from collections import defaultdict  # noqa: E402
 import numpy  # noqa: E402
 
 from bench_tape import per_call_us  # noqa: E402
+from common import square_gemm_gflops  # noqa: E402
 from minimaml import allocator  # noqa: E402
 from minimaml import autodiff as ad  # noqa: E402
 from minimaml.autodiff import kernels, nnops, ops, tensor  # noqa: E402
@@ -68,6 +72,7 @@ class Profile:
 
     def __init__(self):
         self.seconds, self.calls = defaultdict(float), defaultdict(int)
+        self.matmul_flops = 0.0  # 2 m k n per matrix of every kernels.matmul call
         self._local = threading.local()  # .stack: per active wrapped call, seconds in wrapped calls below it
 
     def _wrap(self, function, name):
@@ -83,6 +88,8 @@ class Profile:
                 inner = stack.pop()
                 self.seconds[name] += elapsed - inner
                 self.calls[name] += 1
+                if name == "kernels.matmul":
+                    self.matmul_flops += product_flops(*args[:2])
                 if stack:
                     stack[-1] += elapsed
         return timed
@@ -103,6 +110,12 @@ class Profile:
             if callable(value) and value in wrapped:  # Tensor.__add__ = add, ...
                 out.append((ad.Tensor, attribute, wrapped[value]))
         return out
+
+
+def product_flops(a, b) -> float:
+    """2 m k n for every matrix of the (batched, broadcast) product ``a @ b``."""
+    batch = numpy.prod(numpy.broadcast_shapes(a.shape[:-2], b.shape[:-2]), dtype=float)
+    return 2.0 * batch * a.shape[-2] * a.shape[-1] * b.shape[-1]
 
 
 @contextlib.contextmanager
@@ -143,7 +156,8 @@ def profile_step(step, repeats: int) -> tuple:
     return plain_ms, wrapped_ms, profile
 
 
-def report(name: str, plain_ms: float, wrapped_ms: float, profile: Profile, repeats: int, cost_us: float):
+def report(name: str, plain_ms: float, wrapped_ms: float, profile: Profile, repeats: int, cost_us: float,
+           gemm_gflops: float):
     per_step = {k: 1e3 * s / repeats for k, s in profile.seconds.items()}
     calls = {k: c / repeats for k, c in profile.calls.items()}
     tape = per_step.get("grad", 0.0) + per_step.get("_nodes_between", 0.0)
@@ -172,12 +186,16 @@ def report(name: str, plain_ms: float, wrapped_ms: float, profile: Profile, repe
     print(f"bookkeeping: ~{bookkeeping:.2f} ms ({100 * bookkeeping / wrapped_ms:.0f}%, estimate: {n_calls:.0f} "
           f"calls x {cost_us:.2f} us + reverse loop and sort); outside the tape {outside:.2f} ms "
           f"({100 * outside / wrapped_ms:.0f}%)")
+    gflop = profile.matmul_flops / repeats / 1e9
+    print(f"matrix products: {gflop:.3g} GFLOP per step, at {gflop / max(gemm, 1e-9) * 1e3:.1f} GFLOP/s in "
+          f"kernels.matmul; at the square GEMM's {gemm_gflops:.1f} GFLOP/s they would take "
+          f"{gflop / gemm_gflops * 1e3:.2f} ms, a floor for the step at this arithmetic")
 
 
-def w1_step():
+def w1_step(workload="W1"):
     from bench_w1 import meta_step, workload_inputs
     params, tasks = workload_inputs(numpy.float32)
-    return lambda: meta_step(params, tasks, "W1", "second_order")
+    return lambda: meta_step(params, tasks, workload, "second_order")
 
 
 def w2_step(mode="second_order"):
@@ -201,6 +219,7 @@ def rl_step():
 
 
 STEPS = {"W1": (w1_step, "W1 sinusoid, 25 tasks, 1 inner step, second order"),
+         "W1b": (lambda: w1_step("W1b"), "W1b sinusoid, 25 tasks, 5 inner steps, second order"),
          "W2": (w2_step, "W2 Omniglot Conv4, 32 tasks 5-way 1-shot, second order"),
          "W2fo": (lambda: w2_step("first_order"), "W2fo Omniglot Conv4, 32 tasks 5-way 1-shot, first order"),
          "RL": (rl_step, "navigation MAML-TRPO iteration, quick settings (20 tasks x 20 trajectories)")}
@@ -209,18 +228,20 @@ STEPS = {"W1": (w1_step, "W1 sinusoid, 25 tasks, 1 inner step, second order"),
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", default=list(STEPS), choices=list(STEPS))
-    parser.add_argument("--repeats", type=int, default=3, help="steps timed per workload (W1: x 100)")
+    parser.add_argument("--repeats", type=int, default=3, help="steps timed per workload (W1: x 100, W1b: x 20)")
     args = parser.parse_args()
     kept = allocator.keep_freed_memory()  # as the experiments' commands do: freed arrays reused, no page faults
     cost_us = record_cost_us()
+    gemm_gflops = square_gemm_gflops()
     print(f"# MINIMAML_THREADS={os.environ['MINIMAML_THREADS']} OPENBLAS_NUM_THREADS="
           f"{os.environ['OPENBLAS_NUM_THREADS']}; malloc keeps freed blocks: {kept}; tape cost per recorded "
-          f"primitive ((1, 1) add less NumPy's): {cost_us:.2f} us")
+          f"primitive ((1, 1) add less NumPy's): {cost_us:.2f} us; float32 GEMM (2000 x 2000 x 2000, NumPy's "
+          f"BLAS): {gemm_gflops:.1f} GFLOP/s")
     for key in args.only:
         make, title = STEPS[key]
-        repeats = args.repeats * (100 if key == "W1" else 1)
+        repeats = args.repeats * {"W1": 100, "W1b": 20}.get(key, 1)
         plain_ms, wrapped_ms, profile = profile_step(make(), repeats)
-        report(title, plain_ms, wrapped_ms, profile, repeats, cost_us)
+        report(title, plain_ms, wrapped_ms, profile, repeats, cost_us, gemm_gflops)
 
 
 if __name__ == "__main__":

@@ -83,3 +83,11 @@ def run_peer(impl: str, workload: str, repeats: int, extra_env: dict | None = No
 
 def summary(times: list) -> tuple:
     return statistics.median(times), min(times)
+
+
+def square_gemm_gflops(n: int = 2000) -> float:
+    """The machine's float32 GEMM rate in GFLOP/s: the median of 5 products of two n x n matrices with
+    NumPy's BLAS, at this process's thread settings (what a reader can judge the meta-steps' times by)."""
+    a = numpy.random.default_rng(0).standard_normal((n, n), dtype=numpy.float32)
+    median, _ = summary(time_calls(lambda: a @ a, 5, warmup=1))
+    return 2 * n**3 / (median / 1e3) / 1e9
