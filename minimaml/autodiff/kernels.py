@@ -333,7 +333,7 @@ def _centred_dot(x_block, mean_rows, centred, other=None):
     xp = backend.array_namespace(x_block)
     n = x_block.shape[1]
     centred = centred.reshape(-1)[:x_block.size].reshape(x_block.shape)
-    xp.subtract(x_block, mean_rows if mean_rows.shape[1] == n else mean_rows[:, :n], out=centred)
+    xp.subtract(x_block, mean_rows[:, :n], out=centred)
     return xp.einsum("lpc,lpc->lc", centred if other is None else other, centred)[:, None]
 
 
